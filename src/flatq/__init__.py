@@ -1,0 +1,9 @@
+"""flatq: low-bit quantization-aware training that seeks flat minima."""
+
+from .config import DataConfig, QuantConfig, RunConfig, TrainConfig
+from .errors import FlatqError
+from .quant import calibrate, quantize_model
+
+__version__ = "0.1.0"
+__all__ = ["DataConfig", "QuantConfig", "RunConfig", "TrainConfig", "FlatqError", "calibrate",
+           "quantize_model", "__version__"]

@@ -1,0 +1,41 @@
+"""The `flatq` command: one subcommand module each, registered in COMMANDS.
+
+User mistakes (FlatqError) end with one line on stderr and exit status 2; Ctrl-C ends with a
+hint to resume. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import FlatqError
+from . import demo, evaluate, train
+
+# Each module has `register(subparsers)`, which adds its parser with `func` set.
+COMMANDS = [train, evaluate, demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flatq", description="Low-bit quantization-aware training that seeks flat minima "
+        "(FPQ, CR, DNQ, MEC-Quant and their baselines).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except FlatqError as exc:
+        print(f"flatq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flatq {args.command}: interrupted; the last complete epoch is saved, continue "
+              "with --resume", file=sys.stderr)
+        return 130
+    return 0

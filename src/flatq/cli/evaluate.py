@@ -1,0 +1,39 @@
+"""`flatq eval`: test accuracy of a finished run (full-precision or quantized)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..config import DataConfig
+from ..train.loop import evaluate, resolve_device
+from ..train.runs import load_model, prepare_data
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="test accuracy of a run",
+                       description="Evaluate a run folder or model.pt on its data set's test split.")
+    p.add_argument("run", metavar="RUN", help="run folder or model.pt")
+    p.add_argument("--data-root", default=None, help="where the data set lives, if not where "
+                   "the run found it")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto [default: auto]")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    model, state = load_model(args.run)
+    data_cfg = DataConfig.from_dict(state["meta"]["data"])
+    if args.data_root:
+        data_cfg = DataConfig.from_dict({"root": args.data_root}, base=data_cfg)
+    data = prepare_data(data_cfg)
+    device = resolve_device(args.device)
+    result = evaluate(model.to(device), data.test, data.eval_pipeline, device)
+    result = {"run": args.run, "model": state["meta"]["model"], "data": data_cfg.name,
+              "bits": "fp32" if state["meta"]["quant"] is None else
+              f"w{state['meta']['quant']['w_bits']}a{state['meta']['quant']['a_bits']}", **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['model']} {result['bits']} on {result['data']}: test acc "
+              f"{result['acc']:.2f}%  loss {result['loss']:.4f}")

@@ -1,0 +1,120 @@
+"""Command-line flags generated from the config dataclasses, and the RunConfig they build.
+
+Each config field becomes one flag (its help text and allowed values come from the field's
+metadata), so flags, YAML keys and validation never drift apart. Precedence: defaults, then
+the YAML file (--config), then flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from ..config import (METHOD_CONFIGS, DataConfig, QuantConfig, RunConfig, Section, TrainConfig,
+                      load_yaml, parse_bits)
+from ..errors import ConfigError
+
+SECTIONS: dict[str, type[Section]] = {"data": DataConfig, "train": TrainConfig,
+                                      "quant": QuantConfig}
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _help(f: dataclasses.Field, extra: str = "") -> str:
+    text = f.metadata.get("help", "")
+    if f.metadata.get("choices") and "one of" not in text:
+        text += f" (one of: {', '.join(map(str, f.metadata['choices']))})"
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return f"{text}{extra} [default: {default}]".replace("%", "%%")
+
+
+def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, dest: str, extra: str = "",
+               type_hint: Any = None) -> None:
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": _help(f, extra)}
+    if type_hint is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["metavar"] = f.name.upper()
+    group.add_argument(_flag(f), **kwargs)
+
+
+def add_section_flags(parser: argparse.ArgumentParser, sections: list[str]) -> None:
+    """One flag per field of the named config sections (data, train, quant)."""
+    for section in sections:
+        cls = SECTIONS[section]
+        group = parser.add_argument_group(f"{section} options")
+        hints = cls.field_types()
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli", True):
+                _add_field(group, f, f"{section}.{f.name}", type_hint=hints[f.name])
+        if section == "quant":
+            group.add_argument("--bits", dest="bits", default=argparse.SUPPRESS, metavar="WxAy",
+                               help="weight and activation bits of the inner layers, e.g. w4a4, "
+                                    "w2a4, w2a2 (sets --w-bits and --a-bits)")
+
+
+def add_method_flags(parser: argparse.ArgumentParser, methods: list[str], default: str) -> None:
+    """--method, and one flag per option of the given methods (shared names share a flag)."""
+    parser.add_argument("--method", default=argparse.SUPPRESS, choices=methods,
+                        help=f"training objective (default: {default})")
+    group = parser.add_argument_group("method options (each applies to the methods named)")
+    owners: dict[str, list[str]] = {}
+    fields: dict[str, tuple[dataclasses.Field, Any]] = {}
+    for name in methods:
+        cls = METHOD_CONFIGS[name]
+        hints = cls.field_types()
+        for f in dataclasses.fields(cls):
+            owners.setdefault(f.name, []).append(name)
+            fields.setdefault(f.name, (f, hints[f.name]))
+    for key, (f, hint) in fields.items():
+        _add_field(group, f, f"method.{key}", f" ({', '.join(owners[key])})", hint)
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="YAML", help="YAML recipe (e.g. configs/...); flags "
+                        "given on the command line override its values")
+
+
+def build_run_config(args: argparse.Namespace, default_method: str,
+                     base: dict[str, Any] | None = None, quantized: bool = False) -> RunConfig:
+    """Defaults <- `base` (e.g. the data config of a --from run) <- YAML <- flags."""
+    raw: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in (base or {}).items()}
+    if getattr(args, "config", None):
+        loaded = load_yaml(args.config)
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{args.config}: a config must be a mapping of sections")
+        for key, value in loaded.items():
+            if isinstance(value, dict) and isinstance(raw.get(key), dict):
+                raw[key] = {**raw[key], **value}
+            else:
+                raw[key] = value
+    given = vars(args)
+    if "model" in given and given["model"] is not None:
+        raw["model"] = given["model"]
+    method = raw.get("method") or {"name": default_method}
+    method = {"name": method} if isinstance(method, str) else dict(method)
+    if "method" in given:
+        if given["method"] != method.get("name"):
+            method = {"name": given["method"]}
+    if quantized:
+        raw["quant"] = dict(raw.get("quant") or {})
+    if "bits" in given:
+        raw["quant"]["w_bits"], raw["quant"]["a_bits"] = parse_bits(given["bits"])
+    for dest, value in given.items():
+        if "." not in dest:
+            continue
+        section, key = dest.split(".", 1)
+        if section == "method":
+            cls = METHOD_CONFIGS.get(method["name"])
+            if cls is not None and key not in {f.name for f in dataclasses.fields(cls)}:
+                raise ConfigError(f"option --{key.replace('_', '-')} does not apply to method "
+                                  f"{method['name']!r}")
+            method[key] = value
+        else:
+            raw.setdefault(section, {})
+            raw[section] = {**(raw[section] or {}), key: value}
+    raw["method"] = method
+    return RunConfig.from_dict(raw)

@@ -1,0 +1,314 @@
+"""Configuration: plain dataclasses, validated, read from YAML and overridable by flags.
+
+Every field carries its help text and its allowed values in `field(metadata=...)`; the same
+metadata drives validation (errors name the field and what is allowed), YAML loading (unknown
+keys are refused) and the command-line flags (one flag per field, generated in the CLI).
+Method-specific configs live beside their methods and register here by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from .errors import ConfigError
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None,
+           low: float | None = None, high: float | None = None, flag: str | None = None,
+           cli: bool = True) -> Any:
+    """A config field with its documentation and its allowed values."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "flag": flag, "cli": cli}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert `value` (from YAML or a command-line string) to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {' or '.join(_describe(a) for a in args)}, "
+                          f"got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [coerce(v, item, where) for v in value]
+    if tp is Any or origin is dict or tp is dict:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no",
+                                                         "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} at {where}")
+
+
+class Section:
+    """Base of every config dataclass: validation, dict round trip, field lookup."""
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        return typing.get_type_hints(cls)
+
+    def validate(self) -> None:
+        hints = self.field_types()
+        for f in dataclasses.fields(self):
+            where = f"{self.section}.{f.name}" if self.section else f.name
+            value = coerce(getattr(self, f.name), hints[f.name], where)
+            object.__setattr__(self, f.name, value)
+            meta = f.metadata
+            if value is None:
+                continue
+            choices = meta.get("choices")
+            items = value if isinstance(value, list) else [value]
+            if choices is not None and any(v not in choices for v in items):
+                bad = next(v for v in items if v not in choices)
+                raise ConfigError(f"{where}: {bad!r} is not one of {', '.join(map(str, choices))}")
+            low, high = meta.get("low"), meta.get("high")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if (low is not None and value < low) or (high is not None and value > high):
+                    span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+                    raise ConfigError(f"{where}: {value} is outside the allowed range {span}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None, base: "Section | None" = None):
+        """Build from a mapping; keys not among the fields are refused by name."""
+        values = dict(values or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            where = f" in {cls.section}" if cls.section else ""
+            raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(map(repr, unknown))}{where}; allowed: {', '.join(names)}")
+        start = base.to_dict() if base is not None else {}
+        start.update(values)
+        return cls(**start)
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """'w4a4' -> (4, 4). Both widths must lie in 2..8."""
+    match = re.fullmatch(r"\s*[wW](\d+)\s*[aA](\d+)\s*", str(text))
+    if not match:
+        raise ConfigError(f"bits: expected the form wXaY (e.g. w4a4, w2a4), got {text!r}")
+    w, a = int(match.group(1)), int(match.group(2))
+    for name, b in (("weight", w), ("activation", a)):
+        if not 2 <= b <= 8:
+            raise ConfigError(f"bits: {name} bit width {b} is outside 2..8 in {text!r}")
+    return w, a
+
+
+@dataclass
+class DataConfig(Section):
+    section: ClassVar[str] = "data"
+    name: str = option("fashion_mnist", "data set: cifar10, cifar100, fashion_mnist, digits, "
+                       "synthetic", flag="--data")
+    root: str | None = option(None, "folder holding the data set (CIFAR: the folder containing "
+                              "cifar-10-batches-py; Fashion-MNIST: the idx files; default: "
+                              "FLATQ_DATA or the Debian package's folder)", flag="--data-root")
+    image_size: int | None = option(None, "pad images to this square size (e.g. 32 for the "
+                                    "CIFAR models on 28x28 Fashion-MNIST)", low=8, high=1024)
+    channels: int | None = option(None, "repeat a gray channel to this many (3 for CIFAR models)",
+                                  choices=(1, 3))
+    augment: bool = option(True, "random crop with padding and (where sensible) horizontal flip")
+
+
+@dataclass
+class TrainConfig(Section):
+    section: ClassVar[str] = "train"
+    epochs: int = option(200, "number of training epochs", low=1)
+    batch_size: int = option(256, "global batch size (split across DDP ranks)", low=1)
+    lr: float = option(0.01, "initial learning rate of SGD", low=0.0)
+    momentum: float = option(0.9, "SGD momentum", low=0.0, high=1.0)
+    weight_decay: float = option(5e-4, "weight decay of weights (not of step sizes or zero "
+                                 "points; PACT's alpha gets it as its L2 penalty)", low=0.0)
+    nesterov: bool = option(False, "use Nesterov momentum")
+    warmup_epochs: int = option(0, "linear learning-rate warm-up before the cosine decay", low=0)
+    seed: int = option(0, "random seed (data order, augmentation, noise, initialization)", low=0)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    amp: bool = option(False, "mixed precision (bfloat16 autocast) on CUDA")
+    test_batch_size: int = option(512, "batch size for evaluation", low=1)
+    max_steps_per_epoch: int | None = option(None, "cut every epoch after this many steps "
+                                             "(quick experiments)", low=1)
+    track: list[str] = option([], "trajectories to log during training: hessian, gradnorm",
+                              choices=("hessian", "gradnorm"))
+    track_every: int = option(100, "log tracked quantities every N steps", low=1)
+    checkpoint_every_steps: int | None = option(None, "also checkpoint every N steps (besides "
+                                                "every epoch)", low=1)
+    progress: bool = option(True, "show progress bars (only on a terminal)")
+
+
+@dataclass
+class QuantConfig(Section):
+    section: ClassVar[str] = "quant"
+    w_bits: int = option(4, "weight bit width of the inner layers", low=2, high=8)
+    a_bits: int = option(4, "input (activation) bit width of the inner layers", low=2, high=8)
+    quantizer: str = option("lsq", "lsq (learned step), lsq+ (learned step and offset), "
+                            "pact (learned clipping; min-max weights), minmax (fixed ranges)",
+                            choices=("lsq", "lsq+", "pact", "minmax"))
+    symmetric_weights: bool = option(False, "signed weights with zero point 0 (default: the "
+                                     "paper's asymmetric form with a calibrated zero point)")
+    symmetric_inputs: bool = option(False, "signed inputs with zero point 0")
+    init: str = option("minmax", "initial step size: minmax (paper Eq. 5) or lsq "
+                       "(2 mean|x| / sqrt(Qp))", choices=("minmax", "lsq"))
+    edge_bits: int | None = option(8, "bit width of the first and last layer (none: same as "
+                                   "the others)", low=2, high=8)
+    overrides: list[dict] = option([], "per-layer rules [{pattern: 'layer4.*', w_bits: 8, "
+                                   "a_bits: 8} or {pattern: ..., skip: true}]", cli=False)
+    calib_images: int = option(100, "training images used to calibrate ranges", low=1)
+    calib_seed: int = option(0, "seed of the calibration subset", low=0)
+
+    def validate(self) -> None:
+        super().validate()
+        for rule in self.overrides:
+            if not isinstance(rule, dict) or "pattern" not in rule:
+                raise ConfigError(f"quant.overrides: each rule needs a 'pattern', got {rule!r}")
+            unknown = set(rule) - {"pattern", "w_bits", "a_bits", "skip"}
+            if unknown:
+                raise ConfigError(f"quant.overrides: unknown key(s) {sorted(unknown)} in {rule!r}; "
+                                  "allowed: pattern, w_bits, a_bits, skip")
+            for key in ("w_bits", "a_bits"):
+                if key in rule and not (isinstance(rule[key], int) and 2 <= rule[key] <= 8):
+                    raise ConfigError(f"quant.overrides: {key} must be in 2..8 in {rule!r}")
+
+    @property
+    def bits(self) -> str:
+        return f"w{self.w_bits}a{self.a_bits}"
+
+
+@dataclass
+class MethodConfig(Section):
+    """Base of the per-method configs; subclasses set `name` and register themselves."""
+    section: ClassVar[str] = "method"
+    name: ClassVar[str] = ""
+
+
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+
+
+def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
+    METHOD_CONFIGS[cls.name] = cls
+    return cls
+
+
+def method_config(name: str, values: dict[str, Any] | None = None) -> MethodConfig:
+    if name not in METHOD_CONFIGS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHOD_CONFIGS))}")
+    return METHOD_CONFIGS[name].from_dict(values)
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; what `config.yaml` in a run folder holds."""
+    model: str = "resnet8"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig | None = None
+    method: MethodConfig | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model, "data": self.data.to_dict(),
+                               "train": self.train.to_dict()}
+        if self.quant is not None:
+            out["quant"] = self.quant.to_dict()
+        if self.method is not None:
+            out["method"] = {"name": self.method.name, **self.method.to_dict()}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config must be a mapping of sections, got {type(values).__name__}")
+        allowed = ("model", "data", "train", "quant", "method")
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            raise ConfigError(f"unknown top-level key(s) {', '.join(map(repr, unknown))}; "
+                              f"allowed: {', '.join(allowed)}")
+        model = coerce(values.get("model", cls.model), str, "model")
+        sections = {}
+        for key in ("data", "train", "quant"):
+            raw = values.get(key)
+            if raw is not None and not isinstance(raw, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
+        sections["data"] = DataConfig.from_dict(values.get("data"))
+        sections["train"] = TrainConfig.from_dict(values.get("train"))
+        sections["quant"] = QuantConfig.from_dict(values["quant"]) if values.get("quant") else None
+        method = values.get("method")
+        if method is not None:
+            if isinstance(method, str):
+                method = {"name": method}
+            if not isinstance(method, dict) or "name" not in method:
+                raise ConfigError("method: expected a mapping with a 'name' key")
+            method = dict(method)
+            method = method_config(method.pop("name"), method)
+        return cls(model=model, method=method, **sections)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file; a missing or malformed file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    return data or {}
+
+
+def save_yaml(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,46 @@
+"""Training objectives, one module per method, and the registry that builds them by name.
+
+A method is a loss (plus hooks), not a trainer: see `base.Objective`. Each module registers
+its config dataclass (`flatq.config.register_method_config`) and its objective class here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..config import METHOD_CONFIGS, MethodConfig, method_config
+from ..errors import ConfigError
+from .base import Objective, total_loss
+from .fpq import FPQ, FPQConfig
+from .kd import KD, KDConfig
+from .sam import SAM, SAMConfig
+from .task import TaskObjective
+
+OBJECTIVES: dict[str, type[Objective]] = {"ce": TaskObjective, "lsq": TaskObjective,
+                                          "kd": KD, "fpq": FPQ, "sam": SAM}
+
+# Methods that train a full-precision model (pretrain) vs a quantized student (qat).
+PRETRAIN_METHODS = ["ce"]
+QAT_METHODS = ["lsq", "kd", "fpq", "sam"]
+
+
+def register_objective(name: str, cls: type[Objective], stage: str = "qat") -> None:
+    """Make `cls` buildable by `name`; `stage` is 'pretrain' or 'qat'."""
+    OBJECTIVES[name] = cls
+    (PRETRAIN_METHODS if stage == "pretrain" else QAT_METHODS).append(name)
+
+
+def build_objective(config: MethodConfig | None, student: nn.Module,
+                    teacher: nn.Module | None = None, **context: Any) -> Objective:
+    """The objective for `config` (plain cross-entropy when None); `context` is passed on."""
+    if config is None:
+        return TaskObjective(student, teacher, **context)
+    if config.name not in OBJECTIVES:
+        raise ConfigError(f"unknown method {config.name!r}; available: {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[config.name](student, teacher, config, **context)
+
+
+__all__ = ["Objective", "TaskObjective", "FPQ", "FPQConfig", "KD", "KDConfig", "SAM", "SAMConfig", "OBJECTIVES", "PRETRAIN_METHODS", "QAT_METHODS",
+           "METHOD_CONFIGS", "build_objective", "method_config", "register_objective", "total_loss"]

@@ -1,0 +1,90 @@
+"""The objective interface: a method turns (student, teacher, batch) into named losses.
+
+One trainer runs every method. A method adds loss terms and may attach hooks (SFP noise,
+feature capture); it does not own the loop. A user with their own loop can call
+`objective.losses(images, labels)` and back-propagate the sum, or call `objective.step`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import MethodConfig
+from ..errors import NonFiniteLossError
+
+
+def total_loss(losses: dict[str, Tensor]) -> Tensor:
+    """The sum of the named terms, refused when it is NaN or infinite."""
+    total = sum(losses.values())
+    if not torch.isfinite(total):
+        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        raise NonFiniteLossError(f"non-finite loss ({parts})")
+    return total
+
+
+class Objective:
+    """Plain task loss (cross-entropy); the base every method extends.
+
+    `needs_teacher` says whether the method wants the frozen full-precision model. Subclasses
+    override `losses` (adding terms) and, when they keep state across steps (an EMA teacher,
+    a noise generator), `state_dict` / `load_state_dict` so checkpoints carry it.
+    """
+
+    needs_teacher = False
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
+                 config: MethodConfig | None = None, **context: Any) -> None:
+        """`context` is what the run offers beyond the models (e.g. `data`, its DataBundle);
+        methods that need it read it, the others ignore it."""
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"{type(self).__name__} needs a teacher model")
+        self.student, self.teacher, self.config = student, teacher, config
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self.autocast_dtype: torch.dtype | None = None
+
+    def train(self, mode: bool = True) -> "Objective":
+        """Student to train/eval mode; the teacher always stays in eval mode."""
+        self.student.train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(logits.float(), labels)
+
+    def losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        return {"ce": self.task_loss(self.student(images), labels)}
+
+    def forward_losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """`losses` under autocast when mixed precision is on."""
+        if self.autocast_dtype is None:
+            return self.losses(images, labels)
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype):
+            return self.losses(images, labels)
+
+    def step(self, images: Tensor, labels: Tensor,
+             optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+        """One optimizer step; returns the detached loss terms."""
+        losses = self.forward_losses(images, labels)
+        total = total_loss(losses)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        self.after_step()
+        return {k: v.detach() for k, v in losses.items()}
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (EMA teachers update here)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+    def close(self) -> None:
+        """Remove hooks this objective attached to the models."""

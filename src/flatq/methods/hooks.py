@@ -1,0 +1,57 @@
+"""Forward hooks that methods attach to models: feature capture by layer name."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+
+def select_layers(model: nn.Module, patterns: Iterable[str], candidates: list[str]) -> list[str]:
+    """Names among `candidates` that match any fnmatch pattern (all of them when none given)."""
+    patterns = list(patterns)
+    if not patterns:
+        return list(candidates)
+    chosen = [n for n in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        raise ValueError(f"layer patterns {patterns} match none of {candidates[:6]}...")
+    return chosen
+
+
+class FeatureCapture:
+    """Keeps the output of each named module from the latest forward pass.
+
+    Used for distillation: the student's tensors keep their graph (the loss flows back
+    through them), the teacher's are produced under no_grad. `clear()` after each use so
+    nothing outlives its step.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"no module named {missing[0]!r} in the model")
+        self.names = names
+        self.outputs: dict[str, Tensor] = {}
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def store(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            self.outputs[name] = output
+        return store
+
+    def take(self) -> list[Tensor]:
+        """The captured outputs in `names` order; the capture is emptied."""
+        missing = [n for n in self.names if n not in self.outputs]
+        if missing:
+            raise RuntimeError(f"layer {missing[0]!r} did not run in the last forward pass")
+        outputs = [self.outputs[n] for n in self.names]
+        self.outputs = {}
+        return outputs
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.outputs = {}

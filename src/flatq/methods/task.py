@@ -1,0 +1,27 @@
+"""Plain training with cross-entropy: FP pre-training ('ce') and the LSQ/LSQ+/PACT QAT
+baselines ('lsq'; the quantizer choice decides which of the three)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import MethodConfig, register_method_config
+from .base import Objective
+
+
+@register_method_config
+@dataclass
+class CEConfig(MethodConfig):
+    """Full-precision training with cross-entropy only."""
+    name = "ce"
+
+
+@register_method_config
+@dataclass
+class LSQConfig(MethodConfig):
+    """QAT with cross-entropy only: LSQ, LSQ+ or PACT depending on --quantizer."""
+    name = "lsq"
+
+
+class TaskObjective(Objective):
+    """Cross-entropy on the student's logits; nothing else."""

@@ -1,0 +1,130 @@
+"""Turn a float model into a fake-quantized one by swapping layers, then calibrate it.
+
+Module swap instead of graph tracing: it works on any nn.Module (Python control flow
+included), keeps state_dict names, and keeps the float model untouched to serve as teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..config import QuantConfig
+from ..errors import ConfigError
+from .layers import QUANT_LAYERS, quant_layers
+from .quantizers import (LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer, PACTQuantizer,
+                         Quantizer)
+
+
+def _make_quantizers(config: QuantConfig, layer: nn.Module, w_bits: int,
+                     a_bits: int) -> tuple[Quantizer, Quantizer]:
+    """(weight quantizer, input quantizer) of one layer for the configured quantizer family.
+
+    lsq: LSQ for both. lsq+: LSQ weights, LSQ+ inputs (learned offset, as in the LSQ+ paper).
+    pact: min-max weights recomputed every step, PACT inputs. minmax: fixed min-max for both.
+    """
+    channels = layer.weight.shape[0]
+    w_kw = dict(signed=config.symmetric_weights, per_channel=True, num_channels=channels,
+                init=config.init)
+    a_kw = dict(signed=config.symmetric_inputs, init=config.init)
+    kind = config.quantizer
+    if kind == "lsq":
+        return LSQQuantizer(w_bits, **w_kw), LSQQuantizer(a_bits, **a_kw)
+    if kind == "lsq+":
+        return LSQQuantizer(w_bits, **w_kw), LSQPlusQuantizer(a_bits, **a_kw)
+    if kind == "pact":
+        return MinMaxQuantizer(w_bits, dynamic=True, **w_kw), PACTQuantizer(a_bits, **a_kw)
+    return MinMaxQuantizer(w_bits, dynamic=True, **w_kw), MinMaxQuantizer(a_bits, **a_kw)
+
+
+def _layer_bits(config: QuantConfig, name: str, is_edge: bool) -> tuple[int, int] | None:
+    """Bits of one layer after the first/last policy and the overrides; None skips it."""
+    bits = (config.w_bits, config.a_bits)
+    if is_edge and config.edge_bits is not None:
+        bits = (config.edge_bits, config.edge_bits)
+    for rule in config.overrides:
+        if fnmatch.fnmatchcase(name, rule["pattern"]):
+            if rule.get("skip"):
+                return None
+            bits = (rule.get("w_bits", bits[0]), rule.get("a_bits", bits[1]))
+    return bits
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+    """A fake-quantized copy of `model`; `model` itself is left untouched.
+
+    Every nn.Conv2d and nn.Linear becomes a QuantConv2d / QuantLinear. The first and last of
+    them in module order (the stem and the classifier of the bundled models) get
+    `config.edge_bits`; `config.overrides` then apply by fnmatch pattern on module names.
+    The copy must be calibrated (`calibrate`) before use.
+    """
+    config = config or QuantConfig()
+    qmodel = copy.deepcopy(model)
+    layers = [(n, m) for n, m in qmodel.named_modules() if type(m) in QUANT_LAYERS]
+    if not layers:
+        raise ConfigError("the model has no nn.Conv2d or nn.Linear layer to quantize")
+    unused = [r["pattern"] for r in config.overrides
+              if not any(fnmatch.fnmatchcase(n, r["pattern"]) for n, _ in layers)]
+    if unused:
+        raise ConfigError(f"quant.overrides: pattern(s) {unused} match no layer; layers are "
+                          f"named like {layers[0][0]!r}, {layers[-1][0]!r}")
+    edges = {layers[0][0], layers[-1][0]}
+    for name, layer in layers:
+        bits = _layer_bits(config, name, name in edges)
+        if bits is None:
+            continue
+        weight_q, input_q = _make_quantizers(config, layer, *bits)
+        qlayer = QUANT_LAYERS[type(layer)].from_float(layer, weight_q, input_q)
+        qmodel.set_submodule(name, qlayer)
+    return qmodel
+
+
+def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Quantizer)]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Tensor],
+              device: torch.device | str | None = None) -> nn.Module:
+    """Initialize every quantizer's range from data (the paper: 100 training images).
+
+    The model runs in eval mode (BatchNorm statistics are not touched) with quantization
+    bypassed, each quantizer recording the min/max of the tensor it sees; then step sizes
+    and zero points are set from those statistics.
+    """
+    named = quantizers(model)
+    if not named:
+        raise ConfigError("calibrate(): the model has no quantizer; call quantize_model first")
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for _, q in named:
+        q.start_observing()
+    try:
+        seen = 0
+        for batch in batches:
+            model(batch.to(device))
+            seen += 1
+        if seen == 0:
+            raise ConfigError("calibrate(): no calibration batches were given")
+        missed = [n for n, q in named if q.observer is None or not q.observer.seen]
+        if missed:
+            raise ConfigError(f"calibrate(): quantizers never ran during calibration: {missed[:5]}")
+        for _, q in named:
+            q.finish_observing()
+    finally:
+        for _, q in named:
+            q.observer = None
+        model.train(was_training)
+    return model
+
+
+def describe(model: nn.Module) -> list[dict]:
+    """One row per quantized layer: name, type and bit widths (for logs and tests)."""
+    return [{"name": n, "type": type(m).__name__, "w_bits": m.bits[0], "a_bits": m.bits[1]}
+            for n, m in quant_layers(model)]

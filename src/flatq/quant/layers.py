@@ -1,0 +1,86 @@
+"""Quantized drop-in layers: QuantConv2d and QuantLinear.
+
+Each keeps its float weight (trained as usual), a weight quantizer and an input quantizer,
+and an `input_perturbation` point (an nn.Identity) applied to the quantized input just before
+the convolution. Methods attach forward hooks there (SFP noise, feature capture) instead of
+subclassing the layer. The training forward always uses the quantized weight.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .quantizers import Quantizer
+
+
+class _QuantLayer:
+    """Shared wiring of the quantized layers; the op itself comes from the torch base class."""
+
+    weight: nn.Parameter
+    weight_quantizer: Quantizer
+    input_quantizer: Quantizer
+    input_perturbation: nn.Module
+
+    def _attach(self, weight_quantizer: Quantizer, input_quantizer: Quantizer) -> None:
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+        self.input_perturbation = nn.Identity()
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        return self.input_perturbation(self.input_quantizer(x))
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight_quantizer(self.weight)
+
+    @property
+    def bits(self) -> tuple[int, int]:
+        """(weight bits, input bits)."""
+        return self.weight_quantizer.bits, self.input_quantizer.bits
+
+
+class QuantConv2d(_QuantLayer, nn.Conv2d):
+    """nn.Conv2d whose forward sees the fake-quantized input and weight."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_quantizer: Quantizer,
+                   input_quantizer: Quantizer) -> "QuantConv2d":
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                    conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+        layer.weight, layer.bias = conv.weight, conv.bias
+        layer._attach(weight_quantizer, input_quantizer)
+        return layer.train(conv.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantLinear(_QuantLayer, nn.Linear):
+    """nn.Linear whose forward sees the fake-quantized input and weight."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_quantizer: Quantizer,
+                   input_quantizer: Quantizer) -> "QuantLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer._attach(weight_quantizer, input_quantizer)
+        return layer.train(linear.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+QUANT_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: QuantConv2d,
+    nn.Linear: QuantLinear,
+}
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) pairs of every quantized layer, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantLayer)]
+
+
+def is_quant_layer(module: nn.Module) -> bool:
+    return isinstance(module, _QuantLayer)

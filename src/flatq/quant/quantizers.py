@@ -1,0 +1,270 @@
+"""Quantizers: LSQ, LSQ+, PACT and fixed min-max, one class each over one small base.
+
+A quantizer fake-quantizes one tensor (a layer's weight, per output channel, or its input,
+per tensor). It starts uninitialized; `flatq.calibrate` runs data through the model while
+every quantizer observes its tensor, then sets the initial step size and zero point. Bit
+width and signedness travel in the state_dict (as extra state), so a checkpoint of another
+bit width is recognised instead of silently loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+from .functional import fake_quantize, integer_range, round_ste
+from .observers import MinMaxObserver
+
+EPS = 1e-8
+INIT_METHODS = ("minmax", "lsq")
+
+
+def range_to_affine(lo: Tensor, hi: Tensor, qmin: int, qmax: int,
+                    signed: bool) -> tuple[Tensor, Tensor]:
+    """Step size and zero point that map [lo, hi] onto the integer grid [qmin, qmax].
+
+    Asymmetric (the FPQ paper's Eq. 5): s = (max - min) / (2^q - 1), z = round(qmax - max / s),
+    with the range widened to contain 0 so that z lies on the grid and 0 is exact.
+    Symmetric: z = 0 and s = max|x| / ((qmax - qmin) / 2), as torch.ao's symmetric observers.
+    """
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    if signed:
+        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
+        return scale.clamp_min(EPS), torch.zeros_like(scale)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+    zero_point = torch.clamp(torch.round(qmax - hi / scale), qmin, qmax)
+    return scale, zero_point
+
+
+class Quantizer(nn.Module, ABC):
+    """Base: bit width, integer grid, calibration by observation, and the broadcast shape.
+
+    Subclasses implement `quantize(x)` and `init_from_observer(observer)`, and expose the
+    effective `scale_and_zero_point()` used by SFP and by export.
+    """
+
+    learnable = True
+
+    def __init__(self, bits: int, signed: bool = False, per_channel: bool = False,
+                 num_channels: int = 1, init: str = "minmax") -> None:
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits must be in 2..8, got {bits}")
+        if init not in INIT_METHODS:
+            raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}")
+        self.bits, self.signed, self.init = bits, signed, init
+        self.per_channel, self.num_channels = per_channel, num_channels if per_channel else 1
+        self.register_buffer("initialized", torch.tensor(False))
+        self.observer: MinMaxObserver | None = None
+
+    # -- integer grid ---------------------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        return integer_range(self.bits, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return integer_range(self.bits, self.signed)[1]
+
+    def _shape(self, x: Tensor) -> tuple[int, ...]:
+        """Shape that broadcasts a per-channel vector against `x` (channels on axis 0)."""
+        return (-1,) + (1,) * (x.dim() - 1) if self.per_channel else (1,) * max(x.dim(), 1)
+
+    def grad_factor(self, x: Tensor) -> float:
+        """LSQ's gradient scale g = 1 / sqrt(N * Qp), N = elements per scale value."""
+        n = x.numel() // self.num_channels
+        return 1.0 / math.sqrt(n * max(self.qmax, 1))
+
+    # -- calibration ----------------------------------------------------------------------
+    def start_observing(self) -> None:
+        self.observer = MinMaxObserver(self.per_channel)
+
+    def finish_observing(self) -> None:
+        if self.observer is None or not self.observer.seen:
+            raise RuntimeError("finish_observing() without observed data")
+        with torch.no_grad():
+            self.init_from_observer(self.observer)
+        self.initialized.fill_(True)
+        self.observer = None
+
+    @abstractmethod
+    def init_from_observer(self, observer: MinMaxObserver) -> None:
+        """Set the initial range parameters from calibration statistics."""
+
+    def initial_affine(self, observer: MinMaxObserver) -> tuple[Tensor, Tensor]:
+        """Initial (scale, zero point) from observed data by the configured init method."""
+        lo, hi = observer.range()
+        scale, zero_point = range_to_affine(lo, hi, self.qmin, self.qmax, self.signed)
+        if self.init == "lsq":
+            scale = (2 * observer.mean_abs() / math.sqrt(max(self.qmax, 1))).clamp_min(EPS)
+            if not self.signed:
+                zero_point = torch.clamp(torch.round(-torch.clamp(lo, max=0) / scale),
+                                         self.qmin, self.qmax)
+        return scale, zero_point
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer is not None:
+            self.observer(x)
+            return x
+        if not bool(self.initialized):
+            raise RuntimeError(
+                f"{type(self).__name__} is not calibrated: call flatq.calibrate(model, batches) "
+                "before running a quantized model")
+        return self.quantize(x)
+
+    @abstractmethod
+    def quantize(self, x: Tensor) -> Tensor:
+        """Fake-quantize `x` with the current parameters."""
+
+    @abstractmethod
+    def scale_and_zero_point(self) -> tuple[Tensor, Tensor]:
+        """Effective step size (positive) and integer zero point, detached."""
+
+    def step_size(self) -> Tensor:
+        """The current step size, detached (per channel for weight quantizers)."""
+        return self.scale_and_zero_point()[0]
+
+    # -- state ----------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return {"bits": self.bits, "signed": self.signed, "type": type(self).__name__}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state.get("type") != type(self).__name__ or state.get("bits") != self.bits:
+            raise ValueError(
+                f"checkpoint holds a {state.get('bits')}-bit {state.get('type')}, "
+                f"this model has a {self.bits}-bit {type(self).__name__}")
+        self.signed = state["signed"]
+
+    def extra_repr(self) -> str:
+        grid = "signed" if self.signed else "unsigned"
+        return f"bits={self.bits}, {grid}, per_channel={self.per_channel}"
+
+
+class LSQQuantizer(Quantizer):
+    """Learned step size (Esser et al. 2019) with a zero point fixed after calibration."""
+
+    def __init__(self, bits: int, signed: bool = False, per_channel: bool = False,
+                 num_channels: int = 1, init: str = "minmax") -> None:
+        super().__init__(bits, signed, per_channel, num_channels, init)
+        self.scale = nn.Parameter(torch.ones(self.num_channels))
+        self.register_buffer("zero_point", torch.zeros(self.num_channels))
+
+    def init_from_observer(self, observer: MinMaxObserver) -> None:
+        scale, zero_point = self.initial_affine(observer)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    def _zero_point(self) -> Tensor:
+        return self.zero_point
+
+    def quantize(self, x: Tensor) -> Tensor:
+        shape = self._shape(x)
+        scale = self.scale.clamp_min(EPS).view(shape)
+        return fake_quantize(x, scale, self._zero_point().view(shape), self.qmin, self.qmax,
+                             self.grad_factor(x))
+
+    def scale_and_zero_point(self) -> tuple[Tensor, Tensor]:
+        return self.scale.detach().clamp_min(EPS), self._zero_point().detach()
+
+
+class LSQPlusQuantizer(LSQQuantizer):
+    """LSQ+ (Bhalgat et al. 2020): the offset (zero point) is learned too, rounded by STE."""
+
+    def __init__(self, bits: int, signed: bool = False, per_channel: bool = False,
+                 num_channels: int = 1, init: str = "minmax") -> None:
+        super().__init__(bits, signed, per_channel, num_channels, init)
+        del self.zero_point
+        self.zero_point = nn.Parameter(torch.zeros(self.num_channels))
+
+    def _zero_point(self) -> Tensor:
+        return torch.clamp(round_ste(self.zero_point), self.qmin, self.qmax)
+
+
+class PACTQuantizer(Quantizer):
+    """PACT (Choi et al. 2018): clip to a learned alpha, then quantize [0, alpha] uniformly.
+
+    y = 0.5 (|x| - |x - alpha| + alpha); the gradient of alpha is 1 where x >= alpha (STE
+    through the rounding). Inputs that calibration finds negative (e.g. a normalized image)
+    use the symmetric form clip(x, -alpha, alpha) on a signed grid. alpha gets weight decay
+    (PACT's L2 penalty) from the trainer; step sizes and zero points do not.
+    """
+
+    def __init__(self, bits: int, signed: bool = False, per_channel: bool = False,
+                 num_channels: int = 1, init: str = "minmax") -> None:
+        if per_channel:
+            raise ValueError("PACT clips activations per tensor; use it for inputs only")
+        super().__init__(bits, signed, per_channel, num_channels, init)
+        self.alpha = nn.Parameter(torch.tensor([10.0]))
+
+    def init_from_observer(self, observer: MinMaxObserver) -> None:
+        lo, hi = observer.range()
+        self.signed = bool(lo.min() < 0)
+        self.alpha.copy_(torch.maximum(hi, -lo).clamp_min(EPS) if self.signed else hi.clamp_min(EPS))
+
+    def quantize(self, x: Tensor) -> Tensor:
+        alpha = self.alpha.clamp_min(EPS)
+        lower = -alpha if self.signed else torch.zeros_like(alpha)
+        y = torch.minimum(torch.maximum(x, lower), alpha)
+        step = (alpha / self.qmax).detach()
+        return y + (torch.round(y / step) * step - y).detach()
+
+    def scale_and_zero_point(self) -> tuple[Tensor, Tensor]:
+        return (self.alpha.detach().clamp_min(EPS) / self.qmax), torch.zeros(1,
+                                                                             device=self.alpha.device)
+
+
+class MinMaxQuantizer(Quantizer):
+    """Fixed quantizer from min/max: no learned parameters, straight-through for the input.
+
+    `dynamic=True` recomputes the range from the tensor at every call (weights, which are
+    always at hand); otherwise the calibrated range is kept and, while training, follows an
+    exponential moving average of each batch's min/max (as torch.ao's moving-average observer).
+    """
+
+    learnable = False
+
+    def __init__(self, bits: int, signed: bool = False, per_channel: bool = False,
+                 num_channels: int = 1, init: str = "minmax", dynamic: bool = False,
+                 momentum: float = 0.1) -> None:
+        super().__init__(bits, signed, per_channel, num_channels, init)
+        self.dynamic, self.momentum = dynamic, momentum
+        self.register_buffer("running_min", torch.zeros(self.num_channels))
+        self.register_buffer("running_max", torch.zeros(self.num_channels))
+
+    def init_from_observer(self, observer: MinMaxObserver) -> None:
+        lo, hi = observer.range()
+        self.running_min.copy_(lo)
+        self.running_max.copy_(hi)
+
+    def _range_of(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        flat = x.detach().reshape(x.shape[0], -1) if self.per_channel else x.detach().reshape(1, -1)
+        return torch.aminmax(flat, dim=1)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        if self.dynamic:
+            lo, hi = self._range_of(x)
+            self.running_min.copy_(lo)
+            self.running_max.copy_(hi)
+        elif self.training:
+            lo, hi = self._range_of(x)
+            self.running_min.lerp_(lo, self.momentum)
+            self.running_max.lerp_(hi, self.momentum)
+        scale, zero_point = self.scale_and_zero_point()
+        shape = self._shape(x)
+        return fake_quantize(x, scale.view(shape), zero_point.view(shape), self.qmin, self.qmax)
+
+    def scale_and_zero_point(self) -> tuple[Tensor, Tensor]:
+        return range_to_affine(self.running_min, self.running_max, self.qmin, self.qmax,
+                               self.signed)
+
+
+QUANTIZERS: dict[str, type[Quantizer]] = {
+    "lsq": LSQQuantizer,
+    "lsq+": LSQPlusQuantizer,
+    "pact": PACTQuantizer,
+    "minmax": MinMaxQuantizer,
+}

@@ -1,0 +1,70 @@
+"""Checkpoints: written atomically, read with weights_only=True, checked before use.
+
+A checkpoint is a plain dict of tensors and primitive values, so `torch.load(weights_only=True)`
+reads it (no pickled code runs). It is written to a temporary file in the same folder and
+renamed over the old one, so a crash mid-write never replaces a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+FORMAT = "flatq-checkpoint-v1"
+CHECKPOINT_NAME = "checkpoint.pt"   # full training state, rewritten every epoch
+MODEL_NAME = "model.pt"             # final weights and metadata of a finished run
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> None:
+    """Write `state` to `path` so that readers see either the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save({"format": FORMAT, **state}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve(path: str | Path, name: str = MODEL_NAME) -> Path:
+    """A run folder means its `name` file; a file path is taken as it is."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / name
+        if not candidate.is_file() and name == MODEL_NAME and (path / CHECKPOINT_NAME).is_file():
+            candidate = path / CHECKPOINT_NAME
+        path = candidate
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint(path: str | Path, name: str = MODEL_NAME) -> dict[str, Any]:
+    """Read a flatq checkpoint; anything else (corrupt, foreign, truncated) is refused by name."""
+    path = resolve(path, name)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError,
+            OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a PyTorch "
+                              f"file ({reason[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a flatq checkpoint (no '{FORMAT}' marker)")
+    return state
