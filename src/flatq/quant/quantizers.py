@@ -39,6 +39,15 @@ def range_to_affine(lo: Tensor, hi: Tensor, qmin: int, qmax: int,
     return scale, zero_point
 
 
+def positive_ste(x: Tensor) -> Tensor:
+    """`x` clamped to >= EPS in the forward pass with the identity gradient, so that a step
+    size pushed to or below zero by one large update still gets a gradient and can recover
+    (a plain clamp would zero it for good; torch.ao's learnable fake-quant clamps the data
+    in place to the same effect). Written so that the forward value is exactly the clamp
+    (x + (clamp - x).detach() would round 1e-8 - 1 + 1 to 0 in float32)."""
+    return x.detach().clamp_min(EPS) + (x - x.detach())
+
+
 class Quantizer(nn.Module, ABC):
     """Base: bit width, integer grid, calibration by observation, and the broadcast shape.
 
@@ -163,7 +172,7 @@ class LSQQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         shape = self._shape(x)
-        scale = self.scale.clamp_min(EPS).view(shape)
+        scale = positive_ste(self.scale).view(shape)
         return fake_quantize(x, scale, self._zero_point().view(shape), self.qmin, self.qmax,
                              self.grad_factor(x))
 
@@ -206,7 +215,7 @@ class PACTQuantizer(Quantizer):
         self.alpha.copy_(torch.maximum(hi, -lo).clamp_min(EPS) if self.signed else hi.clamp_min(EPS))
 
     def quantize(self, x: Tensor) -> Tensor:
-        alpha = self.alpha.clamp_min(EPS)
+        alpha = positive_ste(self.alpha)
         lower = -alpha if self.signed else torch.zeros_like(alpha)
         y = torch.minimum(torch.maximum(x, lower), alpha)
         step = (alpha / self.qmax).detach()
