@@ -1,0 +1,343 @@
+"""Quantizers against independent references: PyTorch's built-in LSQ ops, closed forms, and
+hand-computed calibration values."""
+
+import math
+
+import pytest
+import torch
+
+from flatq.quant import (LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer, PACTQuantizer,
+                         integer_range)
+from flatq.quant.quantizers import range_to_affine
+
+BITS = range(2, 9)
+
+
+def calibrated(quantizer, *tensors):
+    """`quantizer` after observing `tensors` (what flatq.calibrate does layer by layer)."""
+    quantizer.start_observing()
+    for t in tensors:
+        quantizer(t)
+    quantizer.finish_observing()
+    return quantizer
+
+
+def grads_of(fn, x, *params, upstream):
+    """Output and gradients (input, then params) of fn(x) for a fixed upstream gradient."""
+    x = x.clone().requires_grad_()
+    out = fn(x)
+    grads = torch.autograd.grad(out, (x, *params), upstream)
+    return out.detach(), grads
+
+
+# -- LSQ per tensor vs torch._fake_quantize_learnable_per_tensor_affine ----------------------
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_lsq_per_tensor_matches_torch(bits, signed):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(4, 3, 6, 6, generator=g) * 1.5 + (0.0 if signed else 0.7)
+    q = calibrated(LSQQuantizer(bits, signed=signed), x)
+    with torch.no_grad():  # shrink the range so that values fall outside on both sides
+        q.scale.mul_(0.6)
+    upstream = torch.randn(x.shape, generator=g)
+    out, (dx, ds) = grads_of(q, x, q.scale, upstream=upstream)
+
+    qmin, qmax = integer_range(bits, signed)
+    assert (q.qmin, q.qmax) == (qmin, qmax)
+    factor = 1.0 / math.sqrt(x.numel() * qmax)
+    scale = q.scale.detach().clone().requires_grad_()
+    zero = q.zero_point.clone().requires_grad_()
+    ref, (rdx, rds, rdz) = grads_of(
+        lambda t: torch._fake_quantize_learnable_per_tensor_affine(t, scale, zero, qmin, qmax,
+                                                                   factor),
+        x, scale, zero, upstream=upstream)
+    clipped = ((x / scale.detach() + zero.detach()).round() < qmin) | \
+              ((x / scale.detach() + zero.detach()).round() > qmax)
+    assert clipped.any() and (~clipped).any()  # both gradient branches are exercised
+    if not signed:
+        assert q.zero_point.item() != 0
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(dx, rdx, rtol=0, atol=0)
+    torch.testing.assert_close(ds, rds, rtol=1e-5, atol=1e-6)
+    # LSQ+ learns the zero point: its gradient is torch's too.
+    qp = calibrated(LSQPlusQuantizer(bits, signed=signed), x)
+    with torch.no_grad():
+        qp.scale.copy_(q.scale)
+        qp.zero_point.copy_(q.zero_point)
+    _, (pdx, pds, pdz) = grads_of(qp, x, qp.scale, qp.zero_point, upstream=upstream)
+    torch.testing.assert_close(pdx, rdx, rtol=0, atol=0)
+    torch.testing.assert_close(pds, rds, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pdz, rdz, rtol=1e-5, atol=1e-6)
+    assert rdz.abs().item() > 0
+
+
+def test_lsq_plus_zero_point_rounds_but_passes_gradient():
+    x = torch.linspace(-2, 3, 200)
+    q = calibrated(LSQPlusQuantizer(4), x)
+    with torch.no_grad():
+        q.scale.mul_(0.5)
+        q.zero_point.add_(0.3)  # off-grid: the forward must use the rounded value
+    rounded = torch._fake_quantize_learnable_per_tensor_affine(
+        x, q.scale.detach(), q.zero_point.detach().round(), 0, 15, 1.0)
+    torch.testing.assert_close(q(x), rounded, rtol=0, atol=0)
+    q(x).sum().backward()
+    assert q.zero_point.grad.abs().item() > 0
+
+
+# -- LSQ per channel vs torch._fake_quantize_learnable_per_channel_affine --------------------
+
+@pytest.mark.parametrize("shape", [(8, 4, 3, 3), (10, 16)], ids=["conv", "linear"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_lsq_per_channel_matches_torch(shape, bits, signed):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(shape, generator=g) * torch.linspace(0.2, 2.0, shape[0]).view(
+        (-1,) + (1,) * (len(shape) - 1))
+    q = calibrated(LSQQuantizer(bits, signed=signed, per_channel=True, num_channels=shape[0]), w)
+    assert q.scale.shape == (shape[0],)
+    with torch.no_grad():
+        q.scale.mul_(0.7)
+    upstream = torch.randn(shape, generator=g)
+    out, (dw, ds) = grads_of(q, w, q.scale, upstream=upstream)
+
+    qmin, qmax = integer_range(bits, signed)
+    per_channel = w[0].numel()
+    factor = 1.0 / math.sqrt(per_channel * qmax)
+    assert q.grad_factor(w) == pytest.approx(factor)
+    scale = q.scale.detach().clone().requires_grad_()
+    zero = q.zero_point.clone().requires_grad_()
+    ref, (rdw, rds) = grads_of(
+        lambda t: torch._fake_quantize_learnable_per_channel_affine(t, scale, zero, 0, qmin, qmax,
+                                                                    factor),
+        w, scale, upstream=upstream)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(dw, rdw, rtol=0, atol=0)
+    torch.testing.assert_close(ds, rds, rtol=1e-5, atol=1e-6)
+    # The zero point of a plain LSQ quantizer is a fixed buffer, never trained.
+    assert not q.zero_point.requires_grad
+    assert "zero_point" not in dict(q.named_parameters())
+
+
+def test_grad_factor_is_lsq_gradient_scale():
+    x = torch.randn(2, 3, 4, 4)
+    assert LSQQuantizer(4).grad_factor(x) == pytest.approx(1 / math.sqrt(x.numel() * 15))
+    assert LSQQuantizer(4, signed=True).grad_factor(x) == pytest.approx(1 / math.sqrt(x.numel() * 7))
+    w = torch.randn(6, 3, 3, 3)
+    per_channel = LSQQuantizer(3, per_channel=True, num_channels=6)
+    assert per_channel.grad_factor(w) == pytest.approx(1 / math.sqrt(27 * 7))
+
+
+# -- calibration formulas ---------------------------------------------------------------------
+
+def test_asymmetric_minmax_init_closed_form():
+    x = torch.tensor([-1.0, 0.0, 0.5, 3.0])
+    q = calibrated(LSQQuantizer(4), x)
+    s = 4.0 / 15
+    assert q.scale.item() == pytest.approx(s)
+    assert q.zero_point.item() == round(15 - 3.0 / s) == 4
+    # 0 is exactly representable and the observed extremes land on the grid ends
+    assert q(torch.tensor([0.0])).item() == 0.0
+    torch.testing.assert_close(q(torch.tensor([-1.0, 3.0])), torch.tensor([-1.0, 3.0]),
+                               rtol=0, atol=s / 2 + 1e-6)
+
+
+def test_range_is_widened_to_contain_zero():
+    positive = calibrated(LSQQuantizer(4), torch.tensor([1.0, 2.0, 3.0]))
+    assert positive.scale.item() == pytest.approx(3.0 / 15)  # min taken as 0, not 1
+    assert positive.zero_point.item() == 0
+    negative = calibrated(LSQQuantizer(4), torch.tensor([-3.0, -2.0]))
+    assert negative.scale.item() == pytest.approx(3.0 / 15)  # max taken as 0
+    assert negative.zero_point.item() == 15
+    s, z = range_to_affine(torch.tensor([0.5]), torch.tensor([2.5]), 0, 255, signed=False)
+    assert s.item() == pytest.approx(2.5 / 255) and z.item() == 0
+
+
+def test_symmetric_init_closed_form():
+    x = torch.tensor([-1.0, 0.5, 3.0])
+    q = calibrated(LSQQuantizer(4, signed=True), x)
+    assert q.scale.item() == pytest.approx(3.0 / ((7 - (-8)) / 2))
+    assert q.zero_point.item() == 0
+    w = torch.tensor([[1.0, -2.0], [0.25, 0.1]])
+    pc = calibrated(LSQQuantizer(8, signed=True, per_channel=True, num_channels=2), w)
+    torch.testing.assert_close(pc.scale.detach(), torch.tensor([2.0, 0.25]) / 127.5)
+
+
+def test_per_channel_minmax_init_per_row():
+    w = torch.tensor([[-1.0, 2.0, 0.0], [0.0, 0.3, 0.6]])
+    q = calibrated(LSQQuantizer(2, per_channel=True, num_channels=2), w)
+    torch.testing.assert_close(q.scale.detach(), torch.tensor([1.0, 0.2]))
+    torch.testing.assert_close(q.zero_point, torch.tensor([round(3 - 2.0 / 1.0), 0.0]))
+
+
+def test_lsq_init_closed_form():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, 10, generator=g).abs() for _ in range(3)]
+    q = calibrated(LSQQuantizer(4, init="lsq"), *batches)
+    mean_abs = torch.cat(batches).abs().mean()
+    assert q.scale.item() == pytest.approx((2 * mean_abs / math.sqrt(15)).item(), rel=1e-6)
+    assert q.zero_point.item() == 0  # non-negative data: zero maps to the grid's bottom
+    signed = calibrated(LSQQuantizer(3, signed=True, init="lsq"), torch.tensor([-2.0, 1.0, 0.0]))
+    assert signed.scale.item() == pytest.approx(2 * 1.0 / math.sqrt(3))
+    assert signed.zero_point.item() == 0
+
+
+def test_calibration_accumulates_over_batches():
+    q = calibrated(LSQQuantizer(4), torch.tensor([0.0, 1.0]), torch.tensor([-2.0, 0.5]))
+    assert q.scale.item() == pytest.approx(3.0 / 15)
+    assert q.zero_point.item() == 10  # round(15 - 1 / 0.2)
+
+
+# -- positivity of step sizes -----------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [LSQQuantizer, LSQPlusQuantizer])
+def test_negative_scale_still_gives_positive_step_and_can_recover(cls):
+    x = torch.linspace(-1, 2, 64)
+    q = calibrated(cls(4), x)
+    with torch.no_grad():
+        q.scale.fill_(-0.5)  # as if one large SGD step crossed zero
+    y = q(x)
+    assert torch.isfinite(y).all()
+    step, _ = q.scale_and_zero_point()
+    assert (step > 0).all() and (q.step_size() > 0).all()
+    # The layer is not dead: the loss still moves the scale back.
+    ((y - x) ** 2).sum().backward()
+    assert q.scale.grad.item() < 0  # descent increases the scale
+
+
+def test_pact_alpha_stays_positive():
+    p = calibrated(PACTQuantizer(4), torch.rand(20))
+    with torch.no_grad():
+        p.alpha.fill_(-1.0)
+    assert (p.step_size() > 0).all()
+    x = torch.rand(20) + 0.1
+    y = p(x)
+    assert torch.isfinite(y).all()
+    ((y - x) ** 2).sum().backward()
+    assert p.alpha.grad.item() < 0  # descent raises alpha again
+
+
+# -- PACT -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pact_forward_and_alpha_gradient_closed_form(bits):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.rand(500, generator=g) * 4
+    p = calibrated(PACTQuantizer(bits), x)
+    assert not p.signed and p.alpha.item() == pytest.approx(x.max().item())
+    alpha = 2.5
+    with torch.no_grad():
+        p.alpha.fill_(alpha)
+    upstream = torch.randn(x.shape, generator=g)
+    out, (dx, dalpha) = grads_of(p, x, p.alpha, upstream=upstream)
+    levels = 2 ** bits - 1
+    step = alpha / levels
+    expected = torch.round(torch.clamp(x, 0, alpha) / step) * step
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    # PACT: d y / d alpha = 1 where x >= alpha, STE through rounding elsewhere
+    torch.testing.assert_close(dalpha, upstream[x >= alpha].sum().reshape(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, upstream * ((x >= 0) & (x < alpha)), rtol=0, atol=0)
+    assert (x >= alpha).sum() > 10
+
+
+def test_pact_negative_inputs_switch_to_signed():
+    x = torch.linspace(-3, 2, 101)
+    p = calibrated(PACTQuantizer(4), x)
+    assert p.signed and (p.qmin, p.qmax) == (-8, 7)
+    assert p.alpha.item() == pytest.approx(3.0)
+    y = p(x)
+    step = 3.0 / 7
+    expected = torch.round(torch.clamp(x, -3.0, 3.0) / step) * step
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)
+    assert y.min().item() < 0
+
+
+def test_pact_refuses_per_channel():
+    with pytest.raises(ValueError, match="per tensor"):
+        PACTQuantizer(4, per_channel=True, num_channels=3)
+
+
+# -- MinMax -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_minmax_dynamic_per_channel_matches_torch(bits, signed):
+    g = torch.Generator().manual_seed(bits)
+    first = torch.randn(6, 3, 3, 3, generator=g)
+    q = calibrated(MinMaxQuantizer(bits, signed=signed, per_channel=True, num_channels=6,
+                                   dynamic=True), first)
+    w = torch.randn(6, 3, 3, 3, generator=g) * 3  # another tensor: the range must follow it
+    flat = w.reshape(6, -1)
+    lo, hi = flat.min(1).values.clamp(max=0), flat.max(1).values.clamp(min=0)
+    qmin, qmax = integer_range(bits, signed)
+    if signed:
+        scale, zero = torch.maximum(-lo, hi) / ((qmax - qmin) / 2), torch.zeros(6)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        zero = torch.round(qmax - hi / scale)
+    ref = torch.fake_quantize_per_channel_affine(w, scale, zero.int(), 0, qmin, qmax)
+    wr = w.clone().requires_grad_()
+    out = q(wr)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    out.sum().backward()
+    inside = (torch.round(w / scale.view(-1, 1, 1, 1)) + zero.view(-1, 1, 1, 1)).clamp(qmin, qmax) \
+        == torch.round(w / scale.view(-1, 1, 1, 1)) + zero.view(-1, 1, 1, 1)
+    assert inside.float().mean() > 0.95
+    torch.testing.assert_close(wr.grad, inside.float(), rtol=0, atol=0)  # straight through
+    assert not list(q.parameters())
+
+
+def test_minmax_static_follows_ema_in_training_only():
+    q = calibrated(MinMaxQuantizer(8), torch.tensor([0.0, 1.0]))
+    q.eval()
+    q(torch.tensor([0.0, 11.0]))
+    assert q.running_max.item() == pytest.approx(1.0)
+    q.train()
+    q(torch.tensor([0.0, 11.0]))
+    assert q.running_max.item() == pytest.approx(2.0)  # 1 + 0.1 * (11 - 1)
+
+
+# -- errors and state -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [LSQQuantizer, LSQPlusQuantizer, PACTQuantizer, MinMaxQuantizer])
+def test_uncalibrated_quantizer_raises_clear_error(cls):
+    with pytest.raises(RuntimeError, match=r"not calibrated.*flatq\.calibrate"):
+        cls(4)(torch.randn(3))
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 16])
+def test_bits_outside_2_to_8_rejected(bits):
+    with pytest.raises(ValueError, match="2..8"):
+        LSQQuantizer(bits)
+
+
+def test_finish_observing_without_data_raises():
+    q = LSQQuantizer(4)
+    q.start_observing()
+    with pytest.raises(RuntimeError, match="without observed data"):
+        q.finish_observing()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LSQQuantizer(3, per_channel=True, num_channels=4),
+    lambda: LSQPlusQuantizer(5),
+    lambda: PACTQuantizer(4),
+    lambda: MinMaxQuantizer(6, per_channel=True, num_channels=4, dynamic=True),
+], ids=["lsq", "lsq+", "pact", "minmax"])
+def test_state_dict_round_trip(make):
+    x = torch.randn(4, 5) - 0.5
+    src = calibrated(make(), x)
+    dst = make()
+    dst.load_state_dict(src.state_dict())
+    assert bool(dst.initialized)
+    assert dst.signed == src.signed  # PACT decides signedness at calibration
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    assert src.state_dict()["_extra_state"]["bits"] == src.bits
+
+
+def test_bits_mismatch_on_load_refused():
+    src = calibrated(LSQQuantizer(4), torch.randn(10))
+    with pytest.raises(ValueError, match="4-bit LSQQuantizer.*3-bit LSQQuantizer"):
+        LSQQuantizer(3).load_state_dict(src.state_dict())
+    with pytest.raises(ValueError, match="LSQQuantizer.*LSQPlusQuantizer"):
+        LSQPlusQuantizer(4).load_state_dict(src.state_dict(), strict=False)
