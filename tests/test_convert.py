@@ -1,0 +1,231 @@
+"""Model conversion: layer swap, bit-width policy, calibration side effects, numerics and
+state_dict round trips."""
+
+import pytest
+import torch
+from torch import nn
+
+from flatq import QuantConfig, calibrate, quantize_model
+from flatq.errors import ConfigError
+from flatq.models import build_model
+from flatq.quant import (LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer, PACTQuantizer,
+                         QuantConv2d, QuantLinear, describe, quant_layers, quantizers)
+
+
+def float_layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+
+
+def settled(name: str, seed: int = 0) -> nn.Module:
+    """A model whose BatchNorm statistics have seen data, in eval mode (outputs not ~0)."""
+    torch.manual_seed(seed)
+    model = build_model(name)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 32, 32))
+    return model.eval()
+
+
+def calibration_data(n: int = 2, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 3, 32, 32, generator=g) for _ in range(n)]
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def resnet8():
+    return settled("resnet8")
+
+
+def test_float_model_untouched(resnet8):
+    before = {k: v.clone() for k, v in resnet8.state_dict().items()}
+    types = [type(m) for m in resnet8.modules()]
+    qmodel = calibrate(quantize_model(resnet8, QuantConfig()), calibration_data())
+    with torch.no_grad():
+        for p in qmodel.parameters():
+            p.add_(1.0)  # the copy owns its tensors: the float model must not see this
+    assert [type(m) for m in resnet8.modules()] == types
+    assert not any(isinstance(m, (QuantConv2d, QuantLinear)) for m in resnet8.modules())
+    after = resnet8.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenet_v2", "vit_tiny"])
+def test_every_conv_and_linear_swapped_with_configured_bits(name):
+    model = build_model(name)
+    names = float_layers(model)
+    qmodel = quantize_model(model, QuantConfig(w_bits=2, a_bits=4))
+    assert float_layers(qmodel) == []
+    rows = describe(qmodel)
+    assert [r["name"] for r in rows] == names
+    for row in rows:
+        expected = "QuantLinear" if isinstance(model.get_submodule(row["name"]), nn.Linear) \
+            else "QuantConv2d"
+        assert row["type"] == expected
+    bits = [(r["w_bits"], r["a_bits"]) for r in rows]
+    assert bits[0] == bits[-1] == (8, 8)
+    assert set(bits[1:-1]) == {(2, 4)}
+    # the state_dict keeps the float names (so a float checkpoint's weights still line up)
+    float_keys = set(model.state_dict())
+    assert float_keys <= set(qmodel.state_dict())
+
+
+def test_edge_bits_none_quantizes_all_layers_alike():
+    qmodel = quantize_model(build_model("resnet8"), QuantConfig(w_bits=3, a_bits=5, edge_bits=None))
+    assert {(r["w_bits"], r["a_bits"]) for r in describe(qmodel)} == {(3, 5)}
+    assert len(describe(qmodel)) == 10
+
+
+def test_edge_bits_value_applies_to_first_and_last():
+    rows = describe(quantize_model(build_model("resnet8"), QuantConfig(edge_bits=6)))
+    assert (rows[0]["name"], rows[-1]["name"]) == ("stem.0", "linear")
+    assert [(r["w_bits"], r["a_bits"]) for r in rows] == [(6, 6)] + [(4, 4)] * 8 + [(6, 6)]
+
+
+def test_overrides_by_pattern_including_skip():
+    config = QuantConfig(w_bits=4, a_bits=4, overrides=[
+        {"pattern": "stages.2.*", "w_bits": 8},
+        {"pattern": "stages.1.0.shortcut.0", "skip": True},
+        {"pattern": "linear", "a_bits": 2},
+    ])
+    qmodel = quantize_model(build_model("resnet8"), config)
+    bits = {r["name"]: (r["w_bits"], r["a_bits"]) for r in describe(qmodel)}
+    assert "stages.1.0.shortcut.0" not in bits
+    assert type(qmodel.get_submodule("stages.1.0.shortcut.0")) is nn.Conv2d
+    assert bits["stem.0"] == (8, 8)
+    assert bits["linear"] == (8, 2)  # edge bits first, then the override
+    assert bits["stages.0.0.residual.0.0"] == (4, 4)
+    for name in ("stages.2.0.residual.0.0", "stages.2.0.residual.1.0", "stages.2.0.shortcut.0"):
+        assert bits[name] == (8, 4), name
+    assert len(bits) == 9
+
+
+def test_override_matching_nothing_is_a_config_error():
+    config = QuantConfig(overrides=[{"pattern": "layer4.*", "w_bits": 8}])
+    with pytest.raises(ConfigError, match=r"layer4\.\*.*match no layer"):
+        quantize_model(build_model("resnet8"), config)
+
+
+def test_model_without_layers_is_a_config_error():
+    with pytest.raises(ConfigError, match="no nn.Conv2d or nn.Linear"):
+        quantize_model(nn.Sequential(nn.ReLU()), QuantConfig())
+
+
+@pytest.mark.parametrize("kind, weight_cls, input_cls", [
+    ("lsq", LSQQuantizer, LSQQuantizer),
+    ("lsq+", LSQQuantizer, LSQPlusQuantizer),
+    ("pact", MinMaxQuantizer, PACTQuantizer),
+    ("minmax", MinMaxQuantizer, MinMaxQuantizer),
+])
+def test_quantizer_families(kind, weight_cls, input_cls):
+    qmodel = quantize_model(build_model("resnet8"), QuantConfig(quantizer=kind))
+    for _, layer in quant_layers(qmodel):
+        assert type(layer.weight_quantizer) is weight_cls
+        assert type(layer.input_quantizer) is input_cls
+        assert layer.weight_quantizer.per_channel
+        assert layer.weight_quantizer.num_channels == layer.weight.shape[0]
+        assert not layer.input_quantizer.per_channel
+
+
+def test_symmetric_options_reach_the_quantizers():
+    qmodel = quantize_model(build_model("resnet8"),
+                            QuantConfig(symmetric_weights=True, symmetric_inputs=False))
+    for _, layer in quant_layers(qmodel):
+        assert layer.weight_quantizer.signed and not layer.input_quantizer.signed
+
+
+def test_calibrate_leaves_batchnorm_and_weights_alone(resnet8):
+    qmodel = quantize_model(resnet8, QuantConfig()).train()
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()
+              if not k.endswith(("scale", "zero_point", "initialized", "_extra_state"))}
+    assert any("running_mean" in k for k in before)
+    calibrate(qmodel, calibration_data())
+    assert qmodel.training  # the mode it had is restored
+    after = qmodel.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert all(bool(q.initialized) for _, q in quantizers(qmodel))
+    assert all(q.observer is None for _, q in quantizers(qmodel))
+
+
+def test_calibrate_without_batches_or_quantizers_is_an_error(resnet8):
+    with pytest.raises(ConfigError, match="no calibration batches"):
+        calibrate(quantize_model(resnet8, QuantConfig()), [])
+    with pytest.raises(ConfigError, match="no quantizer"):
+        calibrate(resnet8, calibration_data())
+
+
+def test_uncalibrated_model_refuses_to_run(resnet8):
+    with pytest.raises(RuntimeError, match="calibrate"):
+        quantize_model(resnet8, QuantConfig())(torch.randn(2, 3, 32, 32))
+
+
+def test_8_bit_close_to_float_and_2_bit_further(resnet8):
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = resnet8(x)
+        errors = {}
+        for bits in (8, 2):
+            qmodel = quantize_model(resnet8, QuantConfig(w_bits=bits, a_bits=bits, edge_bits=None))
+            errors[bits] = relative_error(calibrate(qmodel, calibration_data()).eval()(x), ref)
+    assert errors[8] < 0.05
+    assert errors[2] > 5 * errors[8]
+
+
+def test_state_dict_round_trip_without_calibration(resnet8):
+    config = QuantConfig(w_bits=3, a_bits=4, quantizer="lsq+")
+    source = calibrate(quantize_model(resnet8, config), calibration_data()).eval()
+    with torch.no_grad():  # make the learned parameters differ from a fresh calibration
+        for _, q in quantizers(source):
+            q.scale.mul_(1.1)
+    fresh = quantize_model(build_model("resnet8"), config)
+    fresh.load_state_dict(source.state_dict())
+    fresh.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), source(x), rtol=0, atol=0)
+
+
+def test_state_dict_of_other_bits_refused(resnet8):
+    source = calibrate(quantize_model(resnet8, QuantConfig(w_bits=4, a_bits=4)), calibration_data())
+    target = quantize_model(build_model("resnet8"), QuantConfig(w_bits=2, a_bits=4))
+    with pytest.raises(ValueError, match="4-bit.*2-bit"):
+        target.load_state_dict(source.state_dict())
+
+
+class Branchy(nn.Module):
+    """A user model with data-dependent Python control flow (untraceable by torch.fx)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)])
+        self.heads = nn.ModuleDict({"pos": nn.Linear(8, 5), "neg": nn.Linear(8, 5)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.convs[0](x))
+        for _ in range(int(x.mean().item() > 0.1) + 1):
+            x = torch.relu(self.convs[1](x))
+        feature = x.mean(dim=(2, 3))
+        return self.heads["pos" if feature.sum() > 0 else "neg"](feature)
+
+
+def test_arbitrary_module_with_control_flow():
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    qmodel = quantize_model(model, QuantConfig(w_bits=8, a_bits=8, edge_bits=None))
+    assert float_layers(qmodel) == []
+    assert [n for n, _ in quant_layers(qmodel)] == ["convs.0", "convs.1", "heads.pos", "heads.neg"]
+    # The 'neg' head never runs on positive features: calibration must say which quantizer missed.
+    with pytest.raises(ConfigError, match="never ran"):
+        calibrate(qmodel, calibration_data())
+    qmodel = quantize_model(model, QuantConfig(
+        w_bits=8, a_bits=8, edge_bits=None, overrides=[{"pattern": "heads.neg", "skip": True}]))
+    calibrate(qmodel, calibration_data())
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(qmodel.eval()(x), model(x)) < 0.05
