@@ -286,7 +286,9 @@ class RunConfig:
                 raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
         sections["data"] = DataConfig.from_dict(values.get("data"))
         sections["train"] = TrainConfig.from_dict(values.get("train"))
-        sections["quant"] = QuantConfig.from_dict(values["quant"]) if values.get("quant") else None
+        # An empty mapping ({}: qat with no quant flag) means the defaults, not "unquantized".
+        sections["quant"] = (QuantConfig.from_dict(values["quant"])
+                             if values.get("quant") is not None else None)
         method = values.get("method")
         if method is not None:
             if isinstance(method, str):
