@@ -20,25 +20,32 @@ def select_layers(model: nn.Module, patterns: Iterable[str], candidates: list[st
 
 
 class FeatureCapture:
-    """Keeps the output of each named module from the latest forward pass.
+    """Keeps the output (or, with `inputs=True`, the first input) of each named module from
+    the latest forward pass.
 
     Used for distillation: the student's tensors keep their graph (the loss flows back
     through them), the teacher's are produced under no_grad. `clear()` after each use so
     nothing outlives its step.
     """
 
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
+    def __init__(self, model: nn.Module, names: list[str], inputs: bool = False) -> None:
         modules = dict(model.named_modules())
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"no module named {missing[0]!r} in the model")
         self.names = names
         self.outputs: dict[str, Tensor] = {}
-        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+        self._handles = [modules[n].register_forward_pre_hook(self._pre_hook(n)) if inputs
+                         else modules[n].register_forward_hook(self._hook(n)) for n in names]
 
     def _hook(self, name: str):
         def store(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             self.outputs[name] = output
+        return store
+
+    def _pre_hook(self, name: str):
+        def store(module: nn.Module, inputs: tuple) -> None:
+            self.outputs[name] = inputs[0]
         return store
 
     def take(self) -> list[Tensor]:
