@@ -1,0 +1,128 @@
+"""Accuracy grid on the Fashion-MNIST stand-in of the FPQ paper's tables (issue: evidence).
+
+Runs FP pre-training once per seed, then every (bits, method) cell from it, and writes one
+JSON per run plus a summary (mean and standard deviation over seeds) and a markdown table.
+Finished runs are skipped, so an interrupted grid continues where it stopped.
+
+    python bench/accuracy.py --grid table4 --seeds 0,1,2 --fp-epochs 15 --qat-epochs 10
+    python bench/accuracy.py --grid ablation --bits w2a4
+    python bench/accuracy.py --grid psweep --bits w2a4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+
+from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config, parse_bits
+from flatq.train.runs import load_teacher, pretrain, qat
+
+from machine import machine_info
+
+# cell name -> (method, quantizer, method options)
+TABLE4 = {
+    "LSQ": ("lsq", "lsq", {}),
+    "LSQ+": ("lsq", "lsq+", {}),
+    "PACT": ("lsq", "pact", {}),
+    "KD": ("kd", "lsq", {}),
+    "FPQ": ("fpq", "lsq", {}),
+}
+ABLATION = {
+    "LSQ": ("lsq", "lsq", {}),
+    "+SFP": ("fpq", "lsq", {"csd": False}),
+    "+CSD": ("fpq", "lsq", {"sfp": False}),
+    "+SFP+CSD (FPQ)": ("fpq", "lsq", {}),
+}
+PSWEEP = {f"p={p}": ("fpq", "lsq", {"p": p}) for p in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)}
+GRIDS = {"table4": TABLE4, "ablation": ABLATION, "psweep": PSWEEP,
+         "sam": {"LSQ+SAM": ("sam", "lsq", {}), "FPQ": ("fpq", "lsq", {})}}
+
+
+def train_config(args: argparse.Namespace, epochs: int, lr: float, seed: int) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=lr, seed=seed,
+                       device=args.device, max_steps_per_epoch=args.max_steps, progress=False)
+
+
+def run_grid(args: argparse.Namespace) -> list[dict]:
+    data = DataConfig(name=args.data, root=args.data_root, image_size=32, channels=3)
+    out = Path(args.out)
+    records = []
+    for seed in args.seeds:
+        fp_dir = out / f"{args.model}/fp/seed{seed}"
+        if not (fp_dir / "model.pt").is_file():
+            pretrain(RunConfig(model=args.model, data=data, method=method_config("ce"),
+                               train=train_config(args, args.fp_epochs, args.fp_lr, seed)),
+                     fp_dir, overwrite=True)
+        teacher, state = load_teacher(fp_dir)
+        fp_acc = json.loads((fp_dir / "summary.json").read_text())["test_acc"]
+        records.append({"cell": "FP", "bits": "fp32", "seed": seed, "test_acc": fp_acc})
+        for bits in args.bits:
+            w, a = parse_bits(bits)
+            for cell, (method, quantizer, options) in GRIDS[args.grid].items():
+                run_dir = out / f"{args.model}/{bits}/{args.grid}/{cell.replace(' ', '_')}/seed{seed}"
+                if not (run_dir / "model.pt").is_file():
+                    config = RunConfig(model=args.model, data=data,
+                                       method=method_config(method, options),
+                                       quant=QuantConfig(w_bits=w, a_bits=a, quantizer=quantizer),
+                                       train=train_config(args, args.qat_epochs, args.qat_lr, seed))
+                    started = time.perf_counter()
+                    qat(config, teacher, state, run_dir, overwrite=True)
+                    print(f"{cell} {bits} seed {seed}: {time.perf_counter() - started:.0f}s", flush=True)
+                summary = json.loads((run_dir / "summary.json").read_text())
+                records.append({"cell": cell, "bits": bits, "seed": seed,
+                                "test_acc": summary["test_acc"], "run": str(run_dir)})
+    return records
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        groups.setdefault((r["bits"], r["cell"]), []).append(r["test_acc"])
+    return [{"bits": b, "cell": c, "n": len(v), "mean": statistics.fmean(v),
+             "std": statistics.stdev(v) if len(v) > 1 else 0.0} for (b, c), v in groups.items()]
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    lines = [f"{args.model} on {args.data} (32x32x3), {args.fp_epochs} FP + {args.qat_epochs} QAT "
+             f"epochs, seeds {','.join(map(str, args.seeds))}; test accuracy %, mean ± std", "",
+             "| W/A | method | accuracy | n |", "|---|---|---|---|"]
+    lines += [f"| {r['bits']} | {r['cell']} | {r['mean']:.2f} ± {r['std']:.2f} | {r['n']} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="table4")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--data", default="fashion_mnist")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--bits", type=lambda s: s.split(","), default=["w4a4", "w2a4", "w2a2"])
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    parser.add_argument("--fp-epochs", type=int, default=15)
+    parser.add_argument("--qat-epochs", type=int, default=10)
+    parser.add_argument("--fp-lr", type=float, default=0.1)
+    parser.add_argument("--qat-lr", type=float, default=0.01)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick runs)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="runs/accuracy")
+    parser.add_argument("--results", default="results/accuracy")
+    args = parser.parse_args()
+    records = run_grid(args)
+    rows = summarize(records)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    name = f"{args.model}_{args.grid}"
+    (results / f"{name}.json").write_text(json.dumps(
+        {"settings": {k: v for k, v in vars(args).items()}, "machine": machine_info(),
+         "runs": records, "summary": rows}, indent=2) + "\n")
+    (results / f"{name}.md").write_text(markdown(rows, args))
+    print(markdown(rows, args))
+
+
+if __name__ == "__main__":
+    main()
