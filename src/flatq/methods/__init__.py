@@ -13,6 +13,7 @@ from torch import nn
 from ..config import METHOD_CONFIGS, MethodConfig, method_config
 from ..errors import ConfigError
 from .base import Objective, total_loss
+from .cr import CR, CRConfig
 from .fpq import FPQ, FPQConfig
 from .kd import KD, KDConfig
 from .mec import MEC, MECConfig
@@ -20,11 +21,11 @@ from .sam import SAM, SAMConfig
 from .task import TaskObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {"ce": TaskObjective, "lsq": TaskObjective,
-                                          "kd": KD, "fpq": FPQ, "sam": SAM, "mec": MEC}
+                                          "kd": KD, "fpq": FPQ, "sam": SAM, "mec": MEC, "cr": CR}
 
 # Methods that train a full-precision model (pretrain) vs a quantized student (qat).
 PRETRAIN_METHODS = ["ce"]
-QAT_METHODS = ["lsq", "kd", "fpq", "sam", "mec"]
+QAT_METHODS = ["lsq", "kd", "fpq", "sam", "mec", "cr"]
 
 
 def register_objective(name: str, cls: type[Objective], stage: str = "qat") -> None:
@@ -43,5 +44,5 @@ def build_objective(config: MethodConfig | None, student: nn.Module,
     return OBJECTIVES[config.name](student, teacher, config, **context)
 
 
-__all__ = ["Objective", "MEC", "MECConfig", "TaskObjective", "FPQ", "FPQConfig", "KD", "KDConfig", "SAM", "SAMConfig", "OBJECTIVES", "PRETRAIN_METHODS", "QAT_METHODS",
+__all__ = ["Objective", "CR", "CRConfig", "MEC", "MECConfig", "TaskObjective", "FPQ", "FPQConfig", "KD", "KDConfig", "SAM", "SAMConfig", "OBJECTIVES", "PRETRAIN_METHODS", "QAT_METHODS",
            "METHOD_CONFIGS", "build_objective", "method_config", "register_objective", "total_loss"]

@@ -7,13 +7,16 @@ feature capture); it does not own the loop. A user with their own loop can call
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..config import MethodConfig
 from ..errors import NonFiniteLossError
+
+if TYPE_CHECKING:
+    from ..data import BatchPipeline, ImageTensorDataset
 
 
 def total_loss(losses: dict[str, Tensor]) -> Tensor:
@@ -34,6 +37,9 @@ class Objective:
     """
 
     needs_teacher = False
+    # Fraction of training done (step / total steps), set by the trainer before each step for
+    # methods with schedules; None outside a trainer (schedules then use their final value).
+    progress: float | None = None
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
                  config: MethodConfig | None = None, **context: Any) -> None:
@@ -56,20 +62,33 @@ class Objective:
     def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return nn.functional.cross_entropy(logits.float(), labels)
 
+    def training_set(self, dataset: "ImageTensorDataset") -> "ImageTensorDataset":
+        """The labeled examples the trainer iterates; methods that hold part of the training
+        set back (CR keeps some as unlabeled data) override this."""
+        return dataset
+
+    def prepare(self, raw_images: Tensor, labels: Tensor, pipeline: "BatchPipeline",
+                generator: torch.Generator | None = None
+                ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """A raw uint8 training batch -> (images, labels, extra) for `step`; `extra` reaches
+        `losses` as keyword arguments. One augmented view by default; methods that need more
+        views or extra data (CR) override this."""
+        return pipeline(raw_images, train=True, generator=generator), labels, {}
+
     def losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         return {"ce": self.task_loss(self.student(images), labels)}
 
-    def forward_losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def forward_losses(self, images: Tensor, labels: Tensor, **extra: Tensor) -> dict[str, Tensor]:
         """`losses` under autocast when mixed precision is on."""
         if self.autocast_dtype is None:
-            return self.losses(images, labels)
+            return self.losses(images, labels, **extra)
         with torch.autocast(images.device.type, dtype=self.autocast_dtype):
-            return self.losses(images, labels)
+            return self.losses(images, labels, **extra)
 
-    def step(self, images: Tensor, labels: Tensor,
-             optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    def step(self, images: Tensor, labels: Tensor, optimizer: torch.optim.Optimizer,
+             **extra: Tensor) -> dict[str, Tensor]:
         """One optimizer step; returns the detached loss terms."""
-        losses = self.forward_losses(images, labels)
+        losses = self.forward_losses(images, labels, **extra)
         total = total_loss(losses)
         optimizer.zero_grad(set_to_none=True)
         total.backward()

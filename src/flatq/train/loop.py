@@ -88,6 +88,7 @@ class Trainer:
         train = self.config.train
         self.run_dir = Path(self.run_dir)
         self.model = self.objective.student
+        self.train_set = self.objective.training_set(self.train_set)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         if train.batch_size % self.world:
             raise ValueError(f"batch size {train.batch_size} is not divisible by {self.world} ranks")
@@ -101,7 +102,8 @@ class Trainer:
         if train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, train.max_steps_per_epoch)
         self.optimizer = build_optimizer(self.model, train)
-        self.scheduler = build_scheduler(self.optimizer, train.epochs * self.steps_per_epoch,
+        self.total_steps = train.epochs * self.steps_per_epoch
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps,
                                          train.warmup_epochs * self.steps_per_epoch)
         if train.amp and self.device.type == "cuda":
             self.objective.autocast_dtype = torch.bfloat16
@@ -173,10 +175,11 @@ class Trainer:
         for i, (images, labels) in enumerate(self._epoch_batches()):
             if i >= self.steps_per_epoch:
                 break
-            images = self.train_pipeline(images.to(self.device), train=True, generator=aug)
-            labels = labels.to(self.device)
+            images, labels, extra = self.objective.prepare(
+                images.to(self.device), labels.to(self.device), self.train_pipeline, aug)
+            self.objective.progress = self.step / self.total_steps
             try:
-                losses = self.objective.step(images, labels, self.optimizer)
+                losses = self.objective.step(images, labels, self.optimizer, **extra)
             except NonFiniteLossError as exc:
                 last = self.run_dir / CHECKPOINT_NAME
                 where = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint yet"
