@@ -3,13 +3,14 @@ schedules, trainer plumbing (two views, training-set split), resume and the CLI.
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from flatq.cli import main
-from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig
+from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, load_yaml
 from flatq.data import BatchPipeline, ImageTensorDataset, load_fashion_mnist, make_synthetic
 from flatq.errors import CheckpointError, ConfigError, DataError
 from flatq.methods import CR, CRConfig, build_objective
@@ -322,3 +323,15 @@ def test_cli_qat_with_cr_and_held_out_unlabeled_split(tmp_path, capsys):
     assert main(["qat", "--from", str(fp), "--method", "cr", "--unlabeled", "split:2",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "split:F with 0 < F < 1" in capsys.readouterr().err
+
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*/*/*_cr*.yaml"))
+
+
+def test_cr_recipes_parse_and_match_their_file_names():
+    assert len(RECIPES) == 16
+    for path in RECIPES:
+        config = RunConfig.from_dict(load_yaml(path))
+        assert config.method.name == "cr", path
+        assert config.quant.bits == path.name.split("_")[0], path
+        assert config.data.name == path.parent.parent.name, path
