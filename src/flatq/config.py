@@ -211,6 +211,11 @@ class QuantConfig(Section):
                                    "a_bits: 8} or {pattern: ..., skip: true}]", cli=False)
     calib_images: int = option(100, "training images used to calibrate ranges", low=1)
     calib_seed: int = option(0, "seed of the calibration subset", low=0)
+    range_method: str = option("minmax", "how calibration sets ranges: minmax, percentile "
+                               "(inputs clipped to the [100-p, p] percentiles; weights min-max) "
+                               "or mse (the clipping range with least quantization MSE, weights "
+                               "per channel too)", choices=("minmax", "percentile", "mse"))
+    percentile: float = option(99.99, "p of --range-method percentile", low=50.0, high=100.0)
 
     def validate(self) -> None:
         super().validate()

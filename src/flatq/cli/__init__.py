@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from ..errors import FlatqError
-from . import demo, evaluate, train
+from . import demo, evaluate, ptq, train
 
 # Each module has `register(subparsers)`, which adds its parser with `func` set.
-COMMANDS = [train, evaluate, demo]
+COMMANDS = [train, evaluate, demo, ptq]
 
 
 def build_parser() -> argparse.ArgumentParser:

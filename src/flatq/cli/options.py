@@ -41,14 +41,16 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, dest: str, 
     group.add_argument(_flag(f), **kwargs)
 
 
-def add_section_flags(parser: argparse.ArgumentParser, sections: list[str]) -> None:
-    """One flag per field of the named config sections (data, train, quant)."""
+def add_section_flags(parser: argparse.ArgumentParser, sections: list[str],
+                      exclude: tuple[str, ...] = ()) -> None:
+    """One flag per field of the named config sections (data, train, quant), but for the
+    fields named in `exclude` (as 'section.field')."""
     for section in sections:
         cls = SECTIONS[section]
         group = parser.add_argument_group(f"{section} options")
         hints = cls.field_types()
         for f in dataclasses.fields(cls):
-            if f.metadata.get("cli", True):
+            if f.metadata.get("cli", True) and f"{section}.{f.name}" not in exclude:
                 _add_field(group, f, f"{section}.{f.name}", type_hint=hints[f.name])
         if section == "quant":
             group.add_argument("--bits", dest="bits", default=argparse.SUPPRESS, metavar="WxAy",

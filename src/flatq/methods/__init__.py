@@ -14,6 +14,7 @@ from ..config import METHOD_CONFIGS, MethodConfig, method_config
 from ..errors import ConfigError
 from .base import Objective, total_loss
 from .cr import CR, CRConfig
+from .dnq import DNQ, DNQConfig
 from .fpq import FPQ, FPQConfig
 from .kd import KD, KDConfig
 from .mec import MEC, MECConfig
@@ -21,10 +22,11 @@ from .sam import SAM, SAMConfig
 from .task import TaskObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {"ce": TaskObjective, "lsq": TaskObjective,
-                                          "kd": KD, "fpq": FPQ, "sam": SAM, "mec": MEC, "cr": CR}
+                                          "kd": KD, "fpq": FPQ, "sam": SAM, "mec": MEC, "cr": CR,
+                                          "dnq": DNQ}
 
 # Methods that train a full-precision model (pretrain) vs a quantized student (qat).
-PRETRAIN_METHODS = ["ce"]
+PRETRAIN_METHODS = ["ce", "dnq"]
 QAT_METHODS = ["lsq", "kd", "fpq", "sam", "mec", "cr"]
 
 
@@ -44,5 +46,5 @@ def build_objective(config: MethodConfig | None, student: nn.Module,
     return OBJECTIVES[config.name](student, teacher, config, **context)
 
 
-__all__ = ["Objective", "CR", "CRConfig", "MEC", "MECConfig", "TaskObjective", "FPQ", "FPQConfig", "KD", "KDConfig", "SAM", "SAMConfig", "OBJECTIVES", "PRETRAIN_METHODS", "QAT_METHODS",
+__all__ = ["Objective", "CR", "CRConfig", "DNQ", "DNQConfig", "MEC", "MECConfig", "TaskObjective", "FPQ", "FPQConfig", "KD", "KDConfig", "SAM", "SAMConfig", "OBJECTIVES", "PRETRAIN_METHODS", "QAT_METHODS",
            "METHOD_CONFIGS", "build_objective", "method_config", "register_objective", "total_loss"]

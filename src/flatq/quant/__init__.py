@@ -1,13 +1,13 @@
 """The quantization core: fake-quant math, quantizers, quantized layers, model conversion."""
 
-from .convert import calibrate, describe, quantize_model, quantizers
+from .convert import calibrate, describe, layer_plan, quantize_model, quantizers
 from .functional import fake_quantize, grad_scale, integer_range, round_ste
 from .layers import QuantConv2d, QuantLinear, is_quant_layer, quant_layers
 from .quantizers import (QUANTIZERS, LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer,
                          PACTQuantizer, Quantizer)
 
 __all__ = [
-    "calibrate", "describe", "quantize_model", "quantizers", "fake_quantize", "grad_scale",
+    "calibrate", "describe", "layer_plan", "quantize_model", "quantizers", "fake_quantize", "grad_scale",
     "integer_range", "round_ste", "QuantConv2d", "QuantLinear", "is_quant_layer", "quant_layers",
     "QUANTIZERS", "LSQPlusQuantizer", "LSQQuantizer", "MinMaxQuantizer", "PACTQuantizer",
     "Quantizer",

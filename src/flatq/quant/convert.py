@@ -25,20 +25,29 @@ def _make_quantizers(config: QuantConfig, layer: nn.Module, w_bits: int,
     """(weight quantizer, input quantizer) of one layer for the configured quantizer family.
 
     lsq: LSQ for both. lsq+: LSQ weights, LSQ+ inputs (learned offset, as in the LSQ+ paper).
-    pact: min-max weights recomputed every step, PACT inputs. minmax: fixed min-max for both.
+    pact: min-max weights recomputed every step, PACT inputs. minmax: fixed min-max for both
+    (weights recomputed every step too, unless range_method is mse: then calibrated once).
+    config.range_method sets the inputs' calibration; weights use min-max, or MSE per channel
+    when it is mse (percentiles would cut real weights, not noise).
     """
     channels = layer.weight.shape[0]
     w_kw = dict(signed=config.symmetric_weights, per_channel=True, num_channels=channels,
                 init=config.init)
     a_kw = dict(signed=config.symmetric_inputs, init=config.init)
+    w_range = "mse" if config.range_method == "mse" else "minmax"
     kind = config.quantizer
     if kind == "lsq":
-        return LSQQuantizer(w_bits, **w_kw), LSQQuantizer(a_bits, **a_kw)
-    if kind == "lsq+":
-        return LSQQuantizer(w_bits, **w_kw), LSQPlusQuantizer(a_bits, **a_kw)
-    if kind == "pact":
-        return MinMaxQuantizer(w_bits, dynamic=True, **w_kw), PACTQuantizer(a_bits, **a_kw)
-    return MinMaxQuantizer(w_bits, dynamic=True, **w_kw), MinMaxQuantizer(a_bits, **a_kw)
+        pair = LSQQuantizer(w_bits, **w_kw), LSQQuantizer(a_bits, **a_kw)
+    elif kind == "lsq+":
+        pair = LSQQuantizer(w_bits, **w_kw), LSQPlusQuantizer(a_bits, **a_kw)
+    elif kind == "pact":
+        pair = MinMaxQuantizer(w_bits, dynamic=True, **w_kw), PACTQuantizer(a_bits, **a_kw)
+    else:
+        pair = (MinMaxQuantizer(w_bits, dynamic=w_range == "minmax", **w_kw),
+                MinMaxQuantizer(a_bits, **a_kw))
+    pair[0].set_range_method(w_range)
+    pair[1].set_range_method(config.range_method, config.percentile)
+    return pair
 
 
 def _layer_bits(config: QuantConfig, name: str, is_edge: bool) -> tuple[int, int] | None:
@@ -54,17 +63,16 @@ def _layer_bits(config: QuantConfig, name: str, is_edge: bool) -> tuple[int, int
     return bits
 
 
-def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
-    """A fake-quantized copy of `model`; `model` itself is left untouched.
+def layer_plan(model: nn.Module,
+               config: QuantConfig) -> list[tuple[str, nn.Module, tuple[int, int]]]:
+    """(name, float layer, (w_bits, a_bits)) of every layer `quantize_model` would swap.
 
-    Every nn.Conv2d and nn.Linear becomes a QuantConv2d / QuantLinear. The first and last of
-    them in module order (the stem and the classifier of the bundled models) get
-    `config.edge_bits`; `config.overrides` then apply by fnmatch pattern on module names.
-    The copy must be calibrated (`calibrate`) before use.
+    Every nn.Conv2d and nn.Linear, in module order. The first and last of them (the stem and
+    the classifier of the bundled models) get `config.edge_bits`; `config.overrides` then
+    apply by fnmatch pattern on module names (skipped layers are left out). Methods that
+    prepare a float model for a bit width (DNQ) read the same plan.
     """
-    config = config or QuantConfig()
-    qmodel = copy.deepcopy(model)
-    layers = [(n, m) for n, m in qmodel.named_modules() if type(m) in QUANT_LAYERS]
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in QUANT_LAYERS]
     if not layers:
         raise ConfigError("the model has no nn.Conv2d or nn.Linear layer to quantize")
     unused = [r["pattern"] for r in config.overrides
@@ -73,10 +81,16 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
         raise ConfigError(f"quant.overrides: pattern(s) {unused} match no layer; layers are "
                           f"named like {layers[0][0]!r}, {layers[-1][0]!r}")
     edges = {layers[0][0], layers[-1][0]}
-    for name, layer in layers:
-        bits = _layer_bits(config, name, name in edges)
-        if bits is None:
-            continue
+    plan = [(name, layer, _layer_bits(config, name, name in edges)) for name, layer in layers]
+    return [(name, layer, bits) for name, layer, bits in plan if bits is not None]
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+    """A fake-quantized copy of `model` (layers and bits by `layer_plan`); `model` itself is
+    left untouched. The copy must be calibrated (`calibrate`) before use."""
+    config = config or QuantConfig()
+    qmodel = copy.deepcopy(model)
+    for name, layer, bits in layer_plan(qmodel, config):
         weight_q, input_q = _make_quantizers(config, layer, *bits)
         qlayer = QUANT_LAYERS[type(layer)].from_float(layer, weight_q, input_q)
         qmodel.set_submodule(name, qlayer)

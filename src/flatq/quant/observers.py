@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -51,3 +53,117 @@ class MinMaxObserver(nn.Module):
         if self.abs_sum is None:
             raise RuntimeError("observer has seen no data")
         return self.abs_sum / self.count
+
+
+RANGE_METHODS = ("minmax", "percentile", "mse")
+
+
+class SampleObserver(MinMaxObserver):
+    """Min-max statistics plus a bounded uniform random sample of the observed values.
+
+    Clipping methods need the distribution, not just its extremes. Every value seen gets a
+    random key and the `max_samples` values with the smallest keys are kept (per channel), which
+    is a uniform sample without replacement of everything observed, in bounded memory. The keys
+    come from a seeded generator, so calibration is reproducible.
+    """
+
+    def __init__(self, per_channel: bool, max_samples: int = 2 ** 16, seed: int = 0) -> None:
+        super().__init__(per_channel)
+        self.max_samples = max_samples
+        self.generator = torch.Generator().manual_seed(seed)
+        self.samples: Tensor | None = None
+        self.keys: Tensor | None = None
+        self._stamp: tuple[int, int] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, nn.Parameter):
+            # A weight comes back unchanged with every calibration batch; keep one copy.
+            stamp = (x.data_ptr(), x._version)
+            if stamp == self._stamp:
+                return x
+            self._stamp = stamp
+        super().forward(x)
+        flat = self._flat(x)
+        keys = torch.rand(flat.shape, generator=self.generator).to(flat.device)
+        if self.samples is not None:
+            flat, keys = torch.cat([self.samples, flat], 1), torch.cat([self.keys, keys], 1)
+        if flat.shape[1] > self.max_samples:
+            keys, index = torch.topk(keys, self.max_samples, dim=1, largest=False)
+            flat = torch.gather(flat, 1, index)
+        self.samples, self.keys = flat, keys
+        return x
+
+
+class PercentileObserver(SampleObserver):
+    """Range from the tails: [P_(100-p), P_p] of the observed values (p = 99.99 by default).
+
+    Both tails are clipped (not |x|), which suits the asymmetric quantizer: a lone outlier on
+    either side stops setting the step size. Percentiles are taken on the sample, with linear
+    interpolation (torch.quantile).
+    """
+
+    def __init__(self, per_channel: bool, percentile: float = 99.99, **kwargs) -> None:
+        if not 50.0 <= percentile <= 100.0:
+            raise ValueError(f"percentile must be in [50, 100], got {percentile}")
+        super().__init__(per_channel, **kwargs)
+        self.percentile = percentile
+
+    def range(self) -> tuple[Tensor, Tensor]:
+        super().range()
+        q = torch.tensor([1.0 - self.percentile / 100.0, self.percentile / 100.0],
+                         device=self.samples.device)
+        lo, hi = torch.quantile(self.samples, q, dim=1)
+        return lo, hi
+
+
+class MSEObserver(SampleObserver):
+    """The clipping range that minimizes the quantization MSE of the observed values.
+
+    Candidates shrink the min-max range [min, max] by factors k / grid, k = 1..grid (100 by
+    default; k = grid is min-max itself), and each candidate is scored by the mean squared
+    error of fake-quantizing the sample on the quantizer's own grid: `affine(lo, hi)` gives the
+    quantizer's (scale, zero point) for a range and [qmin, qmax] its integer grid. Ties keep the
+    wider range.
+    """
+
+    def __init__(self, per_channel: bool, affine: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+                 qmin: int, qmax: int, grid: int = 100, **kwargs) -> None:
+        super().__init__(per_channel, **kwargs)
+        self.affine, self.qmin, self.qmax, self.grid = affine, qmin, qmax, grid
+
+    def quantization_mse(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """Mean squared quantization error of the sample for the range [lo, hi] (per row)."""
+        scale, zero_point = self.affine(lo, hi)
+        fq = torch.fake_quantize_per_channel_affine(
+            self.samples, scale.float(), zero_point.round().int(), 0, self.qmin, self.qmax)
+        return (fq - self.samples).pow(2).mean(dim=1)
+
+    def range(self) -> tuple[Tensor, Tensor]:
+        lo_max, hi_max = super().range()
+        best_lo, best_hi = lo_max.clone(), hi_max.clone()
+        best = self.quantization_mse(lo_max, hi_max)
+        for k in range(self.grid - 1, 0, -1):
+            lo, hi = lo_max * (k / self.grid), hi_max * (k / self.grid)
+            mse = self.quantization_mse(lo, hi)
+            better = mse < best
+            best = torch.where(better, mse, best)
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+        return best_lo, best_hi
+
+
+def make_observer(method: str, per_channel: bool, *, percentile: float = 99.99,
+                  affine: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+                  qmin: int = 0, qmax: int = 255) -> MinMaxObserver:
+    """The observer for a range method: 'minmax', 'percentile' or 'mse' (see RANGE_METHODS).
+
+    'mse' needs the quantizer's `affine` map and integer grid to score candidate ranges.
+    """
+    if method == "minmax":
+        return MinMaxObserver(per_channel)
+    if method == "percentile":
+        return PercentileObserver(per_channel, percentile)
+    if method == "mse":
+        if affine is None:
+            raise ValueError("the mse range method needs the quantizer's affine map")
+        return MSEObserver(per_channel, affine, qmin, qmax)
+    raise ValueError(f"range method must be one of {RANGE_METHODS}, got {method!r}")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import fake_quantize, integer_range, round_ste
-from .observers import MinMaxObserver
+from .observers import RANGE_METHODS, MinMaxObserver, make_observer
 
 EPS = 1e-8
 INIT_METHODS = ("minmax", "lsq")
@@ -56,6 +56,9 @@ class Quantizer(nn.Module, ABC):
     """
 
     learnable = True
+    # How calibration turns observed data into a range (see `set_range_method`).
+    range_method = "minmax"
+    percentile = 99.99
 
     def __init__(self, bits: int, signed: bool = False, per_channel: bool = False,
                  num_channels: int = 1, init: str = "minmax") -> None:
@@ -88,8 +91,19 @@ class Quantizer(nn.Module, ABC):
         return 1.0 / math.sqrt(n * max(self.qmax, 1))
 
     # -- calibration ----------------------------------------------------------------------
+    def set_range_method(self, method: str, percentile: float = 99.99) -> "Quantizer":
+        """Calibrate from the min-max range (default), the [100-p, p] percentiles, or the range
+        minimizing the quantization MSE on this quantizer's grid (flatq.quant.observers)."""
+        if method not in RANGE_METHODS:
+            raise ValueError(f"range method must be one of {RANGE_METHODS}, got {method!r}")
+        self.range_method, self.percentile = method, percentile
+        return self
+
     def start_observing(self) -> None:
-        self.observer = MinMaxObserver(self.per_channel)
+        self.observer = make_observer(
+            self.range_method, self.per_channel, percentile=self.percentile, qmin=self.qmin,
+            qmax=self.qmax,
+            affine=lambda lo, hi: range_to_affine(lo, hi, self.qmin, self.qmax, self.signed))
 
     def finish_observing(self) -> None:
         if self.observer is None or not self.observer.seen:
