@@ -55,6 +55,18 @@ def resolve(path: str | Path, name: str = MODEL_NAME) -> Path:
     return path
 
 
+def _load_error_reason(exc: BaseException) -> str:
+    """The first sentence of what went wrong in torch.load. For weights-only refusals that is
+    the WeightsUnpickler's own error, not torch's preamble, which advises weights_only=False
+    (running code from a file we just found corrupt or foreign)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". ")[0] if lines else type(exc).__name__
+
+
 def load_checkpoint(path: str | Path, name: str = MODEL_NAME) -> dict[str, Any]:
     """Read a flatq checkpoint; anything else (corrupt, foreign, truncated) is refused by name."""
     path = resolve(path, name)
@@ -62,9 +74,8 @@ def load_checkpoint(path: str | Path, name: str = MODEL_NAME) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError,
             OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a PyTorch "
-                              f"file ({reason[:200]})") from None
+                              f"file ({_load_error_reason(exc)[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a flatq checkpoint (no '{FORMAT}' marker)")
     return state
