@@ -179,7 +179,8 @@ class MEC(Objective):
         if self.config.experts > d:
             raise ConfigError(f"method.experts: {self.config.experts} experts exceed the "
                               f"{d} features of the input of {self.layer!r}")
-        bound = distortion_lambda(m, d // self.config.experts, self.config.eps) * m
+        widest = -(-d // self.config.experts)  # the largest channel group
+        bound = distortion_lambda(m, widest, self.config.eps) * m
         if bound >= 1 and not self._warned:
             self._warned = True
             warnings.warn(f"mec: with eps={self.config.eps}, ||lambda Z Z^T||_2 may reach "
