@@ -1,0 +1,433 @@
+"""FPQ and its baselines (issue 3): SFP noise, CSD, KD, SAM, and a tiny FPQ run via the CLI.
+
+Every numeric claim is checked against a computation written out here independently of the
+code under test: PyTorch's batch_norm for the channel standardization, a hand-made KL for KD,
+a hand-made two-pass update on a copy of the model for SAM, and hooks that read the tensors
+the layers really see for SFP.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from torch.nn import functional as F
+
+from flatq.cli import main as flatq_main
+from flatq.config import QuantConfig
+from flatq.methods import FPQ, KD, SAM, FPQConfig, KDConfig, SAMConfig, TaskObjective
+from flatq.methods.csd import channel_standardize, csd_loss
+from flatq.methods.kd import kd_loss
+from flatq.methods.sfp import StochasticFeaturePerturbation
+from flatq.models import build_model
+from flatq.quant import Quantizer, calibrate, quant_layers, quantize_model
+from flatq.train.runs import load_model
+
+CONVS = ["0", "2", "4", "6"]          # conv layers of `tiny_fp`; "9" is the Linear
+INNER = ["2", "4", "6"]               # every quantized layer but the first and the last
+
+
+def tiny_fp(seed: int = 0) -> nn.Module:
+    """Four 3x3 convs and a classifier: five quantizable layers, no BatchNorm (so train and
+    eval mode differ only by SFP)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for c_in in (3, 8, 8, 8):
+        layers += [nn.Conv2d(c_in, 8, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+
+
+def images(n: int = 4, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def labels(n: int = 4) -> torch.Tensor:
+    return torch.arange(n) % 10
+
+
+def tiny_student(teacher: nn.Module, w_bits: int = 4, a_bits: int = 4) -> nn.Module:
+    student = quantize_model(teacher, QuantConfig(w_bits=w_bits, a_bits=a_bits))
+    return calibrate(student, [images(16, seed=2)])
+
+
+def fake_quant_reference(x: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
+    """(clamp(round(x / s + z), qmin, qmax) - z) * s with the quantizer's effective s, z."""
+    s, z = quantizer.scale_and_zero_point()
+    return (torch.clamp(torch.round(x / s + z), quantizer.qmin, quantizer.qmax) - z) * s
+
+
+class NoiseProbe:
+    """Records, per layer and forward pass, what SFP added: the difference between the
+    tensor the layer's conv receives and the one it would have received without noise.
+
+    Attach after SFP so that these hooks run after SFP's own and see its result.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], site: str) -> None:
+        self.layers = dict(quant_layers(model))
+        self.site = site
+        self.deltas: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self.seen: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+        for name in names:
+            layer = self.layers[name]
+            layer.register_forward_pre_hook(self._store(name, "raw"))
+            layer.input_quantizer.register_forward_hook(self._quantizer(name))
+            layer.input_perturbation.register_forward_hook(self._conv_input(name))
+            layer.register_forward_hook(self._output(name))
+
+    def _store(self, name, key):
+        def hook(module, inputs):
+            self.seen[name][key] = inputs[0].detach().clone()
+        return hook
+
+    def _quantizer(self, name):
+        def hook(module, inputs, output):
+            self.seen[name]["q_in"] = inputs[0].detach().clone()
+            self.seen[name]["q_out"] = output.detach().clone()
+        return hook
+
+    def _conv_input(self, name):
+        def hook(module, inputs, output):
+            self.seen[name]["conv_in"] = output.detach().clone()
+        return hook
+
+    def _output(self, name):
+        def hook(module, inputs, output):
+            seen = self.seen[name]
+            seen["out"] = output.detach().clone()
+            if self.site == "after":
+                delta = seen["conv_in"] - seen["q_out"]
+            else:
+                delta = seen["q_in"] - seen["raw"]
+            self.deltas[name].append(delta)
+        return hook
+
+    def fired(self, name: str) -> list[bool]:
+        return [bool(d.abs().max() > 0) for d in self.deltas[name]]
+
+
+# -- SFP ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("site", ["after", "before"])
+def test_sfp_noise_is_uniform_within_half_a_step_and_reaches_the_conv(site):
+    student = tiny_student(tiny_fp()).train()
+    sfp = StochasticFeaturePerturbation(student, p=1.0, site=site, seed=0)
+    probe = NoiseProbe(student, sfp.names, site)
+    with torch.no_grad():
+        student(images(32))
+    for name in sfp.names:
+        layer = probe.layers[name]
+        s = float(layer.input_quantizer.step_size())
+        (delta,) = probe.deltas[name]
+        assert delta.abs().max() <= s / 2 * (1 + 1e-5), name
+        assert (delta != 0).float().mean() > 0.99, name            # fired: noise everywhere
+        # U[-s/2, s/2] over ~9000 draws: both ends reached, mean ~0, std s/sqrt(12).
+        assert delta.max() > 0.49 * s and delta.min() < -0.49 * s, name
+        assert abs(float(delta.mean())) < 0.02 * s, name
+        assert float(delta.std()) == pytest.approx(s / math.sqrt(12), rel=0.05), name
+        seen = probe.seen[name]
+        # The conv really computes on the perturbed input.
+        expected = F.conv2d(seen["conv_in"], layer.quantized_weight(), layer.bias, padding=1)
+        torch.testing.assert_close(seen["out"], expected.detach(), rtol=1e-5, atol=1e-5)
+        z = layer.input_quantizer.scale_and_zero_point()[1]
+        off_grid = (seen["conv_in"] / s + z - torch.round(seen["conv_in"] / s + z)).abs()
+        if site == "before":
+            # Noise, then the quantizer: the conv sees a quantized (on-grid) tensor, namely
+            # the quantization of the perturbed raw input; nothing is added after.
+            torch.testing.assert_close(seen["q_out"], fake_quant_reference(seen["q_in"], layer.input_quantizer))
+            torch.testing.assert_close(seen["conv_in"], seen["q_out"], rtol=0, atol=0)
+            assert off_grid.max() < 1e-3
+        else:
+            # The quantizer saw the raw input; the noise pushed its output off the grid.
+            torch.testing.assert_close(seen["q_in"], seen["raw"], rtol=0, atol=0)
+            assert off_grid.mean() > 0.1
+
+
+def test_sfp_frequency_matches_p_and_layers_draw_independently():
+    student = tiny_student(tiny_fp()).train()
+    x = images(2)
+    with torch.no_grad():
+        clean = student(x)
+    forwards = {0.0: 60, 1.0: 30, 0.3: 400}
+    for p, n in forwards.items():
+        sfp = StochasticFeaturePerturbation(student, p=p, seed=123)
+        probe = NoiseProbe(student, sfp.names, "after")
+        with torch.no_grad():
+            outputs = [student(x) for _ in range(n)]
+        fired = {name: probe.fired(name) for name in sfp.names}
+        for name in sfp.names:
+            assert sfp.calls[name] == n
+            assert sfp.fired[name] == sum(fired[name]), name      # counters tell the truth
+        if p == 0.0:
+            assert all(not any(f) for f in fired.values())
+            assert all(torch.equal(out, clean) for out in outputs)
+        elif p == 1.0:
+            assert all(all(f) for f in fired.values())
+        else:
+            sd = math.sqrt(n * p * (1 - p))
+            for name in sfp.names:
+                assert abs(sum(fired[name]) - n * p) < 4 * sd, (name, sum(fired[name]))
+                assert sfp.frequencies()[name] == pytest.approx(sum(fired[name]) / n)
+            # One coin per layer, not one per pass: both of two layers fire ~p^2 of the time.
+            both = sum(a and b for a, b in zip(fired["2"], fired["6"]))
+            assert abs(both - n * p * p) < 4 * math.sqrt(n * p * p * (1 - p * p)), both
+        sfp.remove()
+
+
+def test_sfp_adds_nothing_in_eval_mode():
+    student = tiny_student(tiny_fp()).eval()
+    x = images()
+    with torch.no_grad():
+        clean = student(x)
+        sfp = StochasticFeaturePerturbation(student, p=1.0)
+        assert torch.equal(student(x), clean)
+        assert all(c == 0 for c in sfp.calls.values())
+        student.train()
+        assert not torch.allclose(student(x), clean)   # the same hooks do fire in training
+
+
+def test_sfp_default_layers_exclude_the_first_and_last_quantized_layer():
+    student = tiny_student(tiny_fp())
+    assert StochasticFeaturePerturbation(student).names == INNER
+    assert StochasticFeaturePerturbation(student, layers=["4"]).names == ["4"]
+    with pytest.raises(ValueError, match="match none"):
+        StochasticFeaturePerturbation(student, layers=["nope*"])
+    # On a real model the excluded layers are exactly the 8-bit edge layers.
+    resnet = quantize_model(build_model("resnet8", num_classes=10, in_channels=3),
+                            QuantConfig(w_bits=4, a_bits=4))
+    names = StochasticFeaturePerturbation(resnet).names
+    bits = dict((n, m.bits) for n, m in quant_layers(resnet))
+    assert sorted(n for n, b in bits.items() if b == (8, 8)) == sorted(set(bits) - set(names))
+    assert all(bits[n] == (4, 4) for n in names)
+
+
+@pytest.mark.parametrize("quantized_teacher", [False, True])
+def test_teacher_is_never_perturbed(quantized_teacher):
+    fp = tiny_fp()
+    student = tiny_student(fp)
+    teacher = copy.deepcopy(student) if quantized_teacher else fp
+    reference = copy.deepcopy(teacher).eval()
+    seen = []
+    teacher.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    objective = FPQ(student, teacher, FPQConfig(p=1.0)).train()
+    objective.losses(images(), labels())
+    assert not teacher.training
+    assert all(n > 0 for n in objective.sfp.fired.values())       # the student was perturbed
+    with torch.no_grad():
+        assert torch.equal(seen[0], reference(images()))
+
+
+# -- CSD ------------------------------------------------------------------------------------
+
+def test_channel_standardize_matches_closed_form_and_batch_norm():
+    z = torch.randn(5, 3, 4, 7, dtype=torch.float64) * torch.tensor([0.1, 2.0, 30.0],
+                                                                  dtype=torch.float64).view(1, 3, 1, 1) + 4
+    eps = 1e-5
+    out = channel_standardize(z, eps)
+    for c in range(3):
+        v = z[:, c].flatten()
+        mean = v.sum() / v.numel()
+        var = ((v - mean) ** 2).sum() / v.numel()
+        torch.testing.assert_close(out[:, c], (z[:, c] - mean) / torch.sqrt(var + eps))
+    torch.testing.assert_close(out, F.batch_norm(z, None, None, training=True, eps=eps))
+    torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(out.var(dim=(0, 2, 3), unbiased=False),
+                               (z.var(dim=(0, 2, 3), unbiased=False) /
+                                (z.var(dim=(0, 2, 3), unbiased=False) + eps)))
+    # A constant channel standardizes to zeros, not NaN.
+    assert torch.equal(channel_standardize(torch.ones(2, 1, 3, 3)), torch.zeros(2, 1, 3, 3))
+
+
+def test_csd_loss_is_zero_for_identical_features_and_matches_a_manual_sum():
+    gen = torch.Generator().manual_seed(0)
+    student = [torch.randn(4, 6, 5, 5, generator=gen), torch.randn(4, 3, 2, 2, generator=gen)]
+    teacher = [torch.randn(4, 6, 5, 5, generator=gen) * 3 + 1, torch.randn(4, 3, 2, 2, generator=gen)]
+    assert float(csd_loss(student, [t.clone() for t in student])) == pytest.approx(0.0, abs=1e-10)
+    # Standardization removes per-channel affine changes: those cost nothing either.
+    shifted = [2.5 * s + 7.0 for s in student]
+    assert float(csd_loss(shifted, student)) == pytest.approx(0.0, abs=1e-8)
+
+    def norm(z):
+        return F.batch_norm(z, None, None, training=True, eps=1e-5)
+
+    manual = sum(((norm(t) - norm(s)) ** 2).sum() / s.numel() for s, t in zip(student, teacher))
+    loss = csd_loss(student, teacher)
+    assert float(loss) > 0.5
+    torch.testing.assert_close(loss, manual)
+    with pytest.raises(ValueError):
+        csd_loss(student, teacher[:1])
+
+
+def test_fpq_csd_is_zero_when_student_features_equal_the_teachers_and_positive_after_a_change():
+    student = tiny_student(tiny_fp())
+    teacher = copy.deepcopy(student)          # same network, so the same conv outputs
+    objective = FPQ(student, teacher, FPQConfig(sfp=False)).train()
+    assert objective.losses(images(), labels())["csd"].item() == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():
+        student[2].weight.add_(0.3 * torch.randn_like(student[2].weight))
+    base = objective.losses(images(), labels())["csd"].item()
+    assert base > 1e-3
+    weighted = FPQ(student, teacher, FPQConfig(sfp=False, csd_weight=2.5)).train()
+    assert weighted.losses(images(), labels())["csd"].item() == pytest.approx(2.5 * base, rel=1e-6)
+
+
+def test_csd_gradient_reaches_student_weights_and_step_sizes_never_the_teacher():
+    teacher = tiny_fp()
+    student = tiny_student(teacher)
+    objective = FPQ(student, teacher, FPQConfig(sfp=False)).train()
+    assert objective.student_features.names == CONVS
+    objective.losses(images(), labels())["csd"].backward()
+    layers = dict(quant_layers(student))
+    for name in CONVS:
+        layer = layers[name]
+        for what, param in (("weight", layer.weight),
+                            ("weight step", layer.weight_quantizer.scale),
+                            ("input step", layer.input_quantizer.scale)):
+            assert param.grad is not None and param.grad.abs().sum() > 0, (name, what)
+    assert layers["9"].weight.grad is None       # the classifier lies after every CSD layer
+    for param in teacher.parameters():
+        assert not param.requires_grad and param.grad is None
+    assert all(p.requires_grad for p in student.parameters())
+
+
+@pytest.mark.parametrize("config", [FPQConfig(), FPQConfig(p=1.0, sfp_site="before"),
+                                    FPQConfig(csd=False)])
+def test_fpq_step_runs_the_student_forward_once(config):
+    teacher = tiny_fp()
+    student = tiny_student(teacher)
+    calls = {"student": 0, "teacher": 0}
+    student.register_forward_pre_hook(lambda m, i: calls.__setitem__("student", calls["student"] + 1))
+    teacher.register_forward_pre_hook(lambda m, i: calls.__setitem__("teacher", calls["teacher"] + 1))
+    objective = FPQ(student, teacher, config).train()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
+    losses = objective.step(images(), labels(), optimizer)
+    assert calls == {"student": 1, "teacher": 1 if config.csd else 0}
+    assert set(losses) == ({"ce", "csd"} if config.csd else {"ce"})
+
+
+# -- KD -------------------------------------------------------------------------------------
+
+def test_kd_loss_matches_a_manual_temperature_scaled_kl():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 10, generator=gen) * 3, torch.randn(6, 10, generator=gen) * 3
+    temp = 4.0
+    p_t = torch.exp(t / temp) / torch.exp(t / temp).sum(1, keepdim=True)
+    p_s = torch.exp(s / temp) / torch.exp(s / temp).sum(1, keepdim=True)
+    manual = temp ** 2 * (p_t * (torch.log(p_t) - torch.log(p_s))).sum(1).mean()
+    torch.testing.assert_close(kd_loss(s, t, temp), manual)
+    assert float(kd_loss(s, s.clone(), temp)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _grads(objective, x, y) -> list[torch.Tensor]:
+    objective.student.zero_grad(set_to_none=True)
+    sum(objective.losses(x, y).values()).backward()
+    return [p.grad.clone() for p in objective.student.parameters()]
+
+
+def test_kd_gradient_differs_from_ce_and_reduces_to_it_at_alpha_zero():
+    teacher = tiny_fp(seed=5)
+    student = tiny_student(tiny_fp(seed=0))
+    x, y = images(), labels()
+    ce = _grads(TaskObjective(student).train(), x, y)
+    kd = _grads(KD(student, teacher, KDConfig(alpha=0.9, temperature=4.0)).train(), x, y)
+    plain = _grads(KD(student, teacher, KDConfig(alpha=0.0)).train(), x, y)
+    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(ce, kd))
+    for a, b in zip(ce, plain):
+        torch.testing.assert_close(a, b)
+
+
+# -- SAM ------------------------------------------------------------------------------------
+
+def _quantizer_params(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+
+
+def test_sam_update_uses_the_gradient_at_the_ascent_point():
+    rho, lr = 0.05, 0.1
+    student = tiny_student(tiny_fp())
+    x, y = images(), labels()
+    # By hand, on a copy: g at w; e = rho g / ||g|| on the weights (not on step sizes);
+    # the update is w - lr * (gradient of every parameter at w + e).
+    ref = copy.deepcopy(student).train()
+    params = list(ref.parameters())
+    skip = _quantizer_params(ref)
+    loss_at_w = F.cross_entropy(ref(x), y)
+    grads = torch.autograd.grad(loss_at_w, params, allow_unused=True)
+    moved = [(p, g) for p, g in zip(params, grads) if id(p) not in skip and g is not None]
+    norm = torch.sqrt(sum((g ** 2).sum() for _, g in moved))
+    assert len(moved) < len(params)           # step sizes exist and are left out of the ascent
+    with torch.no_grad():
+        for p, g in moved:
+            p.add_(rho * g / norm)
+    grads_at_e = torch.autograd.grad(F.cross_entropy(ref(x), y), params, allow_unused=True)
+    assert any(not torch.allclose(a, b) for a, b in zip(grads, grads_at_e) if a is not None)
+    expected = [p0.detach() - lr * (g if g is not None else 0)
+                for p0, g in zip(student.parameters(), grads_at_e)]
+    objective = SAM(student, None, SAMConfig(rho=rho)).train()
+    losses = objective.step(x, y, torch.optim.SGD(student.parameters(), lr=lr))
+    assert losses["ce"].item() == pytest.approx(loss_at_w.item())   # reported at w
+    for got, want in zip(student.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sam_leaves_the_weights_unperturbed_after_the_step():
+    student = tiny_student(tiny_fp())
+    before = [p.detach().clone() for p in student.parameters()]
+    objective = SAM(student, None, SAMConfig(rho=0.05)).train()
+    objective.step(images(), labels(), torch.optim.SGD(student.parameters(), lr=0.0))
+    drift = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(student.parameters(), before)))
+    assert float(drift) < 1e-3 * 0.05          # the ascent of norm rho was undone
+
+
+# -- a tiny FPQ run end to end through the CLI ------------------------------------------------
+
+COMMON = ["--data", "synthetic", "--batch-size", "64", "--max-steps-per-epoch", "2",
+          "--device", "cpu", "--no-progress", "--test-batch-size", "256"]
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fpq") / "fp"
+    assert flatq_main(["pretrain", "--model", "resnet8", "--epochs", "1", "--lr", "0.05",
+                       *COMMON, "--out", str(out)]) == 0
+    return out
+
+
+def test_fpq_qat_run_trains_end_to_end(fp_run, tmp_path):
+    out = tmp_path / "fpq"
+    assert flatq_main(["qat", "--from", str(fp_run), "--method", "fpq", "--bits", "w4a4",
+                       "--epochs", "2", *COMMON, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "fpq" and summary["bits"] == "w4a4"
+    epochs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "test_acc" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert all(math.isfinite(r["train_ce"]) and r["train_csd"] > 0 for r in epochs)
+    model, state = load_model(out)
+    assert state["meta"]["quant"]["w_bits"] == 4
+    assert {m.bits for _, m in quant_layers(model)} == {(8, 8), (4, 4)}
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["method"] == {**config["method"], "name": "fpq", "sfp": True, "csd": True,
+                                "p": 0.1, "sfp_site": "after", "csd_weight": 1.0}
+
+
+@pytest.mark.parametrize("flags, recorded", [
+    (["--no-sfp", "--csd-weight", "0.5"], {"sfp": False, "csd": True, "csd_weight": 0.5}),
+    (["--no-csd", "--p", "0.3", "--sfp-site", "before"],
+     {"csd": False, "sfp": True, "p": 0.3, "sfp_site": "before"}),
+])
+def test_fpq_ablation_switches_are_accepted_and_recorded(fp_run, tmp_path, flags, recorded):
+    out = tmp_path / "ablation"
+    assert flatq_main(["qat", "--from", str(fp_run), "--method", "fpq", "--bits", "w2a4",
+                       "--epochs", "1", *COMMON, "--max-steps-per-epoch", "1", *flags,
+                       "--out", str(out)]) == 0
+    method = yaml.safe_load((out / "config.yaml").read_text())["method"]
+    assert method["name"] == "fpq"
+    assert {k: method[k] for k in recorded} == recorded
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ("train_csd" in record) == recorded["csd"]
