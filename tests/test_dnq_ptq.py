@@ -13,18 +13,18 @@ from torch import nn
 
 from flatq import QuantConfig
 from flatq.cli import main
+from flatq.config import DataConfig
 from flatq.data import calibration_batches
 from flatq.errors import ConfigError
-from flatq.methods import DNQ, DNQConfig, PRETRAIN_METHODS
+from flatq.methods import DNQ, PRETRAIN_METHODS, DNQConfig
 from flatq.models import build_model
 from flatq.quant import MinMaxQuantizer, quant_layers, quantizers
-from flatq.quant.observers import MinMaxObserver, MSEObserver, PercentileObserver, make_observer
+from flatq.quant.observers import PercentileObserver, make_observer
 from flatq.quant.ptq import post_training_quantize
 from flatq.quant.quantizers import range_to_affine
 from flatq.train.checkpoint import load_checkpoint
 from flatq.train.loop import evaluate
 from flatq.train.runs import load_model, prepare_data
-from flatq.config import DataConfig
 
 
 def float_layers(model):
@@ -222,7 +222,8 @@ def test_sample_is_bounded_and_uniform():
         obs(chunk)
     assert obs.samples.shape == (1, 2000)
     assert len(torch.unique(obs.samples)) == 2000    # without replacement, all real values
-    assert abs(obs.samples.mean().item() - data.mean().item()) < 4 * data.std().item() / math.sqrt(2000)
+    standard_error = data.std().item() / math.sqrt(2000)
+    assert abs(obs.samples.mean().item() - data.mean().item()) < 4 * standard_error
     assert obs.range()[1].item() == pytest.approx(0.99 * 29999, rel=0.02)
 
 
@@ -255,8 +256,14 @@ def test_mse_weights_per_channel_calibrated_once():
     w = layer_mse.weight.detach().reshape(wq.num_channels, -1)
     assert (wq.running_max <= w.max(1).values + 1e-7).all()
     assert (wq.running_max < w.max(1).values).any()
-    err = lambda layer: (layer.quantized_weight() - layer.weight).pow(2).mean().item()
-    assert err(layer_mse) < err(layer_mm)
+    calibrated = wq.running_max.clone()
+    with torch.no_grad():
+        q_mse(data[0])
+    assert torch.equal(wq.running_max, calibrated)   # fixed after calibration
+    with torch.no_grad():
+        errors = [(layer.quantized_weight() - layer.weight).pow(2).mean().item()
+                  for layer in (layer_mse, layer_mm)]
+    assert errors[0] < errors[1]
     with pytest.raises(ConfigError, match="range_method"):
         post_training_quantize(model, QuantConfig(), data, range_method="kl")
 

@@ -2,8 +2,8 @@
 
 from .config import DataConfig, QuantConfig, RunConfig, TrainConfig
 from .errors import FlatqError
-from .quant import calibrate, quantize_model
+from .quant import calibrate, post_training_quantize, quantize_model
 
 __version__ = "0.1.0"
 __all__ = ["DataConfig", "QuantConfig", "RunConfig", "TrainConfig", "FlatqError", "calibrate",
-           "quantize_model", "__version__"]
+           "post_training_quantize", "quantize_model", "__version__"]

@@ -35,4 +35,5 @@ def run_ptq(args: argparse.Namespace) -> None:
     config.model, config.method = state["meta"]["model"], None
     summary = ptq(config, teacher, state, args.out, overwrite=args.overwrite)
     print(f"{config.model} {summary['bits']} PTQ ({summary['range_method']}): test acc "
-          f"{summary['test_acc']:.2f}% (full precision {summary['fp_test_acc']:.2f}%)  -> {args.out}")
+          f"{summary['test_acc']:.2f}% (full precision {summary['fp_test_acc']:.2f}%)  "
+          f"-> {args.out}")

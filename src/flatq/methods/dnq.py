@@ -121,14 +121,16 @@ class DNQ(Objective):
         lo, hi = torch.aminmax(x.detach().float())
         batch = torch.stack([lo, hi])
         ema = self.input_ranges.get(name)
-        self.input_ranges[name] = batch if ema is None else ema.lerp(batch, self.config.act_momentum)
+        momentum = self.config.act_momentum
+        self.input_ranges[name] = batch if ema is None else ema.lerp(batch, momentum)
         self.calls[name] += 1
         if torch.rand((), generator=self.coins).item() >= self.config.act_noise_p:
             return x
         self.fired[name] += 1
         lo, hi = self.input_ranges[name]
         sigma = noise_std(lo, hi, self.layers[name][1][1]).to(x.dtype)
-        return x + torch.randn(x.shape, generator=self.noise, device=x.device, dtype=x.dtype) * sigma
+        noise = torch.randn(x.shape, generator=self.noise, device=x.device, dtype=x.dtype)
+        return x + noise * sigma
 
     def frequencies(self) -> dict[str, float]:
         """Fraction of training forward passes in which each layer's input was perturbed."""

@@ -3,6 +3,7 @@
 from .convert import calibrate, describe, layer_plan, quantize_model, quantizers
 from .functional import fake_quantize, grad_scale, integer_range, round_ste
 from .layers import QuantConv2d, QuantLinear, is_quant_layer, quant_layers
+from .ptq import post_training_quantize
 from .quantizers import (QUANTIZERS, LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer,
                          PACTQuantizer, Quantizer)
 
@@ -10,5 +11,5 @@ __all__ = [
     "calibrate", "describe", "layer_plan", "quantize_model", "quantizers", "fake_quantize", "grad_scale",
     "integer_range", "round_ste", "QuantConv2d", "QuantLinear", "is_quant_layer", "quant_layers",
     "QUANTIZERS", "LSQPlusQuantizer", "LSQQuantizer", "MinMaxQuantizer", "PACTQuantizer",
-    "Quantizer",
+    "Quantizer", "post_training_quantize",
 ]
