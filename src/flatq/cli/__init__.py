@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from ..errors import FlatqError
-from . import demo, evaluate, ptq, train
+from . import demo, evaluate, export, ptq, train
 
 # Each module has `register(subparsers)`, which adds its parser with `func` set.
-COMMANDS = [train, evaluate, demo, ptq]
+COMMANDS = [train, evaluate, demo, ptq, export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import DataConfig
+from ..export import OnnxModel, compare
 from ..train.loop import evaluate, resolve_device
-from ..train.runs import load_model, prepare_data
+from ..train.runs import load_model
+from .export import describe_agreement, run_data
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,22 +19,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the run found it")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto [default: auto]")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--onnx", default=None, metavar="MODEL.onnx", help="also run this export "
+                   "of the run in onnxruntime and compare it with the PyTorch model")
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> None:
     model, state = load_model(args.run)
-    data_cfg = DataConfig.from_dict(state["meta"]["data"])
-    if args.data_root:
-        data_cfg = DataConfig.from_dict({"root": args.data_root}, base=data_cfg)
-    data = prepare_data(data_cfg)
+    data_cfg, data = run_data(state, args.data_root)
     device = resolve_device(args.device)
     result = evaluate(model.to(device), data.test, data.eval_pipeline, device)
     result = {"run": args.run, "model": state["meta"]["model"], "data": data_cfg.name,
               "bits": "fp32" if state["meta"]["quant"] is None else
               f"w{state['meta']['quant']['w_bits']}a{state['meta']['quant']['a_bits']}", **result}
+    agreement = None
+    if args.onnx:
+        agreement = compare(OnnxModel(args.onnx), model, data.test, data.eval_pipeline)
+        result["onnx"] = {"path": args.onnx, "acc": agreement.onnx_acc,
+                          "differing": agreement.differing,
+                          "max_abs_diff": agreement.max_abs_diff}
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{result['model']} {result['bits']} on {result['data']}: test acc "
               f"{result['acc']:.2f}%  loss {result['loss']:.4f}")
+        if agreement is not None:
+            print(describe_agreement(agreement))

@@ -1,0 +1,91 @@
+"""Run an exported ONNX model in onnxruntime and compare it with the PyTorch model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..data import BatchPipeline, ImageTensorDataset, collate_batch
+from ..errors import CheckpointError, ConfigError
+
+
+class OnnxModel:
+    """An onnxruntime CPU session over an exported model: float images in, logits out."""
+
+    def __init__(self, path: str | Path) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such ONNX file")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own unrelated types
+            raise CheckpointError(f"{path}: onnxruntime cannot load it: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        self.path, self.input = path, self.session.get_inputs()[0]
+
+    def __call__(self, images: Tensor) -> np.ndarray:
+        expected = self.input.shape[1:]
+        if [d for d in expected if isinstance(d, int)] and list(images.shape[1:]) != expected:
+            raise ConfigError(f"{self.path} takes images of shape {expected}, got "
+                              f"{list(images.shape[1:])}")
+        return self.session.run(None, {self.input.name: images.float().cpu().numpy()})[0]
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """PyTorch vs onnxruntime on the same images."""
+
+    count: int
+    torch_correct: int
+    onnx_correct: int
+    differing: int  # images whose predicted class differs
+    max_abs_diff: float  # largest |logit difference|
+    max_abs_logit: float  # largest |logit| of the PyTorch model, for scale
+
+    @property
+    def torch_acc(self) -> float:
+        return 100.0 * self.torch_correct / max(self.count, 1)
+
+    @property
+    def onnx_acc(self) -> float:
+        return 100.0 * self.onnx_correct / max(self.count, 1)
+
+
+@torch.no_grad()
+def compare(onnx_model: OnnxModel, model: nn.Module, dataset: ImageTensorDataset,
+            pipeline: BatchPipeline, batch_size: int = 256,
+            limit: int | None = None) -> Agreement:
+    """Accuracy of both models on (the first `limit` images of) `dataset`, and how they differ.
+
+    `model` runs on the CPU in eval mode, as onnxruntime does.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    count = torch_correct = onnx_correct = differing = 0
+    max_diff = max_logit = 0.0
+    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                     collate_fn=collate_batch):
+        if limit is not None and count >= limit:
+            break
+        if limit is not None:
+            images, labels = images[:limit - count], labels[:limit - count]
+        inputs = pipeline(images, train=False)
+        reference = model(inputs.to(device)).float().cpu().numpy()
+        logits = onnx_model(inputs)
+        labels = labels.numpy()
+        count += len(labels)
+        torch_correct += int((reference.argmax(1) == labels).sum())
+        onnx_correct += int((logits.argmax(1) == labels).sum())
+        differing += int((reference.argmax(1) != logits.argmax(1)).sum())
+        max_diff = max(max_diff, float(np.abs(reference - logits).max()))
+        max_logit = max(max_logit, float(np.abs(reference).max()))
+    model.train(was_training)
+    return Agreement(count, torch_correct, onnx_correct, differing, max_diff, max_logit)
