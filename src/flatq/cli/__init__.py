@@ -10,14 +10,22 @@ import argparse
 import sys
 
 from ..errors import FlatqError
-from . import demo, evaluate, export, ptq, train
+from . import analyze, demo, evaluate, export, plot, ptq, train
 
 # Each module has `register(subparsers)`, which adds its parser with `func` set.
-COMMANDS = [train, evaluate, demo, ptq, export]
+COMMANDS = [train, evaluate, demo, ptq, export, analyze, plot]
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming it (and --help), like every other
+    flatq error, instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="flatq", description="Low-bit quantization-aware training that seeks flat minima "
         "(FPQ, CR, DNQ, MEC-Quant and their baselines).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

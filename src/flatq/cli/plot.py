@@ -1,0 +1,58 @@
+"""`flatq plot`: draw an analysis JSON, or training trajectories from run folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..analysis.plots import draw, draw_trajectories, read_metric, save
+from ..analysis.sources import run_label
+from ..errors import ConfigError, DataError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="draw an analysis result or a training trajectory as PNG",
+                       description="Draw FILE.json written by `flatq analyze` (hessian, noise, "
+                       "features), or a metric logged during training from one or more run "
+                       "folders' metrics.jsonl (e.g. --metric hessian_trace after --track "
+                       "hessian). Examples: flatq plot noise.json; flatq plot runs/lsq runs/fpq "
+                       "--metric grad_norm -o gradnorm.png")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="one analysis FILE.json, or "
+                   "run folders (or metrics.jsonl files)")
+    p.add_argument("-o", "--out", default=None, metavar="FILE.png", help="image to write "
+                   "[default: FILE.png beside FILE.json, or METRIC.png]")
+    p.add_argument("--metric", default="hessian_trace", help="metric to draw from run folders: "
+                   "hessian_trace, grad_norm, test_acc, ... [default: hessian_trace]")
+    p.add_argument("--labels", default=None, help="comma-separated legend labels for run "
+                   "folders [default: the folder names]")
+    p.set_defaults(func=run_plot)
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def run_plot(args: argparse.Namespace) -> None:
+    sources = [Path(s) for s in args.sources]
+    analyses = [s for s in sources if s.suffix == ".json"]
+    if analyses:
+        if len(sources) > 1:
+            raise ConfigError("plot one analysis FILE.json at a time (several runs go into one "
+                              "file: flatq analyze ... RUN1 RUN2)")
+        figure = draw(_load_json(sources[0]))
+        out = args.out or sources[0].with_suffix(".png")
+    else:
+        labels = ([s.strip() for s in args.labels.split(",")] if args.labels
+                  else [run_label(s) for s in sources])
+        if len(labels) != len(sources):
+            raise ConfigError(f"--labels gives {len(labels)} labels for {len(sources)} runs")
+        figure = draw_trajectories([(label, *read_metric(s, args.metric))
+                                    for label, s in zip(labels, sources)], args.metric)
+        out = args.out or f"{args.metric}.png"
+    print(f"-> {save(figure, out)}")

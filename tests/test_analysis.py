@@ -1,0 +1,349 @@
+"""Flatness and robustness analyses: Hessian estimates against the exact Hessian, closed
+forms and finite differences; analyses leave the model untouched and keep no graph between
+products; noise, feature and plot outputs; tracking during training through the CLI."""
+
+import gc
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from flatq import QuantConfig, calibrate, quantize_model
+from flatq.analysis import (Hessian, feature_statistics, grad_norm, hessian_report,
+                            model_hessian, output_variance, tracking_callbacks)
+from flatq.analysis.plots import draw, draw_trajectories, read_metric, save
+from flatq.analysis.tracking import GradNormTracker, HessianTracker
+from flatq.cli import main
+from flatq.config import TrainConfig
+from flatq.errors import ConfigError
+from flatq.methods.base import Objective
+from flatq.models import build_model
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# -- a tiny network whose Hessian is computed exactly -----------------------------------------
+
+def tiny_problem(seed: int = 0):
+    """A 4-4-3 tanh MLP (35 parameters, float64) and two batches of 16 examples."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(32, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,))
+    return net, [(x[:16], y[:16]), (x[16:], y[16:])]
+
+
+def exact_hessian(net: nn.Module, batches) -> torch.Tensor:
+    """Hessian of the mean cross-entropy over all examples w.r.t. all parameters, flattened."""
+    named = list(net.named_parameters())
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+
+    def loss(flat):
+        parts = flat.split([p.numel() for _, p in named])
+        params = {n: t.view_as(p) for (n, p), t in zip(named, parts)}
+        return nn.functional.cross_entropy(functional_call(net, params, (x,)), y)
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+    return torch.autograd.functional.hessian(loss, flat)
+
+
+def flat_grad(net: nn.Module, batches) -> torch.Tensor:
+    loss = sum(nn.functional.cross_entropy(net(x), y) for x, y in batches) / len(batches)
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(net.parameters()))])
+
+
+def test_hvp_matches_finite_differences_of_gradients():
+    net, batches = tiny_problem()
+    hessian = model_hessian(net, list(net.named_parameters()), batches)
+    v = torch.randn(hessian.size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps = 1e-5
+    params = list(net.parameters())
+    with torch.no_grad():
+        for p, part in zip(params, hessian.split(v)):
+            p.add_(eps * part)
+    plus = flat_grad(net, batches)
+    with torch.no_grad():
+        for p, part in zip(params, hessian.split(v)):
+            p.sub_(2 * eps * part)
+    minus = flat_grad(net, batches)
+    with torch.no_grad():
+        for p, part in zip(params, hessian.split(v)):
+            p.add_(eps * part)
+    finite = (plus - minus) / (2 * eps)
+    torch.testing.assert_close(hessian.matvec(v), finite, rtol=1e-6, atol=1e-8)
+
+
+def test_trace_layers_and_eigenvalues_match_exact_hessian():
+    net, batches = tiny_problem()
+    H = exact_hessian(net, batches)
+    named = list(net.named_parameters())
+    hessian = model_hessian(net, named, batches)
+    total, parts = hessian.trace(samples=400, seed=0)
+    assert total.stderr > 0
+    assert abs(total.value - H.trace().item()) < 4 * total.stderr
+    start = 0
+    for name, p in named:  # each parameter's diagonal block
+        block = H[start:start + p.numel(), start:start + p.numel()].trace().item()
+        start += p.numel()
+        assert abs(parts[name].value - block) < 4 * parts[name].stderr + 1e-12, name
+    exact = torch.linalg.eigvalsh(H)
+    exact = exact[exact.abs().argsort(descending=True)][:3]
+    found = hessian.eigenvalues(k=3, iters=2000, tol=1e-10)
+    assert all(e.converged for e in found)
+    torch.testing.assert_close(torch.tensor([e.value for e in found], dtype=torch.float64),
+                               exact, rtol=1e-5, atol=1e-8)
+
+
+def quadratic(eigenvalues: list[float], seed: int = 0):
+    """w and the loss 0.5 w^T A w with A = Q diag(eigenvalues) Q^T, Q a random rotation."""
+    n = len(eigenvalues)
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+    w = torch.randn(n, generator=g, dtype=torch.float64, requires_grad=True)
+    return w, a, lambda: 0.5 * w @ a @ w
+
+
+def test_quadratic_loss_closed_form():
+    eigenvalues = [9.0, 6.0, 4.0, 2.0, 1.0, 0.5, -0.25, 0.1]
+    w, a, loss = quadratic(eigenvalues)
+    hessian = Hessian([("w", w)], [loss])
+    torch.testing.assert_close(hessian.matvec(torch.eye(8, dtype=torch.float64)[2]), a[:, 2])
+    total, _ = hessian.trace(samples=300, seed=3)
+    assert abs(total.value - sum(eigenvalues)) < 4 * total.stderr
+    found = hessian.eigenvalues(k=3, iters=1000, tol=1e-12)
+    assert [round(e.value, 6) for e in found] == [9.0, 6.0, 4.0]
+
+
+def test_trace_of_diagonal_hessian_is_exact_with_zero_error():
+    """v^T D v = trace(D) for every Rademacher v: the estimator has no variance there."""
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    d = torch.tensor([3.0, -1.0, 2.0, 0.5, 4.0], dtype=torch.float64)
+    total, _ = Hessian([("w", w)], [lambda: 0.5 * (d * w * w).sum()]).trace(samples=5)
+    assert total.value == pytest.approx(8.5, abs=1e-12) and total.stderr == pytest.approx(0.0)
+
+
+def test_estimator_arguments_are_checked():
+    w, _, loss = quadratic([1.0, 2.0])
+    hessian = Hessian([("w", w)], [loss])
+    with pytest.raises(ConfigError, match="at least 2 samples"):
+        hessian.trace(samples=1)
+    with pytest.raises(ConfigError, match="k must be in 1..2"):
+        hessian.eigenvalues(k=3)
+
+
+# -- the analyses leave a quantized ResNet untouched ------------------------------------------
+
+@pytest.fixture(scope="module")
+def quantized_resnet():
+    torch.manual_seed(0)
+    model = quantize_model(build_model("resnet8"), QuantConfig(w_bits=4, a_bits=4))
+    images = torch.randn(16, 3, 32, 32)
+    calibrate(model, [images])
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        model.train()
+        model(images * 2 + 0.5)
+    return model, images, torch.arange(16) % 10
+
+
+def snapshot(model: nn.Module):
+    return ({k: v.clone() if isinstance(v, torch.Tensor) else v
+             for k, v in model.state_dict().items()},
+            {name: m.training for name, m in model.named_modules()})
+
+
+def assert_unchanged(model: nn.Module, before) -> None:
+    assert_unchanged_state(model, before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def assert_unchanged_state(model: nn.Module, before) -> None:
+    """Same state_dict (tensors bit for bit) and the same train/eval mode of every module."""
+    state, modes = before
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    for key in state:
+        if isinstance(state[key], torch.Tensor):
+            assert torch.equal(after[key], state[key]), key
+        else:  # a quantizer's extra state (bits, signedness)
+            assert after[key] == state[key], key
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+def test_analyses_leave_parameters_buffers_and_modes_unchanged(quantized_resnet):
+    model, images, labels = quantized_resnet
+    model.train()
+    model.stem.eval()  # mixed modes must come back exactly as they were
+    before = snapshot(model)
+    report = hessian_report(model, [(images[:8], labels[:8])], "all", samples=2, top_k=1,
+                            iters=2)
+    assert report["mode"] == "eval" and report["num_params"] == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+    assert_unchanged(model, before)
+    output_variance(model, images[:4], labels[:4], [0.0, 0.1], repeats=2)
+    feature_statistics(model, "stem.0", images[:4], bins=10)
+    assert_unchanged(model, before)
+
+
+def test_hessian_report_per_layer_traces_sum_to_total(quantized_resnet):
+    model, images, labels = quantized_resnet
+    report = hessian_report(model, [(images[:8], labels[:8])], samples=3, top_k=0)
+    names = [layer["name"] for layer in report["layers"]]
+    assert names[0] == "stem.0" and names[-1] == "linear" and len(names) == 10
+    assert sum(layer["trace"] for layer in report["layers"]) == pytest.approx(
+        report["trace"]["value"], rel=1e-9, abs=1e-9)
+    assert report["num_params"] == sum(layer["numel"] for layer in report["layers"])
+
+
+def test_no_graph_or_tensor_kept_across_products(quantized_resnet, monkeypatch):
+    """Honest proxy for flat memory: the number of live Python tensors is the same at every
+    Hutchinson sample and every power iteration, products carry no graph, and nothing is
+    kept once the estimates are done."""
+    model, images, labels = quantized_resnet
+    model.eval()
+    counts: list[int] = []
+    product = Hessian.piece_product
+
+    def counting(self, piece, v):
+        gc.collect()
+        counts.append(sum(1 for o in gc.get_objects() if torch.is_tensor(o)))
+        out = product(self, piece, v)
+        assert not out.requires_grad
+        return out
+    monkeypatch.setattr(Hessian, "piece_product", counting)
+    hessian = model_hessian(model, list(model.named_parameters())[:6],
+                            [(images[:4], labels[:4])])
+    hessian.trace(samples=6)
+    assert len(counts) == 6 and len(set(counts[1:])) == 1  # [0]: before the gradient graph
+    counts.clear()
+    hessian.eigenvalues(k=1, iters=6, tol=0.0)
+    assert len(counts) == 6 and len(set(counts[1:])) == 1  # the graph is rebuilt at [0]
+    assert hessian._graph is None
+
+
+# -- noise, features, gradient norm, tracking ------------------------------------------------
+
+def test_noise_variance_zero_at_zero_sigma_and_growing():
+    torch.manual_seed(0)
+    model = build_model("resnet8")
+    images = torch.randn(12, 3, 32, 32)
+    curve = output_variance(model, images, torch.arange(12) % 10, [0.0, 0.1, 0.5, 2.0],
+                            repeats=4)
+    variances = [c["variance"] for c in curve]
+    assert variances[0] == 0.0 and curve[0]["stderr"] == 0.0
+    assert variances[1] > 0 and variances[1] < variances[2] < variances[3]
+    probs = output_variance(model, images, torch.arange(12) % 10, [0.5], repeats=4,
+                            output="probs")
+    assert 0 < probs[0]["variance"] < 0.25  # probabilities lie in [0, 1]
+    with pytest.raises(ConfigError, match="2 repeats"):
+        output_variance(model, images, torch.arange(12) % 10, [0.1], repeats=1)
+
+
+def test_feature_statistics_per_channel(quantized_resnet):
+    model, images, _ = quantized_resnet
+    layer = "stages.1.0.residual.0.0"
+    seen = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o))
+    stats = feature_statistics(model, layer, images[:6], bins=20, batch_size=4)
+    handle.remove()
+    out = torch.cat(seen).detach()  # the reference: the conv output itself, (6, 32, 16, 16)
+    assert stats["channels"] == 32 and stats["values_per_channel"] == 6 * 16 * 16
+    for key in ("mean", "std", "min", "max"):
+        assert len(stats[key]) == 32
+    torch.testing.assert_close(torch.tensor(stats["mean"]), out.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(torch.tensor(stats["max"]), out.amax(dim=(0, 2, 3)))
+    p = {k: torch.tensor(v) for k, v in stats["percentiles"].items()}
+    assert torch.all(torch.tensor(stats["min"]) <= p["1"]) and torch.all(p["1"] <= p["50"])
+    assert torch.all(p["50"] <= p["99"]) and torch.all(p["99"] <= torch.tensor(stats["max"]))
+    assert sum(stats["histogram"]["counts"]) == out.numel()
+    with pytest.raises(ConfigError, match="valid names: stem.0"):
+        feature_statistics(model, "stages.9", images[:2])
+
+
+def test_grad_norm_and_trackers_leave_training_state_alone(quantized_resnet):
+    model, images, labels = quantized_resnet
+    model.train()
+    objective = Objective(model)
+    nn.functional.cross_entropy(model(images[:8]), labels[:8]).backward()
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    expected = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(w.grad) for w in weights])).item()
+    assert grad_norm(model) == pytest.approx(expected, rel=1e-6)
+    grads = [p.grad.clone() for p in model.parameters()]
+    state, modes = snapshot(model)
+    record = HessianTracker(seed=0)(5, objective, images[:8], labels[:8])
+    assert set(record) == {"hessian_trace", "hessian_trace_stderr"}
+    assert GradNormTracker()(5, objective, images, labels) == {"grad_norm": grad_norm(model)}
+    assert_unchanged_state(model, (state, modes))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    model.zero_grad(set_to_none=True)
+
+
+def test_plot_kinds_write_png(quantized_resnet, tmp_path):
+    model, images, labels = quantized_resnet
+    run = {"label": "q", "path": "x", "model": "resnet8", "bits": "w4a4"}
+    analyses = {
+        "hessian": {"kind": "hessian", "params": "weights", "runs": [
+            {**run, **hessian_report(model, [(images[:4], labels[:4])], samples=2, top_k=2,
+                                     iters=3)}]},
+        "noise": {"kind": "noise", "output": "logits", "runs": [
+            {**run, "curve": output_variance(model, images[:4], labels[:4], [0, 0.1], 2)}]},
+        "features": {"kind": "features", "layer": "stem.0", "runs": [
+            {**run, **feature_statistics(model, "stem.0", images[:4], bins=10)}]},
+    }
+    figures = {kind: draw(json.loads(json.dumps(data))) for kind, data in analyses.items()}
+    figures["trajectory"] = draw_trajectories([("a", [1, 2, 3], [3.0, 2.0, 2.5])], "grad_norm")
+    for kind, figure in figures.items():
+        path = save(figure, tmp_path / f"{kind}.png")
+        data = path.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, kind
+    with pytest.raises(Exception, match="cannot plot kind 'nope'"):
+        draw({"kind": "nope", "runs": []})
+
+
+def test_cli_track_analyze_and_plot(tmp_path, capsys):
+    """A tiny tracked pre-training run writes hessian_trace and grad_norm records; every
+    analysis and plot runs on it from the command line."""
+    run = tmp_path / "fp"
+    assert main(["pretrain", "--model", "resnet8", "--data", "synthetic", "--epochs", "1",
+                 "--batch-size", "32", "--max-steps-per-epoch", "2", "--lr", "0.05",
+                 "--device", "cpu", "--no-progress", "--track", "hessian,gradnorm",
+                 "--track-every", "1", "--out", str(run)]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    tracked = [r for r in records if "hessian_trace" in r]
+    assert [r["step"] for r in tracked] == [1, 2]
+    assert all(r["grad_norm"] > 0 and r["hessian_trace_stderr"] >= 0 for r in tracked)
+    assert read_metric(run, "grad_norm")[0] == [1, 2]
+
+    common = ["--device", "cpu", "--labels", "fp"]
+    assert main(["analyze", "hessian", str(run), "--batches", "1", "--batch-size", "8",
+                 "--samples", "2", "--top-k", "1", "--iters", "2", *common,
+                 "--out", str(tmp_path / "h.json")]) == 0
+    assert main(["analyze", "noise", str(run), "--sigmas", "0,0.2", "--repeats", "2",
+                 "--images", "8", *common, "--out", str(tmp_path / "n.json")]) == 0
+    assert main(["analyze", "features", str(run), "--layer", "stem.0", "--images", "8",
+                 *common, "--out", str(tmp_path / "f.json")]) == 0
+    hessian = json.loads((tmp_path / "h.json").read_text())
+    assert hessian["kind"] == "hessian" and hessian["runs"][0]["label"] == "fp"
+    assert hessian["runs"][0]["num_images"] == 8
+    for name in ("h", "n", "f"):
+        assert main(["plot", str(tmp_path / f"{name}.json")]) == 0
+        assert (tmp_path / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert main(["plot", str(run), "--metric", "hessian_trace", "-o",
+                 str(tmp_path / "traj.png")]) == 0
+    assert (tmp_path / "traj.png").read_bytes().startswith(PNG_SIGNATURE)
+
+    capsys.readouterr()
+    assert main(["analyze", "features", str(run), "--layer", "nope", "--images", "4",
+                 "--device", "cpu", "--out", str(tmp_path / "x.json")]) == 2
+    assert "valid names" in capsys.readouterr().err
+    assert main(["plot", str(run), "--metric", "nope"]) == 2
+    assert "no record has 'nope'" in capsys.readouterr().err
+
+
+def test_tracking_callbacks_follow_the_config():
+    assert tracking_callbacks(TrainConfig(track=[])) == []
+    assert [type(c) for c in tracking_callbacks(TrainConfig(track=["gradnorm", "hessian"]))] == [
+        GradNormTracker, HessianTracker]
