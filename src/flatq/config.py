@@ -9,6 +9,7 @@ Method-specific configs live beside their methods and register here by name.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -116,6 +117,8 @@ class Section:
             if choices is not None and any(v not in choices for v in items):
                 bad = next(v for v in items if v not in choices)
                 raise ConfigError(f"{where}: {bad!r} is not one of {', '.join(map(str, choices))}")
+            if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+                raise ConfigError(f"{where}: {value} is not a finite number")
             low, high = meta.get("low"), meta.get("high")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if (low is not None and value < low) or (high is not None and value > high):
@@ -150,6 +153,14 @@ def parse_bits(text: str) -> tuple[int, int]:
         if not 2 <= b <= 8:
             raise ConfigError(f"bits: {name} bit width {b} is outside 2..8 in {text!r}")
     return w, a
+
+
+def check_device(name: str) -> str:
+    """A device name flatq accepts: auto, cpu, cuda or cuda:N (availability is checked when
+    the device is used)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(name)):
+        raise ConfigError(f"device: {name!r} is not a device; use cpu, cuda, cuda:N or auto")
+    return str(name)
 
 
 @dataclass
@@ -190,6 +201,10 @@ class TrainConfig(Section):
     checkpoint_every_steps: int | None = option(None, "also checkpoint every N steps (besides "
                                                 "every epoch)", low=1)
     progress: bool = option(True, "show progress bars (only on a terminal)")
+
+    def validate(self) -> None:
+        super().validate()
+        check_device(self.device)
 
 
 @dataclass

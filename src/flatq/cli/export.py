@@ -7,8 +7,8 @@ from typing import Any
 
 from ..config import DataConfig
 from ..errors import ConfigError
-from ..export import STORAGE_CHOICES, OnnxModel, compare, export_integer, export_onnx
-from ..export.runtime import Agreement
+from ..export import (STORAGE_CHOICES, Agreement, OnnxModel, compare, export_integer,
+                      export_onnx)
 from ..train.runs import DataBundle, load_model, prepare_data
 
 

@@ -93,6 +93,10 @@ def build_run_config(args: argparse.Namespace, default_method: str,
                 raw[key] = {**raw[key], **value}
             else:
                 raw[key] = value
+        try:  # the file must be valid on its own, even where flags override it
+            RunConfig.from_dict({**raw, "method": raw.get("method") or default_method})
+        except ConfigError as exc:
+            raise ConfigError(f"{args.config}: {exc}") from None
     given = vars(args)
     if "model" in given and given["model"] is not None:
         raw["model"] = given["model"]

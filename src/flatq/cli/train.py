@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
+from ..analysis.tracking import tracking_callbacks
+from ..config import load_yaml
+from ..errors import ConfigError
 from ..methods import PRETRAIN_METHODS, QAT_METHODS
 from ..models import available_models
+from ..train.distributed import is_main_process
 from ..train.runs import load_teacher, pretrain, qat
 from .options import add_common_flags, add_method_flags, add_section_flags, build_run_config
 
@@ -14,7 +20,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder to write "
                         "(config.yaml, metrics.jsonl, checkpoint.pt, model.pt, summary.json)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from "
-                        "its last complete checkpoint")
+                        "its last complete checkpoint, with its config.yaml (flags given now "
+                        "override it, e.g. --epochs to train longer)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     add_common_flags(parser)
 
@@ -42,16 +49,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=run_qat)
 
 
+def _resume_base(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
+    """With --resume, the run's own config.yaml over `base`, so flags need not be repeated."""
+    saved = Path(args.out) / "config.yaml"
+    if not args.resume or not saved.is_file():
+        return base
+    config = load_yaml(saved)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{saved} is not a run config (not a mapping)")
+    return {**base, **config}
+
+
 def run_pretrain(args: argparse.Namespace) -> None:
-    config = build_run_config(args, "ce")
-    summary = pretrain(config, args.out, resume=args.resume, overwrite=args.overwrite)
-    print(f"full-precision {config.model}: test acc {summary['test_acc']:.2f}%  -> {args.out}")
+    config = build_run_config(args, "ce", base=_resume_base(args, {}))
+    summary = pretrain(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                       callbacks=tracking_callbacks(config.train))
+    if is_main_process():
+        print(f"full-precision {config.model}: test acc {summary['test_acc']:.2f}%  -> {args.out}")
 
 
 def run_qat(args: argparse.Namespace) -> None:
     teacher, state = load_teacher(args.source)
-    config = build_run_config(args, "lsq", base={"data": state["meta"]["data"]}, quantized=True)
+    config = build_run_config(args, "lsq", base=_resume_base(args, {"data": state["meta"]["data"]}),
+                              quantized=True)
     config.model = state["meta"]["model"]
-    summary = qat(config, teacher, state, args.out, resume=args.resume, overwrite=args.overwrite)
-    print(f"{config.model} {config.quant.bits} {summary['method']}: test acc "
-          f"{summary['test_acc']:.2f}% (full precision {summary['fp_test_acc']:.2f}%)  -> {args.out}")
+    summary = qat(config, teacher, state, args.out, resume=args.resume, overwrite=args.overwrite,
+                  callbacks=tracking_callbacks(config.train))
+    if is_main_process():
+        print(f"{config.model} {config.quant.bits} {summary['method']}: test acc "
+              f"{summary['test_acc']:.2f}% (full precision {summary['fp_test_acc']:.2f}%)  "
+              f"-> {args.out}")

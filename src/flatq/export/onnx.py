@@ -57,7 +57,7 @@ class _QuantDequant(torch.autograd.Function):
     def symbolic(g, x, scale, zero_point, lo: int, hi: int, clip: bool):
         q = g.op("QuantizeLinear", x, scale, zero_point)
         if clip:
-            dtype = torch.int8 if lo < 0 else torch.uint8
+            dtype = torch.int8 if lo < 0 else torch.uint8  # signed grids always reach below 0
             q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(lo, dtype=dtype)),
                      g.op("Constant", value_t=torch.tensor(hi, dtype=dtype)))
         return g.op("DequantizeLinear", q, scale, zero_point)
@@ -233,7 +233,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
     if not layers:
         raise ConfigError("export_onnx needs a quantized model (flatq.quantize_model)")
     narrow_bits = _narrow_bits(storage)
-    export_model = copy.deepcopy(model).eval()
+    export_model = copy.deepcopy(model).cpu().eval()
     narrow: dict[str, tuple[int, bool]] = {}
     stored = []
     for name, layer in quant_layers(export_model):
@@ -244,7 +244,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-        torch.onnx.export(export_model, (example_input,), buffer, dynamo=False,
+        torch.onnx.export(export_model, (example_input.cpu(),), buffer, dynamo=False,
                           opset_version=EXPORTER_OPSET, input_names=["input"],
                           output_names=["logits"], dynamic_axes={"input": {0: "batch"},
                                                                  "logits": {0: "batch"}},

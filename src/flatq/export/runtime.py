@@ -31,10 +31,10 @@ class OnnxModel:
         self.path, self.input = path, self.session.get_inputs()[0]
 
     def __call__(self, images: Tensor) -> np.ndarray:
-        expected = self.input.shape[1:]
-        if [d for d in expected if isinstance(d, int)] and list(images.shape[1:]) != expected:
-            raise ConfigError(f"{self.path} takes images of shape {expected}, got "
-                              f"{list(images.shape[1:])}")
+        expected, got = self.input.shape[1:], list(images.shape[1:])
+        if len(expected) != len(got) or any(isinstance(e, int) and e != g
+                                            for e, g in zip(expected, got)):
+            raise ConfigError(f"{self.path} takes images of shape {expected}, got {got}")
         return self.session.run(None, {self.input.name: images.float().cpu().numpy()})[0]
 
 

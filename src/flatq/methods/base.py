@@ -105,5 +105,10 @@ class Objective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
 
+    def generators(self) -> list[torch.Generator]:
+        """The objective's own random generators (e.g. SFP's coin flips). Their states differ
+        per DDP rank, so the trainer checkpoints them per rank, beside the global RNG."""
+        return []
+
     def close(self) -> None:
         """Remove hooks this objective attached to the models."""

@@ -77,6 +77,9 @@ class FPQ(Objective):
         if self.sfp and "sfp_generator" in state:
             self.sfp.generator.set_state(state["sfp_generator"])
 
+    def generators(self) -> list[torch.Generator]:
+        return [self.sfp.generator] if self.sfp else []
+
     def close(self) -> None:
         for part in (self.sfp, self.student_features, self.teacher_features):
             if part is not None:

@@ -1,13 +1,21 @@
 """The one training loop every method runs through.
 
 Epochs of SGD steps (the objective computes the losses and takes the step), a per-step cosine
-schedule, evaluation after each epoch, a checkpoint after each epoch written atomically,
-metrics as JSON lines, and `resume` that restores model, optimizer, schedule, objective state
-and RNG so a resumed run ends where an uninterrupted one would.
+schedule, evaluation after each epoch, a checkpoint after each epoch (and every N steps if
+asked) written atomically, metrics as JSON lines, and `resume` that restores model, optimizer,
+schedule, objective state, the epoch's running loss sums and every rank's RNG, so a resumed
+run ends where an uninterrupted one would. Batch order is fixed by (seed, epoch) and the
+augmentation generator is reseeded from (seed, step, rank) at every step, so a run resumed
+mid-epoch skips the finished batches and draws exactly what it would have drawn.
+
+Under DDP (see `distributed.py`) one permutation per epoch is split across the ranks, so a
+global batch holds the same images whatever the number of ranks; rank 0 writes all files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import sys
 import time
 from collections.abc import Callable
@@ -16,16 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..config import RunConfig
 from ..data import BatchPipeline, ImageTensorDataset, collate_batch
-from ..errors import CheckpointError, NonFiniteLossError
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..methods.base import Objective
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
+from .distributed import (all_gather, all_reduce_sum, is_main_process, rank, resolve_device,
+                          world_size)
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_scheduler
 
@@ -33,27 +42,49 @@ from .optim import build_optimizer, build_scheduler
 StepCallback = Callable[[int, Objective, Tensor, Tensor], "dict[str, float] | None"]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+__all__ = ["Trainer", "StepCallback", "evaluate", "meta_mismatch", "resolve_device",
+           "is_main_process", "stream_seed"]
 
 
 def show_progress(enabled: bool) -> bool:
     return enabled and is_main_process() and sys.stderr.isatty()
 
 
+def stream_seed(seed: int, step: int, rank: int = 0, stream: str = "augment") -> int:
+    """Seed of the random draws of one (global step, rank) in the named stream."""
+    key = f"{stream}:{seed}:{step}:{rank}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def meta_mismatch(saved: Any, meta: dict[str, Any]) -> str | None:
+    """How a checkpoint's metadata differs from this run's in model and quantization, or None."""
+    saved = saved if isinstance(saved, dict) else {}
+    if saved.get("model") != meta.get("model"):
+        return f"model {saved.get('model')} (this run: {meta.get('model')})"
+    old, new = saved.get("quant"), meta.get("quant")
+    if (old is None) != (new is None):
+        kind = {True: "a full-precision", False: "a quantized"}
+        return f"{kind[old is None]} model (this run: {kind[new is None][2:]})"
+    if old != new:
+        keys = list(new) + [k for k in old if k not in new]
+        return ", ".join(f"quant.{k} {old.get(k)!r} (this run: {new.get(k)!r})"
+                         for k in keys if old.get(k) != new.get(k))
+    return None
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: ImageTensorDataset, pipeline: BatchPipeline,
-             device: torch.device, batch_size: int = 512, progress: bool = False) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of `model` on `dataset`, in eval mode."""
+             device: torch.device, batch_size: int = 512, progress: bool = False,
+             distributed: bool = False) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of `model` on `dataset`, in eval mode.
+
+    `distributed`: every rank evaluates its share of the images (every `world`-th) and the
+    counts are summed over ranks, so all ranks return the full-set result (all must call it).
+    """
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
+    shard = range(rank(), len(dataset), world_size()) if distributed else range(len(dataset))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=shard, collate_fn=collate_batch)
     correct, loss, count = 0, 0.0, 0
     for images, labels in tqdm(loader, desc="eval", leave=False, disable=not show_progress(progress)):
         images, labels = pipeline(images.to(device), train=False), labels.to(device)
@@ -62,6 +93,10 @@ def evaluate(model: nn.Module, dataset: ImageTensorDataset, pipeline: BatchPipel
         correct += (logits.argmax(1) == labels).sum().item()
         count += labels.numel()
     model.train(was_training)
+    totals = torch.tensor([correct, loss, count], dtype=torch.float64, device=device)
+    if distributed:
+        all_reduce_sum(totals)
+    correct, loss, count = totals.tolist()
     return {"acc": 100.0 * correct / max(count, 1), "loss": loss / max(count, 1)}
 
 
@@ -89,13 +124,16 @@ class Trainer:
         self.run_dir = Path(self.run_dir)
         self.model = self.objective.student
         self.train_set = self.objective.training_set(self.train_set)
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.world, self.rank = world_size(), rank()
         if train.batch_size % self.world:
-            raise ValueError(f"batch size {train.batch_size} is not divisible by {self.world} ranks")
-        self.sampler = (DistributedSampler(self.train_set, seed=train.seed, drop_last=True)
-                        if self.world > 1 else None)
+            raise ConfigError(f"train.batch_size: {train.batch_size} is not divisible by the "
+                              f"{self.world} DDP ranks")
+        # One permutation of the training set per (seed, epoch), rank r taking every
+        # world-th index: the union of the ranks' batches is the single-process batch.
+        self.sampler = DistributedSampler(self.train_set, num_replicas=self.world,
+                                          rank=self.rank, seed=train.seed, drop_last=True)
         self.loader = DataLoader(self.train_set, batch_size=train.batch_size // self.world,
-                                 sampler=self.sampler or RandomSampler(self.train_set, generator=torch.Generator()),
+                                 sampler=self.sampler,
                                  drop_last=len(self.train_set) >= train.batch_size,
                                  collate_fn=collate_batch)
         self.steps_per_epoch = len(self.loader)
@@ -110,93 +148,136 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.epoch = 0
         self.step = 0
+        self.epoch_step = 0                      # steps done in the current epoch
+        self.epoch_sums: dict[str, float] = {}   # their loss terms, summed
 
     # -- state ----------------------------------------------------------------------------
+    def _rng_state(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "objective": [g.get_state() for g in self.objective.generators()]}
+
+    def _set_rng_state(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        for generator, saved in zip(self.objective.generators(), state.get("objective", [])):
+            generator.set_state(saved)
+
+    def _reseed(self) -> None:
+        """Fresh per-rank random streams, for a run resumed with another number of ranks."""
+        seed = self.config.train.seed
+        torch.manual_seed(stream_seed(seed, self.step, self.rank, "torch"))
+        for i, generator in enumerate(self.objective.generators()):
+            generator.manual_seed(stream_seed(seed, self.step, self.rank, f"objective{i}"))
+
     def state_dict(self) -> dict[str, Any]:
+        """The full training state; every rank must call it (their RNG states are gathered)."""
         return {
-            "epoch": self.epoch, "step": self.step, "meta": self.meta,
+            "epoch": self.epoch, "step": self.step, "epoch_step": self.epoch_step,
+            "epoch_sums": dict(self.epoch_sums), "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.world, "meta": self.meta,
             "config": self.config.to_dict(),
             "model": self._bare_model().state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "objective": self.objective.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": all_gather(self._rng_state()),
         }
 
     def _bare_model(self) -> nn.Module:
         return getattr(self.model, "module", self.model)
 
+    def _last_good(self) -> str:
+        last = self.run_dir / CHECKPOINT_NAME
+        return f"last good checkpoint: {last}" if last.is_file() else "no checkpoint yet"
+
     def save_checkpoint(self) -> None:
+        """Rank 0 writes the state atomically; non-finite weights are never written."""
+        bad = [name for name, value in self._bare_model().state_dict().items()
+               if isinstance(value, Tensor) and value.is_floating_point()
+               and not torch.isfinite(value).all()]
+        if bad:
+            raise NonFiniteLossError(f"weights became non-finite ({bad[0]}) by step {self.step} "
+                                     f"(epoch {self.epoch + 1}); training stopped, nothing "
+                                     f"saved; {self._last_good()}")
+        state = self.state_dict()
         if is_main_process():
-            save_atomic(self.state_dict(), self.run_dir / CHECKPOINT_NAME)
+            save_atomic(state, self.run_dir / CHECKPOINT_NAME)
 
     def resume(self) -> None:
-        """Continue from the run folder's last complete checkpoint."""
+        """Continue from the run folder's last complete checkpoint (every rank reads it)."""
         state = load_checkpoint(self.run_dir, CHECKPOINT_NAME)
-        if state.get("meta", {}).get("model") != self.meta.get("model") or \
-                state.get("meta", {}).get("quant") != self.meta.get("quant"):
-            raise CheckpointError(
-                f"{self.run_dir / CHECKPOINT_NAME} was written for model "
-                f"{state.get('meta', {}).get('model')} / quant {state.get('meta', {}).get('quant')}, "
-                f"not {self.meta.get('model')} / {self.meta.get('quant')}")
+        mismatch = meta_mismatch(state.get("meta"), self.meta)
+        method = state.get("config", {}).get("method", {}).get("name")
+        if not mismatch and self.config.method and method and method != self.config.method.name:
+            mismatch = f"method {method} (this run: {self.config.method.name})"
+        if mismatch:
+            raise CheckpointError(f"{self.run_dir / CHECKPOINT_NAME} was written for {mismatch}; "
+                                  "resume with the run's own settings or use another --out")
         try:
             self._bare_model().load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint in {self.run_dir} does not fit this model: "
                                   f"{str(exc).splitlines()[0]}") from None
+        if state.get("epoch_step") and state["steps_per_epoch"] != self.steps_per_epoch:
+            raise CheckpointError(
+                f"{self.run_dir / CHECKPOINT_NAME} was saved mid-epoch with "
+                f"{state['steps_per_epoch']} steps per epoch, this configuration has "
+                f"{self.steps_per_epoch}; resume with the run's batch size and "
+                "max_steps_per_epoch")
         self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state.get("objective", {}))
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.epoch, self.step = state["epoch"], state["step"]
-        self.metrics.truncate_after(self.step)
+        self.epoch_step = state.get("epoch_step", 0)
+        self.epoch_sums = dict(state.get("epoch_sums", {}))
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rngs) == self.world:
+            self._set_rng_state(rngs[self.rank])
+        else:
+            self._reseed()
+        if is_main_process():
+            self.metrics.truncate_after(self.step)
 
     # -- loop -----------------------------------------------------------------------------
     def _epoch_batches(self):
-        """This epoch's batches, in an order fixed by (seed, epoch) so resume replays it."""
-        seed = self.config.train.seed * 100003 + self.epoch
-        if self.sampler is not None:
-            self.sampler.set_epoch(self.epoch)
-        else:
-            self.loader.sampler.generator.manual_seed(seed)
-        return self.loader
+        """This epoch's batches not yet done, in an order fixed by (seed, epoch)."""
+        self.sampler.set_epoch(self.epoch)
+        return itertools.islice(self.loader, self.epoch_step, self.steps_per_epoch)
 
     def train_epoch(self) -> dict[str, float]:
         train = self.config.train
         self.objective.train()
-        aug = torch.Generator(device=self.device).manual_seed(train.seed * 7919 + self.epoch)
-        sums: dict[str, float] = {}
-        count = 0
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{train.epochs}",
-                   leave=False, disable=not show_progress(train.progress))
-        for i, (images, labels) in enumerate(self._epoch_batches()):
-            if i >= self.steps_per_epoch:
-                break
+        aug = torch.Generator(device=self.device)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.epoch_step, leave=False,
+                   desc=f"epoch {self.epoch + 1}/{train.epochs}",
+                   disable=not show_progress(train.progress))
+        for images, labels in self._epoch_batches():
+            aug.manual_seed(stream_seed(train.seed, self.step, self.rank))
             images, labels, extra = self.objective.prepare(
                 images.to(self.device), labels.to(self.device), self.train_pipeline, aug)
             self.objective.progress = self.step / self.total_steps
             try:
                 losses = self.objective.step(images, labels, self.optimizer, **extra)
             except NonFiniteLossError as exc:
-                last = self.run_dir / CHECKPOINT_NAME
-                where = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint yet"
                 raise NonFiniteLossError(f"{exc} at step {self.step + 1} (epoch {self.epoch + 1}); "
-                                         f"training stopped, weights not updated; {where}") from None
+                                         f"training stopped, weights not updated; "
+                                         f"{self._last_good()}") from None
             self.scheduler.step()
             self.step += 1
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
-            count += 1
+            self.epoch_step += 1
+            # Mean over ranks, so the logged losses are those of the global batch.
+            means = all_reduce_sum(torch.stack([v.float() for v in losses.values()])) / self.world
+            for name, value in zip(losses, means.tolist()):
+                self.epoch_sums[name] = self.epoch_sums.get(name, 0.0) + value
             self._run_callbacks(images, labels)
             if train.checkpoint_every_steps and self.step % train.checkpoint_every_steps == 0:
                 self.save_checkpoint()
-            bar.set_postfix(loss=f"{sum(float(v) for v in losses.values()):.3f}")
+            bar.set_postfix(loss=f"{sum(means.tolist()):.3f}")
             bar.update()
         bar.close()
-        return {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
+        return {f"train_{k}": v / max(self.epoch_step, 1) for k, v in self.epoch_sums.items()}
 
     def _run_callbacks(self, images: Tensor, labels: Tensor) -> None:
         if not self.step_callbacks or self.step % self.config.train.track_every:
@@ -217,8 +298,9 @@ class Trainer:
             start = time.perf_counter()
             record = self.train_epoch()
             self.epoch += 1
-            test = evaluate(self.model, self.test_set, self.eval_pipeline, self.device,
-                            train.test_batch_size)
+            self.epoch_step, self.epoch_sums = 0, {}
+            test = evaluate(self._bare_model(), self.test_set, self.eval_pipeline, self.device,
+                            train.test_batch_size, distributed=True)
             result = {"epoch": self.epoch, "step": self.step, **record, "test_acc": test["acc"],
                       "test_loss": test["loss"], "lr": self.optimizer.param_groups[0]["lr"],
                       "seconds": time.perf_counter() - start}
@@ -229,8 +311,8 @@ class Trainer:
                       f"({result['seconds']:.1f}s)", flush=True)
             self.save_checkpoint()
         if not result:
-            test = evaluate(self.model, self.test_set, self.eval_pipeline, self.device,
-                            train.test_batch_size)
+            test = evaluate(self._bare_model(), self.test_set, self.eval_pipeline, self.device,
+                            train.test_batch_size, distributed=True)
             result = {"epoch": self.epoch, "step": self.step, "test_acc": test["acc"],
                       "test_loss": test["loss"]}
         return result

@@ -8,6 +8,7 @@ and `summary.json`. `load_model` rebuilds any finished run, full-precision or qu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,10 @@ from ..data import BatchPipeline, ImageTensorDataset, calibration_batches, load_
 from ..errors import CheckpointError, ConfigError, FlatqError
 from ..methods import build_objective
 from ..models import build_model
-from ..quant import calibrate, quantize_model
+from ..quant import calibrate, quantize_model, quantizers
 from .checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_atomic
-from .loop import Trainer, evaluate, is_main_process, resolve_device
+from .distributed import is_main_process, main_first, rank, setup, wrap
+from .loop import Trainer, evaluate
 
 
 @dataclass
@@ -92,7 +94,7 @@ def prepare_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> Path:
             shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -115,23 +117,65 @@ def _seed(config: RunConfig) -> None:
     torch.manual_seed(config.train.seed)
 
 
+def _objective(config: RunConfig, student: nn.Module, teacher: nn.Module | None,
+               data: DataBundle, device: torch.device):
+    """The run's objective, its student wrapped in DDP when there are several ranks.
+
+    Hooks (SFP, feature capture) go on the bare student before the wrap, so they fire inside
+    DDP's forward; the objective then calls the wrapped student. Random streams differ per
+    rank from here on: the global generator is seeded seed + rank, and so are the
+    objective's own generators (SFP's coin flips).
+    """
+    seed = config.train.seed + rank()
+    objective = build_objective(config.method, student, teacher, data=data, seed=seed)
+    torch.manual_seed(seed)
+    objective.student = wrap(objective.student, device)
+    return objective
+
+
+def _train(trainer: Trainer, resume: bool) -> dict[str, Any]:
+    """Resume if asked, then (only then, so a refused resume leaves the folder as it was)
+    record the config and train."""
+    if resume:
+        trainer.resume()
+    if is_main_process():
+        save_yaml(trainer.config, trainer.run_dir / "config.yaml")
+    return trainer.fit()
+
+
 def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False,
              overwrite: bool = False, callbacks: list | None = None) -> dict[str, Any]:
-    """Train a full-precision model from scratch with the configured method (CE or DNQ)."""
-    run_dir = prepare_run_dir(run_dir, resume, overwrite)
+    """Train a full-precision model from scratch with the configured method (CE or DNQ).
+
+    Under torchrun every rank calls this; rank 0 writes the run folder.
+    """
+    device = setup(config.train.device)
     _seed(config)
     data = prepare_data(config.data)
-    device = resolve_device(config.train.device)
     model = build_model(config.model, num_classes=data.num_classes,
                         in_channels=data.channels).to(device)
-    objective = build_objective(config.method, model, None, data=data)
+    run_dir = main_first(lambda: prepare_run_dir(run_dir, resume, overwrite))
+    objective = _objective(config, model, None, data, device)
     meta = {"model": config.model, "num_classes": data.num_classes,
             "in_channels": data.channels, "data": config.data.to_dict(), "quant": None}
-    if is_main_process():
-        save_yaml(config, run_dir / "config.yaml")
     trainer = Trainer(objective, data.train, data.test, data.train_pipeline, data.eval_pipeline,
                       config, run_dir, meta, list(callbacks or []), device)
-    return _finish(trainer, trainer.fit(resume), {"kind": "pretrain"})
+    return _finish(trainer, _train(trainer, resume), {"kind": "pretrain"})
+
+
+def _calibrate_on_main(student: nn.Module, batches: list, device: torch.device) -> None:
+    """Calibrate on rank 0 and broadcast every quantizer's state (parameters, buffers and the
+    signedness PACT chooses from the data) to the other ranks."""
+
+    def run() -> dict[str, dict]:
+        calibrate(student, batches, device)
+        return {name: {k: v.cpu() if isinstance(v, torch.Tensor) else v
+                       for k, v in q.state_dict().items()} for name, q in quantizers(student)}
+
+    states = main_first(run)
+    if not is_main_process():
+        for name, q in quantizers(student):
+            q.load_state_dict(states[name])
 
 
 def load_teacher(source: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -153,7 +197,7 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
     """
     if config.quant is None:
         raise ConfigError("qat needs a quantization config (e.g. --bits w4a4)")
-    run_dir = prepare_run_dir(run_dir, resume, overwrite)
+    device = setup(config.train.device)
     _seed(config)
     state, source = teacher_state, teacher_state.get("path", "the teacher")
     data = prepare_data(config.data)
@@ -162,24 +206,25 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
             f"data {config.data.name} gives {data.channels} channels / {data.num_classes} classes, "
             f"but {source} was trained with {state['meta']['in_channels']} / "
             f"{state['meta']['num_classes']}")
-    device = resolve_device(config.train.device)
     teacher = teacher.to(device)
     student = quantize_model(teacher, config.quant)
+    # Chosen before the run folder exists, so a bad calibration size leaves nothing behind.
+    batches = None if resume else calibration_batches(
+        data.train, data.eval_pipeline, config.quant.calib_images, config.quant.calib_seed)
+    run_dir = main_first(lambda: prepare_run_dir(run_dir, resume, overwrite))
     meta = {"model": state["meta"]["model"], "num_classes": data.num_classes,
             "in_channels": data.channels, "data": config.data.to_dict(),
             "quant": config.quant.to_dict(), "source": str(source)}
-    fp = evaluate(teacher, data.test, data.eval_pipeline, device, config.train.test_batch_size)
-    if not resume:
-        calibrate(student, calibration_batches(data.train, data.eval_pipeline,
-                                               config.quant.calib_images, config.quant.calib_seed),
-                  device)
-    objective = build_objective(config.method, student, teacher, data=data)
+    fp = evaluate(teacher, data.test, data.eval_pipeline, device, config.train.test_batch_size,
+                  distributed=True)
+    if batches is not None:
+        _calibrate_on_main(student, batches, device)
+    objective = _objective(config, student, teacher, data, device)
     if is_main_process():
-        save_yaml(config, run_dir / "config.yaml")
         print(f"full-precision teacher: test acc {fp['acc']:.2f}%", flush=True)
     trainer = Trainer(objective, data.train, data.test, data.train_pipeline, data.eval_pipeline,
                       config, run_dir, meta, list(callbacks or []), device)
-    result = trainer.fit(resume)
+    result = _train(trainer, resume)
     objective.close()
     return _finish(trainer, result, {"kind": "qat", "fp_test_acc": fp["acc"],
                                      "bits": config.quant.bits,

@@ -1,0 +1,31 @@
+"""The flatq command with one more model registered: `tiny_nobn`, two convolutions and a
+linear layer without BatchNorm. Without BatchNorm a DDP step over N shards computes the same
+gradient as one process over the whole batch, which is what tests/test_ddp.py checks.
+
+Usage (as `flatq`): python tests/tiny_model_cli.py pretrain --model tiny_nobn ...
+             or:    torchrun --nproc_per_node 2 tests/tiny_model_cli.py pretrain ...
+"""
+
+import sys
+
+from torch import nn
+
+from flatq.cli import main
+from flatq.models import register_model
+
+
+@register_model("tiny_nobn")
+class TinyNoBN(nn.Module):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.conv2(self.conv1(x).relu()).relu()
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
