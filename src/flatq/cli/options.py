@@ -23,17 +23,22 @@ def _flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def _help(f: dataclasses.Field, extra: str = "") -> str:
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _help(f: dataclasses.Field, extra: str = "", default: str | None = None) -> str:
     text = f.metadata.get("help", "")
     if f.metadata.get("choices") and "one of" not in text:
         text += f" (one of: {', '.join(map(str, f.metadata['choices']))})"
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    default = _default(f) if default is None else default
     return f"{text}{extra} [default: {default}]".replace("%", "%%")
 
 
 def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, dest: str, extra: str = "",
-               type_hint: Any = None) -> None:
-    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": _help(f, extra)}
+               type_hint: Any = None, default: str | None = None) -> None:
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS,
+                              "help": _help(f, extra, default)}
     if type_hint is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     else:
@@ -63,16 +68,19 @@ def add_method_flags(parser: argparse.ArgumentParser, methods: list[str], defaul
     parser.add_argument("--method", default=argparse.SUPPRESS, choices=methods,
                         help=f"training objective (default: {default})")
     group = parser.add_argument_group("method options (each applies to the methods named)")
-    owners: dict[str, list[str]] = {}
+    defaults: dict[str, dict[str, Any]] = {}   # option -> {method: its default}
     fields: dict[str, tuple[dataclasses.Field, Any]] = {}
     for name in methods:
         cls = METHOD_CONFIGS[name]
         hints = cls.field_types()
         for f in dataclasses.fields(cls):
-            owners.setdefault(f.name, []).append(name)
+            defaults.setdefault(f.name, {})[name] = _default(f)
             fields.setdefault(f.name, (f, hints[f.name]))
     for key, (f, hint) in fields.items():
-        _add_field(group, f, f"method.{key}", f" ({', '.join(owners[key])})", hint)
+        owners = defaults[key]
+        shared = len(set(map(repr, owners.values()))) == 1
+        default = None if shared else ", ".join(f"{v} for {m}" for m, v in owners.items())
+        _add_field(group, f, f"method.{key}", f" ({', '.join(owners)})", hint, default)
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
