@@ -6,9 +6,11 @@ single process's batch; DDP averages the two half-batch mean gradients, which is
 whole-batch mean gradient. That holds only without BatchNorm (each rank normalizes with its own
 half-batch statistics; flatq uses plain BN, not SyncBN) and without augmentation (each rank
 draws its own crops), so the model is tests/tiny_model_cli.py's BN-free net, the data the
-synthetic set without augmentation. Quantization uses PACT: its clipping levels get exact
-gradients, whereas LSQ's step-size gradient scale 1/sqrt(N Qp) depends on the per-rank batch
-size N. Results agree to float rounding (sums in another order), not bit for bit.
+synthetic set without augmentation. Quantized runs use LSQ, whose step-size gradient scale
+1/sqrt(N Qp) must count the global batch in N (not the rank's half), and PACT, whose signed or
+unsigned grid is chosen during calibration on rank 0 and must reach rank 1. The one-process
+references run inside the test process. Results agree to float rounding (sums in another
+order), not bit for bit.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import tiny_model_cli  # noqa: F401  (registers tiny_nobn for the in-process runs)
+from flatq.cli import main
+from flatq.quant.quantizers import LSQQuantizer
 
 HERE = Path(__file__).parent
 CLI = str(HERE / "tiny_model_cli.py")
@@ -44,32 +50,46 @@ def _ranks(cmd: list[str], world: int = 2) -> list[tuple[list[str], dict]]:
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(world)]
 
 
-def _run(jobs: dict[str, list[tuple[list[str], dict]]]) -> None:
-    """Start every process of every named job at once; all must succeed."""
-    procs = [(name, subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE))
-             for name, job in jobs.items() for cmd, env in job]
+def _start(jobs: dict[str, list[tuple[list[str], dict]]]) -> list:
+    """Start every process of every named job at once."""
+    return [(name, subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE))
+            for name, job in jobs.items() for cmd, env in job]
+
+
+def _wait(procs: list) -> None:
+    """All must succeed; only rank 0 prints (torchrun's agent adds nothing on stdout)."""
+    outs = {}
     for name, proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"{name}:\n{out}\n{err}"
+        outs.setdefault(name, []).append(out)
+    for name, job in outs.items():
+        lines = "".join(job).splitlines()
+        assert [line.split()[0] for line in lines].count("epoch") == 2, (name, job)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
-    d = {name: root / name for name in ("fp1", "fp2", "q1", "q2", "fpq2")}
+    d = {name: root / name for name in ("fp1", "fp2", "q1", "q2", "l1", "l2", "fpq2")}
     fp = ["pretrain", "--model", "tiny_nobn", "--lr", "0.5", *COMMON]
-    _run({"fp1": [([sys.executable, CLI, *fp, "--out", str(d["fp1"])], ENV)],
-          "fp2": [([*TORCHRUN, CLI, *fp, "--out", str(d["fp2"])], ENV)]})
-    qat = [CLI, "qat", "--from", str(d["fp1"]), "--bits", "w4a4", "--lr", "0.05", *COMMON]
+    two = _start({"fp2": [([*TORCHRUN, CLI, *fp, "--out", str(d["fp2"])], ENV)]})
+    assert main([*fp, "--out", str(d["fp1"])]) == 0
+    qat = ["qat", "--from", str(d["fp1"]), "--bits", "w4a4", "--lr", "0.05", *COMMON]
     pact = [*qat, "--method", "lsq", "--quantizer", "pact"]
+    lsq = [*qat, "--method", "lsq", "--quantizer", "lsq"]
     # FPQ's --p is not given as a flag: torchrun's own parser would take it for an
     # abbreviation of its --print-completion (see docs/scale.md).
     fpq = root / "fpq.yaml"
     fpq.write_text("method: {name: fpq, p: 0.5}\n")
-    _run({"q1": [([sys.executable, *pact, "--out", str(d["q1"])], ENV)],
-          "q2": _ranks([sys.executable, *pact, "--out", str(d["q2"])]),
-          "fpq2": _ranks([sys.executable, *qat, "--config", str(fpq), "--out", str(d["fpq2"])])})
+    two += _start({"q2": _ranks([sys.executable, CLI, *pact, "--out", str(d["q2"])]),
+                   "l2": _ranks([sys.executable, CLI, *lsq, "--out", str(d["l2"])]),
+                   "fpq2": _ranks([sys.executable, CLI, *qat, "--config", str(fpq),
+                                   "--out", str(d["fpq2"])])})
+    assert main([*pact, "--out", str(d["q1"])]) == 0
+    assert main([*lsq, "--out", str(d["l1"])]) == 0
+    _wait(two)
     return d
 
 
@@ -82,7 +102,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("one, two", [("fp1", "fp2"), ("q1", "q2")])
+@pytest.mark.parametrize("one, two", [("fp1", "fp2"), ("q1", "q2"), ("l1", "l2")])
 def test_two_ranks_train_what_one_process_trains(runs, one, two):
     a, b = _weights(runs[one]), _weights(runs[two])
     assert a.keys() == b.keys()
@@ -126,3 +146,25 @@ def test_ranks_draw_their_own_noise_and_hooks_fire_inside_ddp(runs):
     assert not torch.equal(rank0["objective"][0], rank1["objective"][0])
     records = _metrics(runs["fpq2"])
     assert all(r["train_csd"] > 0 for r in records)                   # feature capture ran
+
+
+def test_lsq_gradient_scale_counts_the_global_batch():
+    """The half-batch step-size gradients of two ranks (replicas=2), averaged as DDP does,
+    equal the whole-batch gradient of one process; with replicas=1 they are sqrt(2) too big."""
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 5, 5)
+    quantizer = LSQQuantizer(4, signed=True)
+    quantizer.start_observing()
+    quantizer(images)
+    quantizer.finish_observing()
+
+    def step_size_grad(batch: torch.Tensor, replicas: int) -> torch.Tensor:
+        quantizer.replicas, quantizer.scale.grad = replicas, None
+        (quantizer(batch) * batch.cos()).sum().div(len(batch)).backward()   # a rank's mean
+        return quantizer.scale.grad.clone()
+
+    whole = step_size_grad(images, 1)
+    halves = [step_size_grad(half, 2) for half in images.chunk(2)]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, whole)
+    per_rank = [step_size_grad(half, 1) for half in images.chunk(2)]
+    torch.testing.assert_close((per_rank[0] + per_rank[1]) / 2, whole * 2 ** 0.5)

@@ -56,6 +56,9 @@ class Quantizer(nn.Module, ABC):
     """
 
     learnable = True
+    # Data-parallel ranks the quantized tensor's batch is split over (the trainer sets it on
+    # input quantizers under DDP), so LSQ's N counts the global batch as in one process.
+    replicas = 1
     # How calibration turns observed data into a range (see `set_range_method`).
     range_method = "minmax"
     percentile = 99.99
@@ -86,8 +89,9 @@ class Quantizer(nn.Module, ABC):
         return (-1,) + (1,) * (x.dim() - 1) if self.per_channel else (1,) * max(x.dim(), 1)
 
     def grad_factor(self, x: Tensor) -> float:
-        """LSQ's gradient scale g = 1 / sqrt(N * Qp), N = elements per scale value."""
-        n = x.numel() // self.num_channels
+        """LSQ's gradient scale g = 1 / sqrt(N * Qp), N = elements per scale value (over all
+        `replicas` ranks: DDP then averages gradients to what one process computes)."""
+        n = x.numel() * self.replicas // self.num_channels
         return 1.0 / math.sqrt(n * max(self.qmax, 1))
 
     # -- calibration ----------------------------------------------------------------------

@@ -22,9 +22,9 @@ from ..data import BatchPipeline, ImageTensorDataset, calibration_batches, load_
 from ..errors import CheckpointError, ConfigError, FlatqError
 from ..methods import build_objective
 from ..models import build_model
-from ..quant import calibrate, quantize_model, quantizers
+from ..quant import calibrate, quant_layers, quantize_model, quantizers
 from .checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_atomic
-from .distributed import is_main_process, main_first, rank, setup, wrap
+from .distributed import is_main_process, main_first, rank, setup, world_size, wrap
 from .loop import Trainer, evaluate
 
 
@@ -129,6 +129,8 @@ def _objective(config: RunConfig, student: nn.Module, teacher: nn.Module | None,
     seed = config.train.seed + rank()
     objective = build_objective(config.method, student, teacher, data=data, seed=seed)
     torch.manual_seed(seed)
+    for _, layer in quant_layers(student):     # each rank quantizes 1/world of the batch
+        layer.input_quantizer.replicas = world_size()
     objective.student = wrap(objective.student, device)
     return objective
 
