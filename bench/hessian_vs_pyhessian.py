@@ -9,11 +9,13 @@ with params="all"), in eval mode, with the same number of Rademacher vectors. Ti
   pyhessian: hessian(model, cross_entropy, data=batch, cuda=False).trace(maxIter=N) (its
              constructor computes the gradient graph, so it is timed too).
 The two run interleaved (A B, B A, ...) after a warm-up, so load from other processes hits
-both alike; the ratio of medians is the headline, best-of-N is printed beside it. Estimates:
-the pooled estimates are compared with their combined standard error; on the CPU, the same
-seed also makes both draw the same Rademacher vectors (flatq's generator and the global one
-are the same Mersenne Twister stream), so each repeat's two estimates should coincide, which
-is reported; and one Hessian-vector product with a shared vector is compared element-wise.
+both alike; the ratio of medians is the headline, best-of-N and the ratio of median process
+CPU times (less sensitive to other processes' load than wall time) are printed beside it.
+Estimates: the pooled estimates are compared with their combined standard error; on the CPU,
+the same seed also makes both draw the same Rademacher vectors (flatq's generator and the
+global one are the same Mersenne Twister stream), so each repeat's two estimates should
+coincide, which is reported; and one Hessian-vector product with a shared vector is compared
+element-wise.
 
 PyHessian is not a flatq dependency. Install it into the venv first:
     .venv/bin/pip install pyhessian
@@ -136,10 +138,12 @@ def same_vector_check(model: nn.Module, images: Tensor, labels: Tensor) -> float
     return float((ours - theirs).abs().max() / theirs.abs().max())
 
 
-def timed(fn, *args) -> tuple[float, object]:
-    start = time.perf_counter()
+def timed(fn, *args) -> tuple[float, float, object]:
+    """(wall seconds, this process's CPU seconds, result). CPU time counts only this
+    process's threads, so it is far less sensitive than wall time to other processes' load."""
+    wall, cpu = time.perf_counter(), time.process_time()
     out = fn(*args)
-    return time.perf_counter() - start, out
+    return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -153,20 +157,20 @@ def measure(args: argparse.Namespace) -> dict:
     run_flatq(model, images, labels, 2, 0)  # warm-up (allocator, kernels)
     run_pyhessian(model, images, labels, 2, 0)
     times = {"flatq": [], "pyhessian": []}
+    cpu_times = {"flatq": [], "pyhessian": []}
     flatq_runs, py_runs = [], []
     for r in range(args.repeats):
         order = ["flatq", "pyhessian"] if r % 2 == 0 else ["pyhessian", "flatq"]
         for name in order:
             seed = args.seed + 1000 * (r + 1)
-            if name == "flatq":
-                seconds, out = timed(run_flatq, model, images, labels, args.samples, seed)
-                flatq_runs.append(out)
-            else:
-                seconds, out = timed(run_pyhessian, model, images, labels, args.samples, seed)
-                py_runs.append(out)
+            fn = run_flatq if name == "flatq" else run_pyhessian
+            seconds, cpu, out = timed(fn, model, images, labels, args.samples, seed)
+            (flatq_runs if name == "flatq" else py_runs).append(out)
             times[name].append(seconds)
-        print(f"repeat {r + 1}/{args.repeats}: flatq {times['flatq'][-1]:.3f}s, "
-              f"PyHessian {times['pyhessian'][-1]:.3f}s", flush=True)
+            cpu_times[name].append(cpu)
+        print(f"repeat {r + 1}/{args.repeats}: flatq {times['flatq'][-1]:.3f}s "
+              f"(CPU {cpu_times['flatq'][-1]:.3f}s), PyHessian {times['pyhessian'][-1]:.3f}s "
+              f"(CPU {cpu_times['pyhessian'][-1]:.3f}s)", flush=True)
     load_after = os.getloadavg()
 
     # Pool the repeats: flatq's repeats are independent estimates of equal size.
@@ -181,6 +185,7 @@ def measure(args: argparse.Namespace) -> dict:
     paired = max(abs(o["value"] - float(np.mean(r))) for o, r in zip(flatq_runs, py_runs))
     median = {name: statistics.median(values) for name, values in times.items()}
     best = {name: min(values) for name, values in times.items()}
+    cpu_median = {name: statistics.median(values) for name, values in cpu_times.items()}
     return {
         "machine": machine_info(), "loadavg_before": load_before, "loadavg_after": load_after,
         "settings": {"model": described, "batch": len(images), "samples": args.samples,
@@ -190,6 +195,8 @@ def measure(args: argparse.Namespace) -> dict:
         "seconds": times, "median_seconds": median, "best_seconds": best,
         "flatq_over_pyhessian_time": median["flatq"] / median["pyhessian"],
         "flatq_over_pyhessian_time_best": best["flatq"] / best["pyhessian"],
+        "cpu_seconds": cpu_times, "median_cpu_seconds": cpu_median,
+        "flatq_over_pyhessian_cpu_time": cpu_median["flatq"] / cpu_median["pyhessian"],
         "trace": {"flatq": {"value": f_value, "stderr": f_stderr,
                             "vectors": args.samples * args.repeats},
                   "pyhessian": {"value": p_value, "stderr": p_stderr, "vectors": int(p.size)}},
@@ -229,7 +236,8 @@ def main() -> None:
     print(f"median time: flatq {m['flatq']:.3f}s, PyHessian {m['pyhessian']:.3f}s; "
           f"flatq / PyHessian = {result['flatq_over_pyhessian_time']:.3f} (best of "
           f"{args.repeats}: {b['flatq']:.3f}s / {b['pyhessian']:.3f}s = "
-          f"{result['flatq_over_pyhessian_time_best']:.3f})")
+          f"{result['flatq_over_pyhessian_time_best']:.3f}); median process CPU time: flatq / "
+          f"PyHessian = {result['flatq_over_pyhessian_cpu_time']:.3f}")
     print(f"Tr(H): flatq {t['flatq']['value']:.5g} ± {t['flatq']['stderr']:.3g} "
           f"({t['flatq']['vectors']} vectors), PyHessian {t['pyhessian']['value']:.5g} ± "
           f"{t['pyhessian']['stderr']:.3g} ({t['pyhessian']['vectors']} vectors); difference "

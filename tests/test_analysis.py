@@ -2,6 +2,7 @@
 forms and finite differences; analyses leave the model untouched and keep no graph between
 products; noise, feature and plot outputs; tracking during training through the CLI."""
 
+import copy
 import gc
 import json
 
@@ -273,9 +274,18 @@ def test_grad_norm_and_trackers_leave_training_state_alone(quantized_resnet):
     assert grad_norm(model) == pytest.approx(expected, rel=1e-6)
     grads = [p.grad.clone() for p in model.parameters()]
     state, modes = snapshot(model)
+    reference = copy.deepcopy(model).eval()  # task gradient: plain CE backward in eval mode
+    nn.functional.cross_entropy(reference(images[:8]), labels[:8]).backward()
+    task = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(m.weight.grad)
+                                                 for m in reference.modules()
+                                                 if isinstance(m, (nn.Conv2d, nn.Linear))]))
     record = HessianTracker(seed=0)(5, objective, images[:8], labels[:8])
     assert set(record) == {"hessian_trace", "hessian_trace_stderr"}
-    assert GradNormTracker()(5, objective, images, labels) == {"grad_norm": grad_norm(model)}
+    norms = GradNormTracker()(5, objective, images[:8], labels[:8])
+    assert norms["grad_norm"] == grad_norm(model)
+    assert norms["task_grad_norm"] == pytest.approx(task.item(), rel=1e-5)
+    # .grad came from a train-mode pass (batch statistics): a different gradient
+    assert norms["task_grad_norm"] != pytest.approx(norms["grad_norm"], rel=1e-3)
     assert_unchanged_state(model, (state, modes))
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
     model.zero_grad(set_to_none=True)
@@ -294,13 +304,36 @@ def test_plot_kinds_write_png(quantized_resnet, tmp_path):
             {**run, **feature_statistics(model, "stem.0", images[:4], bins=10)}]},
     }
     figures = {kind: draw(json.loads(json.dumps(data))) for kind, data in analyses.items()}
-    figures["trajectory"] = draw_trajectories([("a", [1, 2, 3], [3.0, 2.0, 2.5])], "grad_norm")
+    figures["trajectory"] = draw_trajectories([("a", [1, 2, 3], [3.0, 2.0, 2.5], None),
+                                               ("b", [1, 3], [9.0, 8.0], [1.0, 0.5])],
+                                              "hessian_trace", log_y=True)
     for kind, figure in figures.items():
         path = save(figure, tmp_path / f"{kind}.png")
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, kind
     with pytest.raises(Exception, match="cannot plot kind 'nope'"):
         draw({"kind": "nope", "runs": []})
+
+
+def test_figures_label_axes_legends_and_error_bands():
+    """Every panel has a title, axis labels and a legend naming the runs; eigenvalue ranks
+    are whole numbers; a trajectory with standard errors draws a band of exactly ±1 s.e."""
+    run = {"label": "lsq", "params": "weights", "trace": {"value": 5.0, "stderr": 1.0},
+           "eigenvalues": [{"value": 3.0}, {"value": 1.0}],
+           "layers": [{"name": "conv", "trace": 5.0, "stderr": 1.0}]}
+    fig = draw({"kind": "hessian", "runs": [run, {**run, "label": "fpq"}]})
+    for ax in fig.axes:
+        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["lsq", "fpq"]
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in fig.axes[1].get_xticks())
+    fig = draw_trajectories([("fpq", [10, 20], [4.0, 2.0], [1.0, 0.5])], "hessian_trace",
+                            log_y=True)
+    (ax,) = fig.axes
+    assert ax.get_ylabel() == "Tr(H) of the task loss (Hutchinson)" and ax.get_yscale() == "log"
+    (band,) = ax.collections
+    corners = {tuple(xy) for xy in band.get_paths()[0].vertices.round(6).tolist()}
+    assert corners == {(10, 3.0), (10, 5.0), (20, 1.5), (20, 2.5)}
 
 
 def test_cli_track_analyze_and_plot(tmp_path, capsys):
@@ -314,8 +347,12 @@ def test_cli_track_analyze_and_plot(tmp_path, capsys):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     tracked = [r for r in records if "hessian_trace" in r]
     assert [r["step"] for r in tracked] == [1, 2]
-    assert all(r["grad_norm"] > 0 and r["hessian_trace_stderr"] >= 0 for r in tracked)
+    assert all(r["grad_norm"] > 0 and r["task_grad_norm"] > 0
+               and r["hessian_trace_stderr"] >= 0 for r in tracked)
     assert read_metric(run, "grad_norm")[0] == [1, 2]
+    steps, values, stderr = read_metric(run, "hessian_trace")
+    assert stderr == [r["hessian_trace_stderr"] for r in tracked]
+    assert read_metric(run, "grad_norm")[2] is None
 
     common = ["--device", "cpu", "--labels", "fp"]
     assert main(["analyze", "hessian", str(run), "--batches", "1", "--batch-size", "8",
@@ -331,7 +368,7 @@ def test_cli_track_analyze_and_plot(tmp_path, capsys):
     for name in ("h", "n", "f"):
         assert main(["plot", str(tmp_path / f"{name}.json")]) == 0
         assert (tmp_path / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert main(["plot", str(run), "--metric", "hessian_trace", "-o",
+    assert main(["plot", str(run), "--metric", "hessian_trace", "--log-y", "-o",
                  str(tmp_path / "traj.png")]) == 0
     assert (tmp_path / "traj.png").read_bytes().startswith(PNG_SIGNATURE)
 

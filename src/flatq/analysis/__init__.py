@@ -2,20 +2,21 @@
 that are written as JSON and drawn by `plots`.
 
 - hessian: Tr(H) by Hutchinson, top eigenvalues by power iteration, trace per layer
-- gradnorm: ||grad_w L|| of the last backward pass
+- gradnorm: ||grad_w L|| of the last backward pass, and of the task loss on a batch
 - noise: output variance under Gaussian input noise
 - features: per-channel statistics of one layer's output
 - tracking: step callbacks that log hessian_trace / grad_norm during training
 """
 
 from .features import feature_layers, feature_statistics
-from .gradnorm import grad_norm
-from .hessian import Hessian, hessian_report, model_hessian
+from .gradnorm import grad_norm, task_grad_norm
+from .hessian import Hessian, batch_loss, hessian_report, model_hessian
 from .noise import output_variance
 from .params import layer_weights, select_params
 from .state import measuring
 from .tracking import tracking_callbacks
 
-__all__ = ["Hessian", "hessian_report", "model_hessian", "grad_norm", "output_variance",
+__all__ = ["Hessian", "batch_loss", "hessian_report", "model_hessian", "grad_norm",
+           "task_grad_norm", "output_variance",
            "feature_layers", "feature_statistics", "layer_weights", "select_params",
            "measuring", "tracking_callbacks"]

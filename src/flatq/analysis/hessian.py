@@ -219,16 +219,19 @@ def _unit(v: Tensor) -> Tensor:
     return v / v.norm()
 
 
+def batch_loss(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+    """The loss the analyses differentiate: mean cross-entropy of one batch, computed in at
+    least float32 (half-precision logits are promoted)."""
+    logits = model(images)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
+
+
 def model_hessian(model: nn.Module, params: Sequence[tuple[str, Tensor]],
                   batches: Sequence[tuple[Tensor, Tensor]], progress: bool = False) -> Hessian:
     """The Hessian of the mean cross-entropy of `model` over `batches` (images, labels),
     each batch weighted by its size. Set the model's mode before using it."""
     def closure(images: Tensor, labels: Tensor) -> Closure:
-        def loss() -> Tensor:
-            logits = model(images)
-            return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
-                                   labels)
-        return loss
+        return lambda: batch_loss(model, images, labels)
     return Hessian(params, [closure(x, y) for x, y in batches],
                    [len(y) for _, y in batches], progress)
 

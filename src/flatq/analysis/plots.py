@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..errors import ConfigError, DataError
 
@@ -45,6 +46,7 @@ def draw_hessian(data: dict) -> Figure:
         values = [e["value"] for e in r["eigenvalues"]]
         ax_e.plot(range(1, len(values) + 1), values, "o-", color=f"C{i}", label=r["label"])
     ax_e.set(title="Top eigenvalues (power iteration)", xlabel="rank", ylabel="eigenvalue")
+    ax_e.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_e.legend()
     offsets, bar = _offsets(len(runs))
     for i, r in enumerate(runs):
@@ -99,8 +101,21 @@ def draw_features(data: dict) -> Figure:
     return fig
 
 
-def read_metric(run: str | Path, metric: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of `metric` from a run folder's metrics.jsonl."""
+# Axis labels of the metrics the trackers log (others are shown by their own name).
+METRIC_LABELS = {
+    "hessian_trace": "Tr(H) of the task loss (Hutchinson)",
+    "grad_norm": "||grad_w L|| of the whole objective",
+    "task_grad_norm": "||grad_w CE|| of the task loss",
+}
+
+# (legend label, steps, values, standard errors or None)
+Series = tuple[str, list[int], list[float], list[float] | None]
+
+
+def read_metric(run: str | Path, metric: str) -> tuple[list[int], list[float],
+                                                        list[float] | None]:
+    """(steps, values, standard errors or None) of `metric` from a run folder's
+    metrics.jsonl; the errors come from `<metric>_stderr` where every record has one."""
     path = Path(run)
     path = path / METRICS_FILE if path.is_dir() else path
     if not path.is_file():
@@ -110,21 +125,31 @@ def read_metric(run: str | Path, metric: str) -> tuple[list[int], list[float]]:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not JSON lines ({exc})") from None
-    rows = [(r["step"], float(r[metric])) for r in records if metric in r and "step" in r]
+    rows = [r for r in records if metric in r and "step" in r]
     if not rows:
         found = sorted({k for r in records for k in r} - {"step", "epoch"})
         raise DataError(f"{path}: no record has {metric!r}; metrics there: {', '.join(found)}")
-    steps, values = zip(*rows)
-    return list(steps), list(values)
+    error = f"{metric}_stderr"
+    stderr = [float(r[error]) for r in rows] if all(error in r for r in rows) else None
+    return [r["step"] for r in rows], [float(r[metric]) for r in rows], stderr
 
 
-def draw_trajectories(series: list[tuple[str, list[int], list[float]]], metric: str) -> Figure:
-    """One line per (label, steps, values) of `metric` against the training step (paper
-    Figs. 2 and 5)."""
+def draw_trajectories(series: list[Series], metric: str, log_y: bool = False) -> Figure:
+    """One line per (label, steps, values, stderr) of `metric` against the training step,
+    with a ±1 standard-error band where the errors are known (paper Figs. 2 and 5)."""
     fig, (ax,) = _figure(6.5, 4.5)
-    for i, (label, steps, values) in enumerate(series):
+    for i, (label, steps, values, stderr) in enumerate(series):
         ax.plot(steps, values, marker=".", color=f"C{i}", label=label)
-    ax.set(title=f"{metric} during training", xlabel="training step", ylabel=metric)
+        if stderr is not None:
+            mid, err = np.asarray(values), np.asarray(stderr)
+            ax.fill_between(steps, mid - err, mid + err, color=f"C{i}", alpha=0.2,
+                            linewidth=0)
+    name = METRIC_LABELS.get(metric, metric)
+    ax.set(title=f"{metric} during training" + (" (band: ±1 s.e.)" if any(
+        s[3] is not None for s in series) else ""), xlabel="training step", ylabel=name)
+    if log_y:
+        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     return fig
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..config import TrainConfig
 from ..methods.base import Objective
-from .gradnorm import grad_norm
+from .gradnorm import grad_norm, task_grad_norm
 from .hessian import model_hessian
 from .params import layer_weights
 from .state import measuring
@@ -26,12 +26,16 @@ def _student(objective: Objective) -> nn.Module:
 
 
 class GradNormTracker:
-    """Logs `grad_norm`: ||grad_w L|| of the step's total objective w.r.t. the layer weights."""
+    """Logs `grad_norm`, ||grad_w L|| of the step's whole objective (the gradient the
+    optimizer applied), and `task_grad_norm`, that of the task cross-entropy on the same batch
+    in eval mode (comparable across methods; see `analysis.gradnorm`)."""
 
     def __call__(self, step: int, objective: Objective, images: Tensor,
-                 labels: Tensor) -> dict[str, float] | None:
-        norm = grad_norm(_student(objective))
-        return None if norm is None else {"grad_norm": norm}
+                 labels: Tensor) -> dict[str, float]:
+        student = _student(objective)
+        record = {"task_grad_norm": task_grad_norm(student, images, labels)}
+        norm = grad_norm(student)
+        return record if norm is None else {"grad_norm": norm, **record}
 
 
 class HessianTracker:

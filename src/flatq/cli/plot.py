@@ -23,9 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", default=None, metavar="FILE.png", help="image to write "
                    "[default: FILE.png beside FILE.json, or METRIC.png]")
     p.add_argument("--metric", default="hessian_trace", help="metric to draw from run folders: "
-                   "hessian_trace, grad_norm, test_acc, ... [default: hessian_trace]")
+                   "hessian_trace, grad_norm, task_grad_norm, test_acc, ... "
+                   "[default: hessian_trace]")
     p.add_argument("--labels", default=None, help="comma-separated legend labels for run "
                    "folders [default: the folder names]")
+    p.add_argument("--log-y", action="store_true", help="logarithmic y axis for a trajectory "
+                   "(runs whose values differ by orders of magnitude)")
     p.set_defaults(func=run_plot)
 
 
@@ -53,6 +56,7 @@ def run_plot(args: argparse.Namespace) -> None:
         if len(labels) != len(sources):
             raise ConfigError(f"--labels gives {len(labels)} labels for {len(sources)} runs")
         figure = draw_trajectories([(label, *read_metric(s, args.metric))
-                                    for label, s in zip(labels, sources)], args.metric)
+                                    for label, s in zip(labels, sources)], args.metric,
+                                   args.log_y)
         out = args.out or f"{args.metric}.png"
     print(f"-> {save(figure, out)}")
