@@ -1,6 +1,8 @@
-"""Crash and resume: SIGKILL mid-run then --resume ends exactly where an uninterrupted run ends;
-checkpoints are atomic, load with weights_only=True, are refused for another model or bit
-width; a non-finite loss stops the run without writing non-finite weights."""
+"""Crash and resume: a run SIGKILLed while writing a checkpoint, resumed, SIGKILLed again while
+training, and resumed once more ends exactly where an uninterrupted run ends; FPQ's SFP coin
+flips and DNQ's noise streams resume too; checkpoints load with weights_only=True and are
+refused for another model or bit width; a non-finite loss stops the run naming the step and
+the last good checkpoint, without writing non-finite weights."""
 
 from __future__ import annotations
 
@@ -16,24 +18,43 @@ from pathlib import Path
 import pytest
 import torch
 
+import tiny_model_cli  # noqa: F401  (registers the BN-free tiny_nobn model)
 from flatq.cli import main
-from flatq.config import QuantConfig, RunConfig, TrainConfig, DataConfig, method_config
+from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config
 from flatq.errors import CheckpointError
 from flatq.methods.task import TaskObjective
-from flatq.models import build_model
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
-from flatq.train.runs import build_from_meta, load_model
+from flatq.train.runs import build_from_meta, load_model, load_teacher, pretrain, qat
 
 # 2 epochs of 3 steps on the synthetic set, with augmentation (so its draws must be replayed).
 BASE = ["pretrain", "--model", "resnet8", "--data", "synthetic", "--epochs", "2", "--lr", "0.1",
         "--batch-size", "16", "--device", "cpu", "--no-progress"]
-RUN = [*BASE, "--max-steps-per-epoch", "3"]
+RUN = [*BASE, "--max-steps-per-epoch", "3", "--checkpoint-every-steps", "2"]
 TOTAL_STEPS = 6
+RUN_FILES = ["checkpoint.pt", "config.yaml", "metrics.jsonl", "model.pt", "summary.json"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # same thread count in every run: same sums
 
+# `flatq` that SIGKILLs itself halfway through writing its Nth checkpoint file.
+KILL_IN_SAVE = """
+import io, os, signal, sys, torch
+from flatq.cli import main
+real, calls = torch.save, []
+def save(obj, handle, *args, **kwargs):
+    calls.append(obj)
+    if len(calls) == int(sys.argv[1]):
+        data = io.BytesIO()
+        real(obj, data, *args, **kwargs)
+        handle.write(data.getvalue()[:data.tell() // 2])
+        handle.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(obj, handle, *args, **kwargs)
+torch.save = save
+sys.exit(main(sys.argv[2:]))
+"""
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flatq", *args], env=ENV, text=True,
+
+def _start(args: list[str], prefix: tuple[str, ...] = ("-m", "flatq")) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *prefix, *args], env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -43,24 +64,20 @@ def _finish(proc: subprocess.Popen) -> str:
     return out
 
 
-def _kill_at_first_checkpoint(procs: dict[str, subprocess.Popen],
-                              dirs: dict[str, Path]) -> dict[str, dict]:
-    """SIGKILL each run as soon as its first checkpoint exists; the checkpoints they left."""
-    left, deadline = dict(procs), time.monotonic() + 300
-    while left:
-        for name, proc in list(left.items()):
-            if (dirs[name] / CHECKPOINT_NAME).exists():
-                proc.send_signal(signal.SIGKILL)
-                del left[name]
-            assert proc.poll() is None or proc.returncode == -signal.SIGKILL, \
-                proc.communicate()[1]
+def _killed(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err
+
+
+def _kill_at_next_checkpoint(proc: subprocess.Popen, path: Path) -> None:
+    """SIGKILL `proc` from outside as soon as it has replaced the checkpoint at `path`."""
+    before, deadline = path.stat().st_ino, time.monotonic() + 300
+    while path.stat().st_ino == before:
+        assert proc.poll() is None, proc.communicate()[1]
         assert time.monotonic() < deadline
-        time.sleep(0.01)
-    for name, proc in procs.items():
-        proc.communicate()
-        assert proc.returncode == -signal.SIGKILL
-        assert not (dirs[name] / "model.pt").exists(), f"{name}: finished before the kill"
-    return {name: load_checkpoint(dirs[name], CHECKPOINT_NAME) for name in procs}
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    _killed(proc)
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -71,32 +88,82 @@ def _records(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """An uninterrupted run, and two runs SIGKILLed and resumed: after the first epoch's
-    checkpoint, and after a mid-epoch step checkpoint (--checkpoint-every-steps 2)."""
+    """An uninterrupted run, and beside it the same run (step checkpoints every 2 steps)
+    killed twice: halfway through writing its second checkpoint (epoch 1's, after step 3),
+    so it resumes mid-epoch from step 2; then by an outside SIGKILL as soon as that resumed
+    process has saved a new checkpoint, so it resumes again from there."""
     root = tmp_path_factory.mktemp("resume")
-    dirs = {name: root / name for name in ("whole", "epoch", "step")}
+    dirs = {name: root / name for name in ("whole", "killed")}
+    killed, ckpt = dirs["killed"], dirs["killed"] / CHECKPOINT_NAME
     whole = _start([*RUN, "--out", str(dirs["whole"])])
-    epoch = _start([*RUN, "--out", str(dirs["epoch"])])
-    step = _start([*RUN, "--checkpoint-every-steps", "2", "--out", str(dirs["step"])])
-    killed = _kill_at_first_checkpoint({"epoch": epoch, "step": step}, dirs)
-    assert killed["epoch"]["epoch_step"] == 0 and 0 < killed["epoch"]["step"] < TOTAL_STEPS
-    assert killed["step"]["epoch_step"] > 0, "the step run was not killed mid-epoch"
-    resumed = [_start(["pretrain", "--resume", "--out", str(dirs[n])]) for n in ("epoch", "step")]
-    for proc in (whole, *resumed):
-        _finish(proc)
+    _killed(_start(["2", *RUN, "--out", str(killed)], prefix=("-c", KILL_IN_SAVE)))
+    state = load_checkpoint(killed, CHECKPOINT_NAME)             # the old one, whole
+    assert (state["step"], state["epoch"], state["epoch_step"]) == (2, 0, 2)
+    assert len(list(killed.glob(".checkpoint.pt.*.tmp"))) == 1   # the half-written one
+    assert not (killed / "model.pt").exists()
+    second = _start(["pretrain", "--resume", "--out", str(killed)])
+    _kill_at_next_checkpoint(second, ckpt)
+    state = load_checkpoint(killed, CHECKPOINT_NAME)
+    assert 2 < state["step"] < TOTAL_STEPS and not (killed / "model.pt").exists()
+    _finish(_start(["pretrain", "--resume", "--out", str(killed)]))
+    _finish(whole)
     return dirs
 
 
-@pytest.mark.parametrize("name", ["epoch", "step"])
-def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(runs, name):
-    assert _records(runs[name]) == _records(runs["whole"])
-    summary = {k: v for k, v in json.loads((runs[name] / "summary.json").read_text()).items()
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(runs):
+    assert _records(runs["killed"]) == _records(runs["whole"])
+    summary = {k: v for k, v in json.loads((runs["killed"] / "summary.json").read_text()).items()
                if k != "seconds"}
     whole = {k: v for k, v in json.loads((runs["whole"] / "summary.json").read_text()).items()
              if k != "seconds"}
     assert summary == whole and summary["step"] == TOTAL_STEPS
-    a, b = load_model(runs[name])[0].state_dict(), load_model(runs["whole"])[0].state_dict()
+    a, b = load_model(runs["killed"])[0].state_dict(), load_model(runs["whole"])[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the half-written temporary file is gone, nothing else is left behind
+    assert sorted(p.name for p in runs["killed"].iterdir()) == RUN_FILES
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_at(step: int):
+    def callback(at, objective, images, labels):
+        if at == step:
+            raise Interrupted
+    return callback
+
+
+def _same_run(a: Path, b: Path) -> None:
+    assert _records(a) == _records(b)
+    wa, wb = load_model(a)[0].state_dict(), load_model(b)[0].state_dict()
+    assert wa.keys() == wb.keys()
+    for key, value in wb.items():
+        assert torch.equal(wa[key], value) if torch.is_tensor(value) else wa[key] == value, key
+
+
+def test_random_streams_of_methods_resume(tmp_path):
+    """Interrupted after step 3 (last checkpoint: step 2, mid-epoch) and resumed, DNQ (noise
+    coins and values) and FPQ (SFP coin flips with p = 0.5, noise from the global RNG) end
+    as their uninterrupted runs. BN-free tiny model: the method's streams are what matters."""
+    train = TrainConfig(epochs=1, batch_size=16, lr=0.05, device="cpu", progress=False,
+                        max_steps_per_epoch=4, checkpoint_every_steps=2, track_every=1)
+    dnq = RunConfig(model="tiny_nobn", data=DataConfig(name="synthetic"), train=train,
+                    method=method_config("dnq"))
+    fpq = RunConfig(model="tiny_nobn", data=DataConfig(name="synthetic"), train=train,
+                    quant=QuantConfig(w_bits=4, a_bits=4), method=method_config("fpq", {"p": 0.5}))
+    runs = {"dnq": lambda out, **kw: pretrain(dnq, out, **kw),
+            # FPQ starts from the finished DNQ run (a full-precision model)
+            "fpq": lambda out, **kw: qat(fpq, *load_teacher(tmp_path / "dnq_whole"), out, **kw)}
+    for name, run in runs.items():
+        whole, cut = tmp_path / f"{name}_whole", tmp_path / f"{name}_cut"
+        run(whole)
+        with pytest.raises(Interrupted):
+            run(cut, callbacks=[_interrupt_at(3)])
+        saved = load_checkpoint(cut, CHECKPOINT_NAME)
+        assert (saved["step"], saved["epoch_step"]) == (2, 2) and saved["rng"][0]["objective"]
+        run(cut, resume=True)
+        _same_run(cut, whole)
 
 
 def test_checkpoints_load_with_weights_only(runs):
@@ -185,14 +252,15 @@ def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path, cap
     assert not (run / "model.pt").exists()
 
 
-def test_huge_learning_rate_ends_with_one_line_and_finite_checkpoint(tmp_path):
+def test_huge_learning_rate_ends_with_one_line_and_finite_checkpoint(tmp_path, capsys):
+    """A real divergence (no patched loss): the run stops at the first non-finite loss or
+    weights; whatever checkpoint it left is finite."""
     run = tmp_path / "lr"
-    proc = subprocess.run([sys.executable, "-m", "flatq", *BASE, "--lr", "1e6",
-                           "--max-steps-per-epoch", "4", "--checkpoint-every-steps", "1",
-                           "--out", str(run)], env=ENV, capture_output=True, text=True,
-                          timeout=300)
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(err) == 1, proc.stderr
-    assert "non-finite" in err[0] and "step" in err[0] and "Traceback" not in proc.stderr
+    code = main([*BASE, "--lr", "1e6", "--max-steps-per-epoch", "4", "--checkpoint-every-steps",
+                 "1", "--out", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "non-finite" in err[0] and "step" in err[0]
     if (run / CHECKPOINT_NAME).exists():
         assert _all_finite(load_checkpoint(run, CHECKPOINT_NAME)["model"])
+    assert not (run / "model.pt").exists()

@@ -183,6 +183,10 @@ class DNQ(Objective):
             device = next(self.student.parameters()).device
             self.input_ranges = {k: v.to(device) for k, v in state["input_ranges"].items()}
 
+    def generators(self) -> list[torch.Generator]:
+        """Checkpointed per DDP rank, so each rank resumes its own noise stream."""
+        return [self.coins, self.noise]
+
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()

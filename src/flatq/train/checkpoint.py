@@ -42,6 +42,15 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
         raise
 
 
+def remove_partial_writes(folder: str | Path) -> list[Path]:
+    """Delete the temporary files `save_atomic` leaves when a process is killed mid-write
+    (never read: the checkpoint they were to replace is still whole); returns them."""
+    partial = sorted(Path(folder).glob(".*.pt.*.tmp"))
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
+
+
 def resolve(path: str | Path, name: str = MODEL_NAME) -> Path:
     """A run folder means its `name` file; a file path is taken as it is."""
     path = Path(path)

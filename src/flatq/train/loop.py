@@ -135,7 +135,10 @@ class Trainer:
         self.loader = DataLoader(self.train_set, batch_size=train.batch_size // self.world,
                                  sampler=self.sampler,
                                  drop_last=len(self.train_set) >= train.batch_size,
-                                 collate_fn=collate_batch)
+                                 collate_fn=collate_batch,
+                                 # each epoch's iterator draws a seed from this, not from the
+                                 # global RNG (SFP noise), which a mid-epoch resume restores
+                                 generator=torch.Generator())
         self.steps_per_epoch = len(self.loader)
         if train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, train.max_steps_per_epoch)

@@ -23,7 +23,8 @@ from ..errors import CheckpointError, ConfigError, FlatqError
 from ..methods import build_objective
 from ..models import build_model
 from ..quant import calibrate, quant_layers, quantize_model, quantizers
-from .checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_atomic
+from .checkpoint import (CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, remove_partial_writes,
+                         save_atomic)
 from .distributed import is_main_process, main_first, rank, setup, world_size, wrap
 from .loop import Trainer, evaluate
 
@@ -85,6 +86,7 @@ def prepare_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> Path:
     if resume:
         if not (run_dir / CHECKPOINT_NAME).is_file():
             raise CheckpointError(f"--resume: no {CHECKPOINT_NAME} in {run_dir}")
+        remove_partial_writes(run_dir)
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
