@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flatq.quant import (LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer, PACTQuantizer,
-                         integer_range)
+                         fake_quantize, integer_range)
 from flatq.quant.quantizers import range_to_affine
 
 BITS = range(2, 9)
@@ -341,3 +341,37 @@ def test_bits_mismatch_on_load_refused():
         LSQQuantizer(3).load_state_dict(src.state_dict())
     with pytest.raises(ValueError, match="LSQQuantizer.*LSQPlusQuantizer"):
         LSQPlusQuantizer(4).load_state_dict(src.state_dict(), strict=False)
+
+
+# -- fake_quantize kernel: per-channel LSQ+ zero point and bfloat16 inputs ---------------------
+
+def test_fake_quantize_per_channel_zero_point_gradient_matches_torch():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 4, 3, 3, generator=g) * 2
+    scale = torch.linspace(0.1, 0.4, 5).requires_grad_()
+    zero = torch.tensor([0.0, 3.0, 7.0, 12.0, 15.0], requires_grad=True)
+    upstream = torch.randn(w.shape, generator=g)
+    shape = (-1, 1, 1, 1)
+    out, (dw, ds, dz) = grads_of(
+        lambda t: fake_quantize(t, scale.view(shape), zero.view(shape), 0, 15, 0.2), w, scale,
+        zero, upstream=upstream)
+    ref, (rdw, rds, rdz) = grads_of(
+        lambda t: torch._fake_quantize_learnable_per_channel_affine(t, scale, zero, 0, 0, 15, 0.2),
+        w, scale, zero, upstream=upstream)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(dw, rdw, rtol=0, atol=0)
+    torch.testing.assert_close(ds, rds, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dz, rdz, rtol=1e-5, atol=1e-6)
+    assert (rdz != 0).all()
+
+
+def test_fake_quantize_bfloat16_input_computes_in_float32():
+    x = (torch.randn(2, 3, 4, 4) * 2).bfloat16().requires_grad_()
+    scale = torch.tensor([0.25], requires_grad=True)
+    zero = torch.tensor([8.0])
+    out = fake_quantize(x, scale, zero, 0, 15, 0.5)
+    assert out.dtype == torch.float32
+    ref = fake_quantize(x.detach().float(), scale.detach(), zero, 0, 15, 0.5)
+    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=0)
+    out.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and scale.grad is not None

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
 def channel_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
-    """(z - mean) / sqrt(var + eps), statistics per channel (dim 1) over all other dims."""
-    dims = [d for d in range(z.dim()) if d != 1]
-    mean = z.mean(dim=dims, keepdim=True)
-    var = z.var(dim=dims, unbiased=False, keepdim=True)
-    return (z - mean) / (var + eps).sqrt()
+    """(z - mean) / sqrt(var + eps), statistics per channel (dim 1) over all other dims.
+
+    This is training-mode batch norm without affine parameters or running statistics, so it
+    runs as PyTorch's fused batch-norm kernel: one pass forward and one backward instead of
+    five elementwise ops each way (CSD standardizes every conv output of two networks).
+    """
+    return torch.batch_norm(z, None, None, None, None, True, 0.0, eps,
+                            torch.backends.cudnn.enabled)
 
 
 def csd_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], eps: float = 1e-5) -> Tensor:
@@ -28,6 +33,6 @@ def csd_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], eps: float = 
                          f"{len(teacher)}")
     total = 0.0
     for zs, zt in zip(student, teacher):
-        diff = channel_standardize(zt.float().detach(), eps) - channel_standardize(zs.float(), eps)
-        total = total + diff.pow(2).mean()
+        target = channel_standardize(zt.float().detach(), eps)
+        total = total + F.mse_loss(channel_standardize(zs.float(), eps), target)
     return total

@@ -1,8 +1,8 @@
 """Fake-quantization math with straight-through gradients.
 
 `fake_quantize` is the one kernel every learned quantizer uses. It is an autograd Function
-rather than a chain of STE tricks so that backward saves only the input (memory) and computes
-the LSQ gradients for input, scale and zero point in one pass, exactly as PyTorch's
+rather than a chain of STE tricks so that forward and backward each take few passes over memory
+and compute the LSQ gradients for input, scale and zero point exactly as PyTorch's
 `_fake_quantize_learnable_*_affine` ops define them (tests compare the two).
 """
 
@@ -30,34 +30,49 @@ def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
     return grad.sum(dim=dims, keepdim=True).reshape(shape)
 
 
+def _sum_of_products(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
+    """sum(a * b) per tensor or per channel (dim 0), as a dot product: no product tensor."""
+    if shape.numel() == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(shape)
+    channels = a.shape[0]
+    return torch.einsum("ck,ck->c", a.reshape(channels, -1), b.reshape(channels, -1)).reshape(shape)
+
+
 class _FakeQuantize(torch.autograd.Function):
-    """x_hat = (clip(round(x/s + z), qmin, qmax) - z) * s with LSQ/LSQ+ gradients."""
+    """x_hat = (clip(round(x/s + z), qmin, qmax) - z) * s with LSQ/LSQ+ gradients.
+
+    Written for few passes over memory (fake quantization costs as much as the convolutions
+    on a CPU): forward works in place on its one temporary and saves the in-range mask;
+    backward uses d x_hat / d s = (x_hat - inside * x) / s, which is round(u) - u inside the
+    range and q_bound - z outside it, reduced against the incoming gradient as a dot product.
+    x is divided by s as ONNX QuantizeLinear and the integer export do (PyTorch's fused
+    fake-quant kernels multiply by 1/s, which rounds a few near-tie values the other way).
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                 factor: float) -> Tensor:
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.qmin, ctx.qmax, ctx.factor = qmin, qmax, factor
-        q = torch.clamp(torch.round(x / scale + zero_point), qmin, qmax)
-        return (q - zero_point) * scale
+        rounded = torch.addcdiv(zero_point, x, scale).round_()
+        out = rounded.clamp(qmin, qmax)
+        inside = out == rounded
+        del rounded
+        out.sub_(zero_point).mul_(scale)
+        ctx.save_for_backward(x, out, inside, scale)
+        ctx.factor, ctx.zero_shape = factor, zero_point.shape
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, scale, zero_point = ctx.saved_tensors
-        u = x / scale + zero_point
-        q = torch.round(u)
-        below, above = q < ctx.qmin, q > ctx.qmax
-        inside = ~(below | above)
-        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
+        x, out, inside, scale = ctx.saved_tensors
         grad_scale_ = grad_zero = None
         if ctx.needs_input_grad[1]:
-            # d x_hat / d s: (round(u) - u) inside the range, (q_bound - z) outside.
-            ds = torch.where(inside, q - u, torch.where(below, ctx.qmin - zero_point,
-                                                          ctx.qmax - zero_point))
-            grad_scale_ = _reduce_to(grad_out * ds * ctx.factor, scale.shape)
+            ds_times_s = torch.addcmul(out, x, inside, value=-1)
+            grad_scale_ = _sum_of_products(ds_times_s, grad_out, scale.shape) / scale * ctx.factor
         if ctx.needs_input_grad[2]:
-            dz = torch.where(inside, torch.zeros_like(x), -scale.expand_as(x))
-            grad_zero = _reduce_to(grad_out * dz * ctx.factor, zero_point.shape)
+            # d x_hat / d z: 0 inside the range, -s outside.
+            outside = _reduce_to(torch.where(inside, 0.0, grad_out), ctx.zero_shape)
+            grad_zero = outside * scale.reshape(ctx.zero_shape) * -ctx.factor
+        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
         return grad_x, grad_scale_, grad_zero, None, None, None
 
 
@@ -65,9 +80,9 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
                   grad_factor: float = 1.0) -> Tensor:
     """Uniform affine fake quantization with learnable scale and zero point.
 
-    `scale` and `zero_point` must broadcast against `x` (shape (1,) per tensor, or (C,1,1,1)
-    per output channel of a conv weight). `zero_point` holds integer values; it is learned only
-    by LSQ+ and then rounded by the caller. `grad_factor` scales the gradients of scale and
+    `scale` and `zero_point` must broadcast against `x`: one value per tensor (shape (1,) or
+    (1,1,1,1)), or one per channel on dim 0 ((C,1,1,1) for a conv weight). `zero_point` holds
+    integer values within [qmin, qmax]; it is learned only by LSQ+ and then rounded by the caller. `grad_factor` scales the gradients of scale and
     zero point (LSQ's g = 1/sqrt(N * Qp)).
     """
     return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_factor)
