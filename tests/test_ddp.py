@@ -168,3 +168,12 @@ def test_lsq_gradient_scale_counts_the_global_batch():
     torch.testing.assert_close((halves[0] + halves[1]) / 2, whole)
     per_rank = [step_size_grad(half, 1) for half in images.chunk(2)]
     torch.testing.assert_close((per_rank[0] + per_rank[1]) / 2, whole * 2 ** 0.5)
+
+
+def test_global_batch_must_split_evenly_over_the_ranks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("flatq.train.loop.world_size", lambda: 3)
+    code = main(["pretrain", "--model", "tiny_nobn", *COMMON, "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["flatq pretrain: error: train.batch_size: 32 is not divisible "
+                                 "by the 3 DDP ranks"]
+    assert not (tmp_path / "r" / "config.yaml").exists()
