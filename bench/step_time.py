@@ -1,0 +1,205 @@
+"""Time one training step: FP (CE), LSQ QAT (w4a4) and FPQ (w4a4, teacher + CSD + SFP p=0.1).
+
+Targets (issues 3 and 10): LSQ step <= 1.3x the FP step, FPQ step <= 1.7x. The three steps
+run interleaved (FP, LSQ, FPQ, then LSQ, FPQ, FP, ...: the order rotates each round) after a
+warm-up, so that load from other processes hits them alike; the median of N steps is reported
+with the load average before and after. Peak memory: on CUDA, max_memory_allocated
+over the timed steps; on CPU, each setting runs in a fresh child process and we report its
+peak resident set size (getrusage ru_maxrss) and how much the training steps raised it
+above the level reached after building the models (the delta is the training-step memory).
+
+    .venv/bin/python bench/step_time.py                      # CPU, batch 32
+    .venv/bin/python bench/step_time.py --device cuda --batch 256
+Writes results/bench_step_time.json (machine, settings, times, ratios, memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from flatq.config import QuantConfig, TrainConfig
+from flatq.methods import FPQ, FPQConfig, TaskObjective
+from flatq.methods.base import Objective
+from flatq.models import build_model
+from flatq.quant import calibrate, quantize_model
+from flatq.train.optim import build_optimizer
+
+from machine import machine_info
+
+METHODS = ("fp", "lsq", "fpq")
+TARGETS = {"lsq": 1.3, "fpq": 1.7}
+NUM_CLASSES = 10
+
+
+@torch.no_grad()
+def settle_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Give an untrained model the BatchNorm statistics of `images`, as a trained teacher has.
+
+    Otherwise calibration (eval mode) sees the activations of BN's initial running stats,
+    far smaller than the training-mode ones, and the CSD gradient of the badly clipped
+    student overflows within a step on MobileNetV2.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: one batch sets the statistics exactly
+    model.train()(images)
+    for m in norms:
+        m.momentum = 0.1
+
+
+def build_objective(method: str, model_name: str, images: torch.Tensor,
+                    device: torch.device) -> tuple[Objective, torch.optim.Optimizer]:
+    """The objective and optimizer of one setting, ready for `objective.step`."""
+    torch.manual_seed(0)
+    fp = build_model(model_name, num_classes=NUM_CLASSES, in_channels=3).to(device)
+    settle_batchnorm(fp, images)
+    if method == "fp":
+        objective: Objective = TaskObjective(fp)
+    else:
+        student = quantize_model(fp, QuantConfig(w_bits=4, a_bits=4))
+        calibrate(student, [images], device)
+        objective = (TaskObjective(student) if method == "lsq"
+                     else FPQ(student, fp, FPQConfig(p=0.1)))
+    objective.train()
+    return objective, build_optimizer(objective.student, TrainConfig())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(objective: Objective, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               labels: torch.Tensor, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    objective.step(images, labels, optimizer)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def batch(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(size, 3, 32, 32, generator=gen)
+    labels = torch.randint(0, NUM_CLASSES, (size,), generator=gen)
+    return images.to(device), labels.to(device)
+
+
+def time_model(model_name: str, size: int, steps: int, warmup: int,
+               device: torch.device) -> dict[str, dict]:
+    """Median step time (ms) of each method, interleaved; CUDA peak memory per method."""
+    images, labels = batch(size, device)
+    runs = {m: build_objective(m, model_name, images, device) for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for i in range(warmup + steps):
+        for method in METHODS[i % 3:] + METHODS[:i % 3]:
+            objective, optimizer = runs[method]
+            elapsed = timed_step(objective, optimizer, images, labels, device)
+            if i >= warmup:
+                times[method].append(elapsed)
+    out = {m: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t),
+               "max_ms": 1e3 * max(t)} for m, t in times.items()}
+    if device.type == "cuda":
+        for method, (objective, optimizer) in runs.items():
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            timed_step(objective, optimizer, images, labels, device)
+            peak = torch.cuda.max_memory_allocated(device)
+            out[method]["memory"] = {"kind": "cuda max_memory_allocated",
+                                     "peak_mib": peak / 2**20,
+                                     "step_mib": (peak - base) / 2**20}
+    return out
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _cpu_memory_child(model_name: str, method: str, size: int, threads: int, queue) -> None:
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    images, labels = batch(size, device)
+    objective, optimizer = build_objective(method, model_name, images, device)
+    before = _maxrss_mib()
+    for _ in range(2):
+        objective.step(images, labels, optimizer)
+    after = _maxrss_mib()
+    queue.put({"kind": "ru_maxrss of a fresh process", "peak_mib": after,
+               "step_mib": after - before})
+
+
+def cpu_memory(model_name: str, method: str, size: int, threads: int) -> dict:
+    """Peak RSS of one setting measured in its own process (maxrss never goes down)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_cpu_memory_child, args=(model_name, method, size, threads, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,mobilenet_v2")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--batch", type=int, default=None, help="batch size [CPU: 32, CUDA: 256]")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--out", default="results/bench_step_time.json")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = args.batch or (256 if device.type == "cuda" else 32)
+    report = {"machine": {**machine_info(), "device": str(device)},
+              "loadavg_before": os.getloadavg(),
+              "settings": {"batch": size, "steps": args.steps, "warmup": args.warmup,
+                           "image": [3, 32, 32], "bits": "w4a4", "quantizer": "lsq",
+                           "fpq": {"p": 0.1, "csd": True, "csd_weight": 1.0},
+                           "optimizer": "SGD momentum 0.9, wd 5e-4 (flatq build_optimizer)"},
+              "targets": TARGETS, "models": {}}
+    for name in args.models.split(","):
+        result = time_model(name, size, args.steps, args.warmup, device)
+        if device.type == "cpu" and not args.no_memory:
+            for method in METHODS:
+                result[method]["memory"] = cpu_memory(name, method, size, torch.get_num_threads())
+        fp = result["fp"]["median_ms"]
+        ratios = {m: result[m]["median_ms"] / fp for m in TARGETS}
+        result["ratios"] = ratios
+        result["meets_targets"] = {m: ratios[m] <= TARGETS[m] for m in TARGETS}
+        report["models"][name] = result
+        print(f"{name} (batch {size}, {device}): " + "  ".join(
+            f"{m} {result[m]['median_ms']:.1f} ms" for m in METHODS))
+        for m in TARGETS:
+            verdict = "ok" if ratios[m] <= TARGETS[m] else "MISSED"
+            print(f"  {m.upper()}/FP = {ratios[m]:.2f}x (target <= {TARGETS[m]}x) {verdict}")
+        for m in METHODS:
+            mem = result[m].get("memory")
+            if mem:
+                print(f"  {m} memory: peak {mem['peak_mib']:.0f} MiB, steps add "
+                      f"{mem['step_mib']:.0f} MiB ({mem['kind']})")
+    report["loadavg_after"] = os.getloadavg()
+    print(f"load average (1, 5, 15 min): before {report['loadavg_before']}, "
+          f"after {report['loadavg_after']}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"-> {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
