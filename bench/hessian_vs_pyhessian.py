@@ -75,9 +75,11 @@ PYHESSIAN_NOTES = [
 
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, Tensor, Tensor, str]:
-    """The model (eval mode, BatchNorm statistics from data) and one fixed batch."""
+    """The model (eval mode, BatchNorm statistics from data) and one fixed batch; sets
+    args.data to the data set used."""
     if args.run:
         model, state = load_model(args.run)
+        args.data = state["meta"]["data"]["name"]
         data = prepare_data(DataConfig.from_dict(state["meta"]["data"]))
         described = f"{args.run} ({state['meta']['model']})"
     else:

@@ -143,16 +143,16 @@ class Hessian:
             raise ConfigError(f"Hessian trace: need at least 2 samples for a standard error, "
                               f"got {samples}")
         generator = self._generator(seed)
-        bounds = np.cumsum([0] + self.numels)
         per_param = np.zeros((len(self.losses), samples, len(self.tensors)))
         bar = tqdm(total=len(self.losses) * samples, desc="Hessian trace", leave=False,
                    disable=not self.progress)
         for piece in range(len(self.losses)):
             for s in range(samples):
                 v = self.rademacher(generator)
-                contrib = v.mul_(self.piece_product(piece, v)).to(torch.float64)
-                sums = torch.stack([contrib[bounds[i]:bounds[i + 1]].sum()
-                                    for i in range(len(self.tensors))])
+                contrib = v.mul_(self.piece_product(piece, v))  # v * Hv, in v's memory
+                # float64 accumulation of each parameter's part, without a float64 copy
+                sums = torch.stack([part.sum(dtype=torch.float64)
+                                    for part in contrib.split(self.numels)])
                 per_param[piece, s] = sums.cpu().numpy()
                 bar.update()
         bar.close()

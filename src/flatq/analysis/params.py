@@ -27,5 +27,6 @@ def select_params(model: nn.Module, which: str = "weights") -> list[tuple[str, n
     chosen = (layer_weights(model) if which == "weights" else
               [(n, p) for n, p in model.named_parameters() if p.requires_grad])
     if not chosen:
-        raise ConfigError(f"the model has no trainable {'layer weights' if which == 'weights' else 'parameters'}")
+        what = "layer weights" if which == "weights" else "parameters"
+        raise ConfigError(f"the model has no trainable {what}")
     return chosen
