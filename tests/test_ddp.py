@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny_model_cli  # noqa: F401  (registers tiny_nobn for the in-process runs)
+import tiny_model_cli
 from flatq.cli import main
 from flatq.quant.quantizers import LSQQuantizer
 
@@ -35,6 +35,13 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 COMMON = ["--data", "synthetic", "--no-augment", "--epochs", "2", "--batch-size", "32",
           "--max-steps-per-epoch", "3", "--device", "cpu", "--no-progress"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_nobn():
+    """The BN-free test model in the registry while this file's in-process runs need it."""
+    with tiny_model_cli.registered():
+        yield
 
 
 def _free_port() -> int:
@@ -70,7 +77,7 @@ def _wait(procs: list) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory, tiny_nobn) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
     d = {name: root / name for name in ("fp1", "fp2", "q1", "q2", "l1", "l2", "fpq2")}
     fp = ["pretrain", "--model", "tiny_nobn", "--lr", "0.5", *COMMON]
@@ -170,7 +177,8 @@ def test_lsq_gradient_scale_counts_the_global_batch():
     torch.testing.assert_close((per_rank[0] + per_rank[1]) / 2, whole * 2 ** 0.5)
 
 
-def test_global_batch_must_split_evenly_over_the_ranks(tmp_path, monkeypatch, capsys):
+def test_global_batch_must_split_evenly_over_the_ranks(tiny_nobn, tmp_path, monkeypatch,
+                                                       capsys):
     monkeypatch.setattr("flatq.train.loop.world_size", lambda: 3)
     code = main(["pretrain", "--model", "tiny_nobn", *COMMON, "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()

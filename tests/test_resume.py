@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny_model_cli  # noqa: F401  (registers the BN-free tiny_nobn model)
+import tiny_model_cli
 from flatq.cli import main
 from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config
 from flatq.errors import CheckpointError
@@ -123,6 +123,13 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(runs):
     assert sorted(p.name for p in runs["killed"].iterdir()) == RUN_FILES
 
 
+@pytest.fixture(scope="module")
+def tiny_nobn():
+    """The BN-free test model in the registry while this file's in-process runs need it."""
+    with tiny_model_cli.registered():
+        yield
+
+
 class Interrupted(Exception):
     pass
 
@@ -142,7 +149,7 @@ def _same_run(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], value) if torch.is_tensor(value) else wa[key] == value, key
 
 
-def test_random_streams_of_methods_resume(tmp_path):
+def test_random_streams_of_methods_resume(tiny_nobn, tmp_path):
     """Interrupted after step 3 (last checkpoint: step 2, mid-epoch) and resumed, DNQ (noise
     coins and values) and FPQ (SFP coin flips with p = 0.5, noise from the global RNG) end
     as their uninterrupted runs. BN-free tiny model: the method's streams are what matters."""

@@ -4,17 +4,23 @@ gradient as one process over the whole batch, which is what tests/test_ddp.py ch
 
 Usage (as `flatq`): python tests/tiny_model_cli.py pretrain --model tiny_nobn ...
              or:    torchrun --nproc_per_node 2 tests/tiny_model_cli.py pretrain ...
+In-process (tests): `with registered(): main([...])`, so that the model is not left in the
+registry for other test files (test_models walks every registered model).
 """
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
 from flatq.cli import main
 from flatq.models import register_model
+from flatq.models.registry import _REGISTRY
+
+NAME = "tiny_nobn"
 
 
-@register_model("tiny_nobn")
 class TinyNoBN(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
@@ -27,5 +33,15 @@ class TinyNoBN(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+@contextmanager
+def registered() -> Iterator[None]:
+    register_model(NAME)(TinyNoBN)
+    try:
+        yield
+    finally:
+        del _REGISTRY[NAME]
+
+
 if __name__ == "__main__":
+    register_model(NAME)(TinyNoBN)
     sys.exit(main())
