@@ -66,13 +66,15 @@ class _FakeQuantize(torch.autograd.Function):
         x, out, inside, scale = ctx.saved_tensors
         grad_scale_ = grad_zero = None
         if ctx.needs_input_grad[1]:
-            ds_times_s = torch.addcmul(out, x, inside, value=-1)
+            # where() rather than arithmetic with the bool mask, which would copy it to float.
+            ds_times_s = torch.where(inside, x.to(out.dtype), 0.0)
+            torch.sub(out, ds_times_s, out=ds_times_s)
             grad_scale_ = _sum_of_products(ds_times_s, grad_out, scale.shape) / scale * ctx.factor
         if ctx.needs_input_grad[2]:
             # d x_hat / d z: 0 inside the range, -s outside.
             outside = _reduce_to(torch.where(inside, 0.0, grad_out), ctx.zero_shape)
             grad_zero = outside * scale.reshape(ctx.zero_shape) * -ctx.factor
-        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
+        grad_x = torch.where(inside, grad_out, 0.0) if ctx.needs_input_grad[0] else None
         return grad_x, grad_scale_, grad_zero, None, None, None
 
 
