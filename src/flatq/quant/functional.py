@@ -68,7 +68,10 @@ class _FakeQuantize(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # where() rather than arithmetic with the bool mask, which would copy it to float.
             ds_times_s = torch.where(inside, x.to(out.dtype), 0.0)
-            torch.sub(out, ds_times_s, out=ds_times_s)
+            if torch.is_grad_enabled():  # double backward (Hessian analysis): no out= ops
+                ds_times_s = out - ds_times_s
+            else:
+                torch.sub(out, ds_times_s, out=ds_times_s)
             grad_scale_ = _sum_of_products(ds_times_s, grad_out, scale.shape) / scale * ctx.factor
         if ctx.needs_input_grad[2]:
             # d x_hat / d z: 0 inside the range, -s outside.
