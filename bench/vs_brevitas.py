@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ from flatq.quant import calibrate, quant_layers, quantize_model
 from flatq.train.optim import build_optimizer
 
 from machine import machine_info
-from step_time import NUM_CLASSES, batch, settle_batchnorm, timed_step
+from step_time import NUM_CLASSES, batch, settle_batchnorm, summarize, timed_step
 
 SETTINGS = ("fp", "flatq", "brevitas")
 TARGET = 0.5  # flatq overhead / Brevitas overhead
@@ -136,16 +135,19 @@ def main(argv: list[str] | None = None) -> dict:
         objective = TaskObjective(model).train()
         runs[setting] = (objective, build_optimizer(model, TrainConfig()))
 
-    times: dict[str, list[float]] = {s: [] for s in SETTINGS}
+    times: dict[str, list[tuple[float, float]]] = {s: [] for s in SETTINGS}
     for i in range(args.warmup + args.steps):
         for setting in SETTINGS[i % 3:] + SETTINGS[:i % 3]:
             elapsed = timed_step(*runs[setting], images, labels, device)
             if i >= args.warmup:
                 times[setting].append(elapsed)
-    medians = {s: 1e3 * statistics.median(t) for s, t in times.items()}
+    summary = {s: summarize(t) for s, t in times.items()}
+    medians = {s: summary[s]["median_ms"] for s in SETTINGS}
     ratios = {s: medians[s] / medians["fp"] for s in ("flatq", "brevitas")}
     overheads = {s: r - 1 for s, r in ratios.items()}
     relative = overheads["flatq"] / overheads["brevitas"]
+    cpu = {s: summary[s]["cpu_median_ms"] / summary["fp"]["cpu_median_ms"] - 1
+           for s in ("flatq", "brevitas")}
     comparable = [
         "same network: flatq resnet18 (CIFAR form, 10 classes, 32x32x3), same initial weights",
         "same quantization points: each conv/linear quantizes its input per tensor and its "
@@ -170,10 +172,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "edge_bits": QUANT.edge_bits},
         "comparable_because": comparable,
         "brevitas_weight_levels_per_channel": weight_levels(brev),
-        "times_ms": {s: {"median": medians[s], "min": 1e3 * min(t), "max": 1e3 * max(t)}
-                     for s, t in times.items()},
-        "ratio_to_fp": ratios, "overhead": overheads,
+        "times_ms": summary, "ratio_to_fp": ratios, "overhead": overheads,
         "flatq_overhead_over_brevitas": relative, "target": TARGET,
+        "cpu_time_overhead": cpu,
+        "cpu_time_flatq_overhead_over_brevitas": cpu["flatq"] / cpu["brevitas"],
         "meets_target": relative <= TARGET,
     }
     print(f"ResNet-18 W4A4 QAT step, batch {args.batch}, CPU ({torch.get_num_threads()} threads), "
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                   f"{overheads[s]:+.2f}" if s in ratios else ""))
     verdict = "ok" if relative <= TARGET else "MISSED"
     print(f"  flatq overhead / Brevitas overhead = {relative:.2f} (target <= {TARGET}) {verdict}")
+    print(f"  by CPU time: overhead flatq {cpu['flatq']:+.2f}, Brevitas {cpu['brevitas']:+.2f}, "
+          f"flatq / Brevitas = {cpu['flatq'] / cpu['brevitas']:.2f}")
     print("comparable because:\n" + "\n".join(f"  - {c}" for c in comparable))
     print(f"load average (1, 5, 15 min): before {report['loadavg_before']}, "
           f"after {report['loadavg_after']}")
