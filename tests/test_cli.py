@@ -159,3 +159,15 @@ def test_existing_run_not_overwritten(pipeline, capsys):
     code, _, err = run_cli(["pretrain", "--out", pipeline / "fp", *FAST], capsys)
     assert_one_line_error(code, err, "already holds a run", "--overwrite", str(pipeline / "fp"))
     assert (pipeline / "fp" / "model.pt").read_bytes() == before
+
+
+def test_sfp_p_alias_passes_through_torchruns_parser(capsys):
+    """torchrun reads a bare --p as an abbreviation of its own option; --sfp-p reaches flatq."""
+    from torch.distributed.run import get_args_parser
+    launch = ["--nproc_per_node", "2", "-m", "flatq", "qat", "--from", "runs/fp", "--out", "q"]
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args([*launch, "--p", "0.3"])
+    assert "ambiguous option: --p" in capsys.readouterr().err
+    passed = get_args_parser().parse_args([*launch, "--sfp-p", "0.3"]).training_script_args
+    args = build_parser().parse_args(passed)
+    assert vars(args)["method.p"] == "0.3"

@@ -179,9 +179,9 @@ def test_lsq_gradient_scale_counts_the_global_batch():
 
 def test_global_batch_must_split_evenly_over_the_ranks(tiny_nobn, tmp_path, monkeypatch,
                                                        capsys):
-    monkeypatch.setattr("flatq.train.loop.world_size", lambda: 3)
+    monkeypatch.setattr("flatq.train.distributed.world_size", lambda: 3)
     code = main(["pretrain", "--model", "tiny_nobn", *COMMON, "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["flatq pretrain: error: train.batch_size: 32 is not divisible "
                                  "by the 3 DDP ranks"]
-    assert not (tmp_path / "r" / "config.yaml").exists()
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from flatq.cli import main as flatq_main
 from flatq.config import QuantConfig
+from flatq.errors import ConfigError
 from flatq.methods import FPQ, KD, SAM, FPQConfig, KDConfig, SAMConfig, TaskObjective
 from flatq.methods.csd import channel_standardize, csd_loss
 from flatq.methods.kd import kd_loss
@@ -431,3 +432,10 @@ def test_fpq_ablation_switches_are_accepted_and_recorded(fp_run, tmp_path, flags
     assert {k: method[k] for k in recorded} == recorded
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert ("train_csd" in record) == recorded["csd"]
+
+
+def test_methods_with_a_teacher_refuse_to_start_without_one():
+    student = tiny_student(tiny_fp())
+    for method in (FPQ, KD):
+        with pytest.raises(ConfigError, match=f"{method.__name__} needs a teacher model"):
+            method(student, None)

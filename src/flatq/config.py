@@ -24,9 +24,10 @@ from .errors import ConfigError
 
 def option(default: Any, help: str, *, choices: tuple | None = None,
            low: float | None = None, high: float | None = None, flag: str | None = None,
-           cli: bool = True) -> Any:
-    """A config field with its documentation and its allowed values."""
-    meta = {"help": help, "choices": choices, "low": low, "high": high, "flag": flag, "cli": cli}
+           aliases: tuple[str, ...] = (), cli: bool = True) -> Any:
+    """A config field with its documentation and its allowed values (`aliases`: more flags)."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "flag": flag,
+            "aliases": aliases, "cli": cli}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)

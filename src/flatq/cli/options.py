@@ -43,7 +43,7 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, dest: str, 
         kwargs["action"] = argparse.BooleanOptionalAction
     else:
         kwargs["metavar"] = f.name.upper()
-    group.add_argument(_flag(f), **kwargs)
+    group.add_argument(_flag(f), *f.metadata.get("aliases", ()), **kwargs)
 
 
 def add_section_flags(parser: argparse.ArgumentParser, sections: list[str],

@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..analysis.plots import draw, draw_trajectories, read_metric, save
 from ..analysis.sources import run_label
 from ..errors import ConfigError, DataError
 
@@ -42,6 +41,9 @@ def _load_json(path: Path) -> dict:
 
 
 def run_plot(args: argparse.Namespace) -> None:
+    # matplotlib takes half a second to import: only `flatq plot` pays for it
+    from ..analysis.plots import draw, draw_trajectories, read_metric, save
+
     sources = [Path(s) for s in args.sources]
     analyses = [s for s in sources if s.suffix == ".json"]
     if analyses:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MethodConfig
-from ..errors import NonFiniteLossError
+from ..errors import ConfigError, NonFiniteLossError
 
 if TYPE_CHECKING:
     from ..data import BatchPipeline, ImageTensorDataset
@@ -46,7 +46,7 @@ class Objective:
         """`context` is what the run offers beyond the models (e.g. `data`, its DataBundle);
         methods that need it read it, the others ignore it."""
         if self.needs_teacher and teacher is None:
-            raise ValueError(f"{type(self).__name__} needs a teacher model")
+            raise ConfigError(f"{type(self).__name__} needs a teacher model")
         self.student, self.teacher, self.config = student, teacher, config
         if teacher is not None:
             teacher.eval().requires_grad_(False)

@@ -23,8 +23,9 @@ class FPQConfig(MethodConfig):
     """Options of FPQ; defaults follow the paper (p = 0.1, lambda_csd = 1)."""
     name = "fpq"
     sfp: bool = option(True, "stochastic feature perturbation on/off")
+    # --sfp-p: torchrun's parser takes a bare --p for an abbreviation of its --print-completion
     p: float = option(0.1, "probability that a layer's input is perturbed in a forward pass",
-                      low=0.0, high=1.0)
+                      low=0.0, high=1.0, aliases=("--sfp-p",))
     sfp_site: str = option("after", "where SFP noise goes: after the input quantizer (the "
                            "quantized input) or before it", choices=SITES)
     sfp_layers: list[str] = option([], "layer name patterns to perturb (default: every "

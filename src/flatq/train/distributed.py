@@ -58,6 +58,13 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def check_global_batch(batch_size: int) -> None:
+    """The global batch must split evenly over the ranks (each takes batch_size / world)."""
+    if batch_size % world_size():
+        raise ConfigError(f"train.batch_size: {batch_size} is not divisible by the "
+                          f"{world_size()} DDP ranks")
+
+
 def setup(device_name: str) -> torch.device:
     """This process's device; under torchrun also joins the process group (once per process).
 

@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from ..config import RunConfig
 from ..data import BatchPipeline, ImageTensorDataset, collate_batch
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from ..errors import CheckpointError, NonFiniteLossError
 from ..methods.base import Objective
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
-from .distributed import (all_gather, all_reduce_sum, is_main_process, rank, resolve_device,
-                          world_size)
+from .distributed import (all_gather, all_reduce_sum, check_global_batch, is_main_process, rank,
+                          resolve_device, world_size)
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_scheduler
 
@@ -125,9 +125,7 @@ class Trainer:
         self.model = self.objective.student
         self.train_set = self.objective.training_set(self.train_set)
         self.world, self.rank = world_size(), rank()
-        if train.batch_size % self.world:
-            raise ConfigError(f"train.batch_size: {train.batch_size} is not divisible by the "
-                              f"{self.world} DDP ranks")
+        check_global_batch(train.batch_size)
         # One permutation of the training set per (seed, epoch), rank r taking every
         # world-th index: the union of the ranks' batches is the single-process batch.
         self.sampler = DistributedSampler(self.train_set, num_replicas=self.world,

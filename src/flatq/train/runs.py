@@ -25,7 +25,8 @@ from ..models import build_model
 from ..quant import calibrate, quant_layers, quantize_model, quantizers
 from .checkpoint import (CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, remove_partial_writes,
                          save_atomic)
-from .distributed import is_main_process, main_first, rank, setup, world_size, wrap
+from .distributed import (check_global_batch, is_main_process, main_first, rank, setup, world_size,
+                          wrap)
 from .loop import Trainer, evaluate
 
 
@@ -154,6 +155,7 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False,
     Under torchrun every rank calls this; rank 0 writes the run folder.
     """
     device = setup(config.train.device)
+    check_global_batch(config.train.batch_size)  # before the run folder exists
     _seed(config)
     data = prepare_data(config.data)
     model = build_model(config.model, num_classes=data.num_classes,
@@ -202,6 +204,7 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
     if config.quant is None:
         raise ConfigError("qat needs a quantization config (e.g. --bits w4a4)")
     device = setup(config.train.device)
+    check_global_batch(config.train.batch_size)  # before the run folder exists
     _seed(config)
     state, source = teacher_state, teacher_state.get("path", "the teacher")
     data = prepare_data(config.data)
