@@ -5,8 +5,10 @@ JSON per run plus a summary (mean and standard deviation over seeds) and a markd
 Finished runs are skipped, so an interrupted grid continues where it stopped.
 
     python bench/accuracy.py --grid table4 --seeds 0,1,2 --fp-epochs 15 --qat-epochs 10
-    python bench/accuracy.py --grid ablation --bits w2a4
-    python bench/accuracy.py --grid psweep --bits w2a4
+    python bench/accuracy.py --grid ablation,psweep --bits w2a4
+
+A run's folder is named by what it trains (method, quantizer, options), not by the grid, so a
+cell that two grids share (LSQ, and FPQ at p = 0.1) trains once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 
 from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config, parse_bits
 from flatq.train.runs import load_teacher, pretrain, qat
@@ -37,23 +40,35 @@ ABLATION = {
     "+CSD": ("fpq", "lsq", {"sfp": False}),
     "+SFP+CSD (FPQ)": ("fpq", "lsq", {}),
 }
-PSWEEP = {f"p={p}": ("fpq", "lsq", {"p": p}) for p in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)}
+# p = 0 perturbs no layer: the same objective as +CSD, so it shares that run; p = 0.1 is FPQ's default
+PSWEEP = {f"p={p}": ("fpq", "lsq", {"sfp": False} if p == 0 else {} if p == 0.1 else {"p": p})
+          for p in (0.0, 0.1, 0.3, 0.5, 1.0)}
 GRIDS = {"table4": TABLE4, "ablation": ABLATION, "psweep": PSWEEP,
          "sam": {"LSQ+SAM": ("sam", "lsq", {}), "FPQ": ("fpq", "lsq", {})}}
 
 
-def train_config(args: argparse.Namespace, epochs: int, lr: float, seed: int) -> TrainConfig:
+def train_config(args: argparse.Namespace, epochs: int, lr: float, seed: int,
+                 track: bool = False) -> TrainConfig:
     return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=lr, seed=seed,
-                       device=args.device, max_steps_per_epoch=args.max_steps, progress=False)
+                       device=args.device, max_steps_per_epoch=args.max_steps, progress=False,
+                       track=["hessian", "gradnorm"] if track else [],
+                       track_every=args.track_every)
 
 
-def run_grid(args: argparse.Namespace) -> list[dict]:
+def cell_folder(method: str, quantizer: str, options: dict) -> str:
+    """Folder name of one trained setting, e.g. fpq-lsq-sfp=False."""
+    return "-".join([method, quantizer] + [f"{k}={v}" for k, v in sorted(options.items())])
+
+
+def run_grid(args: argparse.Namespace, grid: str) -> list[dict]:
     data = DataConfig(name=args.data, root=args.data_root, image_size=32, channels=3)
     out = Path(args.out)
     records = []
     for seed in args.seeds:
         fp_dir = out / f"{args.model}/fp/seed{seed}"
         if not (fp_dir / "model.pt").is_file():
+            if args.report:
+                continue
             pretrain(RunConfig(model=args.model, data=data, method=method_config("ce"),
                                train=train_config(args, args.fp_epochs, args.fp_lr, seed)),
                      fp_dir, overwrite=True)
@@ -62,19 +77,22 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
         records.append({"cell": "FP", "bits": "fp32", "seed": seed, "test_acc": fp_acc})
         for bits in args.bits:
             w, a = parse_bits(bits)
-            for cell, (method, quantizer, options) in GRIDS[args.grid].items():
-                run_dir = out / f"{args.model}/{bits}/{args.grid}/{cell.replace(' ', '_')}/seed{seed}"
+            for cell, (method, quantizer, options) in GRIDS[grid].items():
+                run_dir = out / f"{args.model}/{bits}/{cell_folder(method, quantizer, options)}/seed{seed}"
                 if not (run_dir / "model.pt").is_file():
+                    if args.report:
+                        continue
                     config = RunConfig(model=args.model, data=data,
                                        method=method_config(method, options),
                                        quant=QuantConfig(w_bits=w, a_bits=a, quantizer=quantizer),
-                                       train=train_config(args, args.qat_epochs, args.qat_lr, seed))
+                                       train=train_config(args, args.qat_epochs, args.qat_lr, seed,
+                                                          cell in args.track_cells))
                     started = time.perf_counter()
                     qat(config, teacher, state, run_dir, overwrite=True)
                     print(f"{cell} {bits} seed {seed}: {time.perf_counter() - started:.0f}s", flush=True)
                 summary = json.loads((run_dir / "summary.json").read_text())
-                records.append({"cell": cell, "bits": bits, "seed": seed,
-                                "test_acc": summary["test_acc"], "run": str(run_dir)})
+                records.append({"cell": cell, "bits": bits, "seed": seed, "test_acc": summary["test_acc"],
+                                "seconds": summary["seconds"], "run": str(run_dir)})
     return records
 
 
@@ -87,8 +105,10 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    steps = f" of at most {args.max_steps} steps" if args.max_steps else ""
     lines = [f"{args.model} on {args.data} (32x32x3), {args.fp_epochs} FP + {args.qat_epochs} QAT "
-             f"epochs, seeds {','.join(map(str, args.seeds))}; test accuracy %, mean ± std", "",
+             f"epochs{steps} (batch {args.batch_size}), seeds {','.join(map(str, args.seeds))}; "
+             "test accuracy %, mean ± std over seeds", "",
              "| W/A | method | accuracy | n |", "|---|---|---|---|"]
     lines += [f"| {r['bits']} | {r['cell']} | {r['mean']:.2f} ± {r['std']:.2f} | {r['n']} |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -96,7 +116,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", choices=sorted(GRIDS), default="table4")
+    parser.add_argument("--grid", type=lambda s: s.split(","), default=["table4"],
+                        help=f"comma-separated grids: {', '.join(sorted(GRIDS))}")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--data", default="fashion_mnist")
     parser.add_argument("--data-root", default=None)
@@ -109,19 +130,32 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick runs)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--track-cells", type=lambda s: s.split(","), default=[],
+                        help="cells whose runs log the Hessian trace and gradient norms "
+                        "(e.g. LSQ,FPQ) for trajectory plots")
+    parser.add_argument("--track-every", type=int, default=20, help="steps between tracked values")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: summarize the runs that have finished")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="runs/accuracy")
     parser.add_argument("--results", default="results/accuracy")
     args = parser.parse_args()
-    records = run_grid(args)
-    rows = summarize(records)
+    unknown = set(args.grid) - set(GRIDS)
+    if unknown:
+        parser.error(f"unknown grid {', '.join(sorted(unknown))} (choose from {', '.join(sorted(GRIDS))})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    name = f"{args.model}_{args.grid}"
-    (results / f"{name}.json").write_text(json.dumps(
-        {"settings": {k: v for k, v in vars(args).items()}, "machine": machine_info(),
-         "runs": records, "summary": rows}, indent=2) + "\n")
-    (results / f"{name}.md").write_text(markdown(rows, args))
-    print(markdown(rows, args))
+    for grid in args.grid:
+        records = run_grid(args, grid)
+        rows = summarize(records)
+        name = f"{args.model}_{grid}"
+        (results / f"{name}.json").write_text(json.dumps(
+            {"settings": {**vars(args), "grid": grid}, "machine": machine_info(),
+             "runs": records, "summary": rows}, indent=2) + "\n")
+        (results / f"{name}.md").write_text(markdown(rows, args))
+        print(markdown(rows, args), flush=True)
 
 
 if __name__ == "__main__":
