@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Everything behind the README's Results section, in the order it was made: the accuracy grids
+# (ResNet-8 on the Fashion-MNIST stand-in at 32x32x3, 3 seeds), the Hessian trace of the final
+# LSQ and FPQ models, and the figures (Hessian-trace and gradient-norm trajectories, output
+# variance under input noise, feature distributions). Finished runs are kept, so a stopped run
+# of this script continues where it stopped. About 4 hours on one CPU thread; the grid's runs
+# are independent, so several copies of one `accuracy.py` line with other --seeds run in
+# parallel without changing any number.
+#
+#     bash bench/evidence.sh            # then: git diff results/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+PY=.venv/bin/python
+FLATQ=.venv/bin/flatq
+GRID=(--model resnet8 --fp-epochs 5 --qat-epochs 2 --max-steps 100 --batch-size 256
+      --device cpu --threads 1 --out runs/accuracy --results results/accuracy)
+R=runs/accuracy/resnet8
+OUT=results/accuracy
+FIG=results/figures
+FEATURE_LAYER=stages.1.0.residual.1.0   # the second conv of the middle stage
+mkdir -p "$FIG"
+
+# Accuracy. Seed 0's W2A4 LSQ and FPQ runs also log Hessian trace and gradient norms every 20
+# steps (their own random streams: the runs train exactly as untracked ones would).
+$PY bench/accuracy.py "${GRID[@]}" --grid table4 --bits w2a4 --seeds 0 --track-cells LSQ,FPQ
+$PY bench/accuracy.py "${GRID[@]}" --grid table4 --bits w4a4,w2a4,w2a2 --seeds 0,1,2
+$PY bench/accuracy.py "${GRID[@]}" --grid ablation,psweep --bits w2a4 --seeds 0,1,2
+
+# Hessian trace of the final models (the FPQ paper's Fig. 5 claim: FPQ's is lower).
+for bits in w4a4 w2a4; do
+  $FLATQ analyze hessian $R/$bits/lsq-lsq/seed{0,1,2} $R/$bits/fpq-lsq/seed{0,1,2} \
+    --labels "LSQ s0,LSQ s1,LSQ s2,FPQ s0,FPQ s1,FPQ s2" --device cpu \
+    --batches 2 --batch-size 128 --samples 32 --top-k 0 --out $OUT/hessian_final_$bits.json
+  $FLATQ plot $OUT/hessian_final_$bits.json -o $FIG/hessian_final_$bits.png
+done
+
+# Trajectories during W2A4 QAT (seed 0).
+TRACKED=($R/w2a4/lsq-lsq/seed0 $R/w2a4/fpq-lsq/seed0)
+$FLATQ plot "${TRACKED[@]}" --labels LSQ,FPQ --metric hessian_trace -o $FIG/hessian_trace_w2a4.png
+$FLATQ plot "${TRACKED[@]}" --labels LSQ,FPQ --metric task_grad_norm -o $FIG/task_grad_norm_w2a4.png
+
+# Output variance under Gaussian input noise (Fig. 1) and feature distributions (Figs. 3/4).
+$FLATQ analyze noise $R/fp/seed0 "${TRACKED[@]}" --labels FP,LSQ,FPQ --device cpu \
+  --out $OUT/noise_w2a4.json
+$FLATQ plot $OUT/noise_w2a4.json -o $FIG/noise_w2a4.png
+$FLATQ analyze features $R/fp/seed0 "${TRACKED[@]}" --labels FP,LSQ,FPQ --device cpu \
+  --layer "$FEATURE_LAYER" --out $OUT/features_w2a4.json
+$FLATQ plot $OUT/features_w2a4.json -o $FIG/features_w2a4.png
