@@ -26,7 +26,7 @@ from flatq.train.runs import load_teacher, pretrain, qat
 
 from machine import machine_info
 
-# cell name -> (method, quantizer, method options)
+# cell name -> (method, quantizer, method options[, other quantization options])
 TABLE4 = {
     "LSQ": ("lsq", "lsq", {}),
     "LSQ+": ("lsq", "lsq+", {}),
@@ -43,7 +43,10 @@ ABLATION = {
 # p = 0 perturbs no layer: the same objective as +CSD, so it shares that run; p = 0.1 is FPQ's default
 PSWEEP = {f"p={p}": ("fpq", "lsq", {"sfp": False} if p == 0 else {} if p == 0.1 else {"p": p})
           for p in (0.0, 0.1, 0.3, 0.5, 1.0)}
-GRIDS = {"table4": TABLE4, "ablation": ABLATION, "psweep": PSWEEP,
+# first and last layer's weights by min-max instead of learned step sizes (quant.edge_weights)
+EDGE = {"LSQ, edge min-max": ("lsq", "lsq", {}, {"edge_weights": "minmax"}),
+        "FPQ, edge min-max": ("fpq", "lsq", {}, {"edge_weights": "minmax"})}
+GRIDS = {"table4": TABLE4, "ablation": ABLATION, "psweep": PSWEEP, "edge": EDGE,
          "sam": {"LSQ+SAM": ("sam", "lsq", {}), "FPQ": ("fpq", "lsq", {})}}
 
 
@@ -55,9 +58,10 @@ def train_config(args: argparse.Namespace, epochs: int, lr: float, seed: int,
                        track_every=args.track_every)
 
 
-def cell_folder(method: str, quantizer: str, options: dict) -> str:
-    """Folder name of one trained setting, e.g. fpq-lsq-sfp=False."""
-    return "-".join([method, quantizer] + [f"{k}={v}" for k, v in sorted(options.items())])
+def cell_folder(method: str, quantizer: str, options: dict, quant: dict) -> str:
+    """Folder name of one trained setting, e.g. fpq-lsq-sfp=False or lsq-lsq-q.edge_weights=minmax."""
+    return "-".join([method, quantizer] + [f"{k}={v}" for k, v in sorted(options.items())]
+                    + [f"q.{k}={v}" for k, v in sorted(quant.items())])
 
 
 def run_grid(args: argparse.Namespace, grid: str) -> list[dict]:
@@ -77,14 +81,16 @@ def run_grid(args: argparse.Namespace, grid: str) -> list[dict]:
         records.append({"cell": "FP", "bits": "fp32", "seed": seed, "test_acc": fp_acc})
         for bits in args.bits:
             w, a = parse_bits(bits)
-            for cell, (method, quantizer, options) in GRIDS[grid].items():
-                run_dir = out / f"{args.model}/{bits}/{cell_folder(method, quantizer, options)}/seed{seed}"
+            for cell, (method, quantizer, options, *more) in GRIDS[grid].items():
+                quant = more[0] if more else {}
+                folder = cell_folder(method, quantizer, options, quant)
+                run_dir = out / f"{args.model}/{bits}/{folder}/seed{seed}"
                 if not (run_dir / "model.pt").is_file():
                     if args.report:
                         continue
                     config = RunConfig(model=args.model, data=data,
                                        method=method_config(method, options),
-                                       quant=QuantConfig(w_bits=w, a_bits=a, quantizer=quantizer),
+                                       quant=QuantConfig(w_bits=w, a_bits=a, quantizer=quantizer, **quant),
                                        train=train_config(args, args.qat_epochs, args.qat_lr, seed,
                                                           cell in args.track_cells))
                     started = time.perf_counter()
@@ -101,7 +107,8 @@ def summarize(records: list[dict]) -> list[dict]:
     for r in records:
         groups.setdefault((r["bits"], r["cell"]), []).append(r["test_acc"])
     return [{"bits": b, "cell": c, "n": len(v), "mean": statistics.fmean(v),
-             "std": statistics.stdev(v) if len(v) > 1 else 0.0} for (b, c), v in groups.items()]
+             "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
+            for (b, c), v in groups.items()]
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
@@ -109,8 +116,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"{args.model} on {args.data} (32x32x3), {args.fp_epochs} FP + {args.qat_epochs} QAT "
              f"epochs{steps} (batch {args.batch_size}), seeds {','.join(map(str, args.seeds))}; "
              "test accuracy %, mean ± std over seeds", "",
-             "| W/A | method | accuracy | n |", "|---|---|---|---|"]
-    lines += [f"| {r['bits']} | {r['cell']} | {r['mean']:.2f} ± {r['std']:.2f} | {r['n']} |" for r in rows]
+             "| W/A | method | accuracy | per seed |", "|---|---|---|---|"]
+    lines += [f"| {r['bits']} | {r['cell']} | {r['mean']:.2f} ± {r['std']:.2f} | "
+              f"{' / '.join(f'{v:.2f}' for v in r['values'])} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

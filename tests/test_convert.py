@@ -87,6 +87,25 @@ def test_edge_bits_value_applies_to_first_and_last():
     assert [(r["w_bits"], r["a_bits"]) for r in rows] == [(6, 6)] + [(4, 4)] * 8 + [(6, 6)]
 
 
+def test_edge_weights_minmax_gives_the_first_and_last_layer_weight_ranges_that_follow_the_weights():
+    torch.manual_seed(0)
+    qmodel = quantize_model(build_model("resnet8"), QuantConfig(edge_weights="minmax"))
+    calibrate(qmodel, [torch.randn(8, 3, 32, 32)])
+    kinds = {name: type(m.weight_quantizer) for name, m in quant_layers(qmodel)}
+    assert kinds.pop("stem.0") is MinMaxQuantizer and kinds.pop("linear") is MinMaxQuantizer
+    assert set(kinds.values()) == {LSQQuantizer}
+    assert type(qmodel.stem[0].input_quantizer) is LSQQuantizer    # inputs keep their family
+    stem = qmodel.stem[0]
+    with torch.no_grad():
+        stem.weight.mul_(100.0)                                     # far past the calibrated range
+    w = stem.weight.detach()
+    w_hat = stem.weight_quantizer(w)
+    # 8-bit per-channel min-max grid of the current weights: error at most half a step
+    step = (w.flatten(1).amax(1).clamp_min(0) - w.flatten(1).amin(1).clamp_max(0)) / 255
+    assert ((w_hat - w).abs().flatten(1).amax(1) <= step / 2 + 1e-4).all()
+    assert not any(p.requires_grad for p in stem.weight_quantizer.parameters())
+
+
 def test_overrides_by_pattern_including_skip():
     config = QuantConfig(w_bits=4, a_bits=4, overrides=[
         {"pattern": "stages.2.*", "w_bits": 8},

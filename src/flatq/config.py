@@ -223,6 +223,11 @@ class QuantConfig(Section):
                        "(2 mean|x| / sqrt(Qp))", choices=("minmax", "lsq"))
     edge_bits: int | None = option(8, "bit width of the first and last layer (none: same as "
                                    "the others)", low=2, high=8)
+    edge_weights: str = option("learned", "weight quantizer of the first and last layer: "
+                               "learned (the family's own, e.g. LSQ step sizes) or minmax (the "
+                               "current weights' range every step: no step size to learn, so no "
+                               "channel can die; see bench/step_sizes.py)",
+                               choices=("learned", "minmax"))
     overrides: list[dict] = option([], "per-layer rules [{pattern: 'layer4.*', w_bits: 8, "
                                    "a_bits: 8} or {pattern: ..., skip: true}]", cli=False)
     calib_images: int = option(100, "training images used to calibrate ranges", low=1)

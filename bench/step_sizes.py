@@ -1,0 +1,54 @@
+"""The largest learned weight step size of each layer in finished QAT runs.
+
+A weight step size larger than the layer's largest |weight| quantizes a whole channel to its
+zero point: the channel is dead. On the short Fashion-MNIST schedule the runs that collapsed
+share this in their 8-bit stem (README, Results; bench/csd_stability.py shows why).
+
+    .venv/bin/python bench/step_sizes.py runs/accuracy/resnet8/w4a4/*/seed* --out results/accuracy/step_sizes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flatq.quant import quant_layers
+from flatq.train.runs import load_model
+
+
+def layer_step_sizes(run: str) -> list[dict]:
+    """Per quantized layer: largest weight step size, largest |weight|, dead channels."""
+    model, _ = load_model(run)
+    rows = []
+    for name, layer in quant_layers(model):
+        quantizer = layer.weight_quantizer
+        if not hasattr(quantizer, "scale_and_zero_point"):
+            continue
+        scale, _ = quantizer.scale_and_zero_point()
+        weight = layer.weight.detach().flatten(1).abs().amax(dim=1)
+        scale = scale.detach().flatten().expand_as(weight)
+        rows.append({"layer": name, "max_step": scale.max().item(),
+                     "max_abs_weight": weight.max().item(),
+                     "dead_channels": int((scale > 2 * weight).sum())})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--out", default="results/accuracy/step_sizes.json")
+    args = parser.parse_args()
+    report = {run: layer_step_sizes(run) for run in args.runs}
+    for run, rows in report.items():
+        dead = [f"{r['layer']}:{r['dead_channels']}" for r in rows if r["dead_channels"]]
+        first = rows[0]
+        print(f"{run}: first layer max step {first['max_step']:.3g} (max |w| "
+              f"{first['max_abs_weight']:.3g}); dead channels {', '.join(dead) or 'none'}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
