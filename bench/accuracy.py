@@ -44,8 +44,8 @@ ABLATION = {
 PSWEEP = {f"p={p}": ("fpq", "lsq", {"sfp": False} if p == 0 else {} if p == 0.1 else {"p": p})
           for p in (0.0, 0.1, 0.3, 0.5, 1.0)}
 # first and last layer's weights by min-max instead of learned step sizes (quant.edge_weights)
-EDGE = {"LSQ, edge min-max": ("lsq", "lsq", {}, {"edge_weights": "minmax"}),
-        "FPQ, edge min-max": ("fpq", "lsq", {}, {"edge_weights": "minmax"})}
+EDGE = {"LSQ edge-minmax": ("lsq", "lsq", {}, {"edge_weights": "minmax"}),
+        "FPQ edge-minmax": ("fpq", "lsq", {}, {"edge_weights": "minmax"})}
 GRIDS = {"table4": TABLE4, "ablation": ABLATION, "psweep": PSWEEP, "edge": EDGE,
          "sam": {"LSQ+SAM": ("sam", "lsq", {}), "FPQ": ("fpq", "lsq", {})}}
 

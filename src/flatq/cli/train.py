@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..analysis.tracking import tracking_callbacks
 from ..config import load_yaml
 from ..errors import ConfigError
 from ..methods import PRETRAIN_METHODS, QAT_METHODS
@@ -62,8 +61,7 @@ def _resume_base(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, An
 
 def run_pretrain(args: argparse.Namespace) -> None:
     config = build_run_config(args, "ce", base=_resume_base(args, {}))
-    summary = pretrain(config, args.out, resume=args.resume, overwrite=args.overwrite,
-                       callbacks=tracking_callbacks(config.train))
+    summary = pretrain(config, args.out, resume=args.resume, overwrite=args.overwrite)
     if is_main_process():
         print(f"full-precision {config.model}: test acc {summary['test_acc']:.2f}%  -> {args.out}")
 
@@ -73,8 +71,7 @@ def run_qat(args: argparse.Namespace) -> None:
     config = build_run_config(args, "lsq", base=_resume_base(args, {"data": state["meta"]["data"]}),
                               quantized=True)
     config.model = state["meta"]["model"]
-    summary = qat(config, teacher, state, args.out, resume=args.resume, overwrite=args.overwrite,
-                  callbacks=tracking_callbacks(config.train))
+    summary = qat(config, teacher, state, args.out, resume=args.resume, overwrite=args.overwrite)
     if is_main_process():
         print(f"{config.model} {config.quant.bits} {summary['method']}: test acc "
               f"{summary['test_acc']:.2f}% (full precision {summary['fp_test_acc']:.2f}%)  "

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..analysis.tracking import tracking_callbacks
 from ..config import DataConfig, QuantConfig, RunConfig, save_yaml
 from ..data import BatchPipeline, ImageTensorDataset, calibration_batches, load_dataset, pipeline_for
 from ..errors import CheckpointError, ConfigError, FlatqError
@@ -152,7 +153,8 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False,
              overwrite: bool = False, callbacks: list | None = None) -> dict[str, Any]:
     """Train a full-precision model from scratch with the configured method (CE or DNQ).
 
-    Under torchrun every rank calls this; rank 0 writes the run folder.
+    Under torchrun every rank calls this; rank 0 writes the run folder. `callbacks` run
+    every step besides the trackers `config.train.track` asks for.
     """
     device = setup(config.train.device)
     check_global_batch(config.train.batch_size)  # before the run folder exists
@@ -165,7 +167,8 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False,
     meta = {"model": config.model, "num_classes": data.num_classes,
             "in_channels": data.channels, "data": config.data.to_dict(), "quant": None}
     trainer = Trainer(objective, data.train, data.test, data.train_pipeline, data.eval_pipeline,
-                      config, run_dir, meta, list(callbacks or []), device)
+                      config, run_dir, meta,
+                      tracking_callbacks(config.train) + list(callbacks or []), device)
     return _finish(trainer, _train(trainer, resume), {"kind": "pretrain"})
 
 
@@ -230,7 +233,8 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
     if is_main_process():
         print(f"full-precision teacher: test acc {fp['acc']:.2f}%", flush=True)
     trainer = Trainer(objective, data.train, data.test, data.train_pipeline, data.eval_pipeline,
-                      config, run_dir, meta, list(callbacks or []), device)
+                      config, run_dir, meta,
+                      tracking_callbacks(config.train) + list(callbacks or []), device)
     result = _train(trainer, resume)
     objective.close()
     return _finish(trainer, result, {"kind": "qat", "fp_test_acc": fp["acc"],
