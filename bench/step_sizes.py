@@ -39,7 +39,10 @@ def main() -> None:
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--out", default="results/accuracy/step_sizes.json")
     args = parser.parse_args()
-    report = {run: layer_step_sizes(run) for run in args.runs}
+    unfinished = [run for run in args.runs if not (Path(run) / "model.pt").is_file()]
+    if unfinished:
+        print(f"skipped, not finished: {', '.join(unfinished)}")
+    report = {run: layer_step_sizes(run) for run in args.runs if run not in unfinished}
     for run, rows in report.items():
         dead = [f"{r['layer']}:{r['dead_channels']}" for r in rows if r["dead_channels"]]
         first = rows[0]
