@@ -97,6 +97,18 @@ def test_teacher_file_untouched_by_qat(runs):
         assert torch.equal(value, runs["teacher"].state_dict()[key]), key
 
 
+def test_a_second_qat_from_the_same_teacher_object_trains_its_weights(runs):
+    """The first qat froze the teacher in place (as every objective does); a second run in the
+    same process must still train the student's weights, not only its quantizers."""
+    teacher = runs["teacher"]
+    assert not any(p.requires_grad for p in teacher.parameters())
+    qat(qat_config(), teacher, runs["state"], runs["root"] / "q2")
+    student, _ = load_model(runs["root"] / "q2")
+    trained, start = student.state_dict(), teacher.state_dict()
+    for name in ("stem.0.weight", "stages.1.0.residual.0.0.weight", "linear.weight"):
+        assert not torch.equal(trained[name], start[name]), name
+
+
 def test_qat_refuses_quantized_source(runs):
     with pytest.raises(FlatqError, match="expected a full-precision run"):
         load_teacher(runs["root"] / "q")

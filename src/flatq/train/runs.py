@@ -187,6 +187,19 @@ def _calibrate_on_main(student: nn.Module, batches: list, device: torch.device) 
             q.load_state_dict(states[name])
 
 
+def trainable(student: nn.Module, teacher: nn.Module) -> nn.Module:
+    """Make the student's copies of the teacher's parameters trainable again.
+
+    Objectives freeze their teacher in place, so a teacher reused for a second run in one
+    process (a grid, a notebook) would hand frozen weights to `quantize_model`'s copy, and that
+    student would train its quantizers only.
+    """
+    copied = dict(student.named_parameters())
+    for name, _ in teacher.named_parameters():
+        copied[name].requires_grad_(True)
+    return student
+
+
 def load_teacher(source: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The full-precision model a QAT run starts from (`--from`)."""
     model, state = load_model(source)
@@ -217,7 +230,7 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
             f"but {source} was trained with {state['meta']['in_channels']} / "
             f"{state['meta']['num_classes']}")
     teacher = teacher.to(device)
-    student = quantize_model(teacher, config.quant)
+    student = trainable(quantize_model(teacher, config.quant), teacher)
     # Chosen before the run folder exists, so a bad calibration size leaves nothing behind.
     batches = None if resume else calibration_batches(
         data.train, data.eval_pipeline, config.quant.calib_images, config.quant.calib_seed)
