@@ -82,6 +82,8 @@ def run_grid(args: argparse.Namespace, grid: str) -> list[dict]:
         for bits in args.bits:
             w, a = parse_bits(bits)
             for cell, (method, quantizer, options, *more) in GRIDS[grid].items():
+                if args.cells and cell not in args.cells:
+                    continue
                 quant = more[0] if more else {}
                 folder = cell_folder(method, quantizer, options, quant)
                 run_dir = out / f"{args.model}/{bits}/{folder}/seed{seed}"
@@ -138,6 +140,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick runs)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--cells", type=lambda s: s.split(","), default=[],
+                        help="run only these cells of the grid (e.g. FPQ,KD) [default: all]")
     parser.add_argument("--track-cells", type=lambda s: s.split(","), default=[],
                         help="cells whose runs log the Hessian trace and gradient norms "
                         "(e.g. LSQ,FPQ) for trajectory plots")
