@@ -317,7 +317,7 @@ def test_plot_kinds_write_png(quantized_resnet, tmp_path):
 
 def test_figures_label_axes_legends_and_error_bands():
     """Every panel has a title, axis labels and a legend naming the runs; eigenvalue ranks
-    are whole numbers; a trajectory with standard errors draws a band of exactly ±1 s.e."""
+    are whole numbers and their panel is left out when no run computed any (--top-k 0); a trajectory with standard errors draws a band of exactly ±1 s.e."""
     run = {"label": "lsq", "params": "weights", "trace": {"value": 5.0, "stderr": 1.0},
            "eigenvalues": [{"value": 3.0}, {"value": 1.0}],
            "layers": [{"name": "conv", "trace": 5.0, "stderr": 1.0}]}
@@ -327,6 +327,10 @@ def test_figures_label_axes_legends_and_error_bands():
     assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["lsq", "fpq"]
     fig.canvas.draw()
     assert all(float(t).is_integer() for t in fig.axes[1].get_xticks())
+    without_eigen = {**run, "eigenvalues": []}
+    fig = draw({"kind": "hessian", "runs": [without_eigen]})
+    assert [ax.get_title() for ax in fig.axes][0].startswith("Hessian trace")
+    assert len(fig.axes) == 2 and "eigen" not in " ".join(ax.get_title() for ax in fig.axes)
     fig = draw_trajectories([("fpq", [10, 20], [4.0, 2.0], [1.0, 0.5])], "hessian_trace",
                             log_y=True)
     (ax,) = fig.axes

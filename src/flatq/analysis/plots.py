@@ -34,20 +34,25 @@ def _offsets(count: int, width: float = 0.8) -> tuple[np.ndarray, float]:
 
 
 def draw_hessian(data: dict) -> Figure:
-    """Trace with standard errors, top eigenvalues and per-layer traces, one colour per run."""
+    """Trace with standard errors, top eigenvalues (when computed) and per-layer traces, one
+    colour per run."""
     runs = data["runs"]
-    fig, (ax_t, ax_e, ax_l) = _figure(15, 4.5, 3)
+    with_eigen = any(r["eigenvalues"] for r in runs)
+    fig, axes = _figure(15 if with_eigen else 10.5, 4.5, 3 if with_eigen else 2)
+    ax_t, ax_l = axes[0], axes[-1]
     labels = [r["label"] for r in runs]
     ax_t.bar(labels, [r["trace"]["value"] for r in runs],
              yerr=[r["trace"]["stderr"] for r in runs], capsize=4,
              color=[f"C{i}" for i in range(len(runs))])
     ax_t.set(title="Hessian trace (Hutchinson, ±1 s.e.)", xlabel="run", ylabel="Tr(H)")
-    for i, r in enumerate(runs):
-        values = [e["value"] for e in r["eigenvalues"]]
-        ax_e.plot(range(1, len(values) + 1), values, "o-", color=f"C{i}", label=r["label"])
-    ax_e.set(title="Top eigenvalues (power iteration)", xlabel="rank", ylabel="eigenvalue")
-    ax_e.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_e.legend()
+    if with_eigen:
+        ax_e = axes[1]
+        for i, r in enumerate(runs):
+            values = [e["value"] for e in r["eigenvalues"]]
+            ax_e.plot(range(1, len(values) + 1), values, "o-", color=f"C{i}", label=r["label"])
+        ax_e.set(title="Top eigenvalues (power iteration)", xlabel="rank", ylabel="eigenvalue")
+        ax_e.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_e.legend()
     offsets, bar = _offsets(len(runs))
     for i, r in enumerate(runs):
         x = np.arange(len(r["layers"])) + offsets[i]
