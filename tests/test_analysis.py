@@ -331,6 +331,18 @@ def test_figures_label_axes_legends_and_error_bands():
     fig = draw({"kind": "hessian", "runs": [without_eigen]})
     assert [ax.get_title() for ax in fig.axes][0].startswith("Hessian trace")
     assert len(fig.axes) == 2 and "eigen" not in " ".join(ax.get_title() for ax in fig.axes)
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear", "linear"]
+    # One run 1000x above the others' median: log axes, said in the label.
+    outlier = {**without_eigen, "label": "odd", "trace": {"value": 5000.0, "stderr": 1.0},
+               "layers": [{"name": "conv", "trace": 5000.0, "stderr": 1.0}]}
+    fig = draw({"kind": "hessian", "runs": [without_eigen, without_eigen, outlier]})
+    assert [ax.get_yscale() for ax in fig.axes] == ["log", "log"]
+    assert fig.axes[0].get_ylabel() == "Tr(H) (log scale)"
+    # A noisy negative estimate among them: symmetric log (log cannot show it).
+    negative = {**without_eigen, "label": "noisy", "trace": {"value": -2.0, "stderr": 3.0},
+                "layers": [{"name": "conv", "trace": -2.0, "stderr": 3.0}]}
+    fig = draw({"kind": "hessian", "runs": [without_eigen, without_eigen, outlier, negative]})
+    assert [ax.get_yscale() for ax in fig.axes] == ["symlog", "symlog"]
     fig = draw_trajectories([("fpq", [10, 20], [4.0, 2.0], [1.0, 0.5])], "hessian_trace",
                             log_y=True)
     (ax,) = fig.axes

@@ -27,6 +27,20 @@ def _figure(width: float, height: float, panels: int = 1) -> tuple[Figure, list]
     return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
 
 
+def _log_if_wide(ax, values: list[float], span: float = 100.0) -> None:
+    """Log y-axis when the values' magnitudes span more than `span`x their median, so one
+    outlier run (a degenerate channel can raise the trace 1000-fold) does not flatten every
+    other bar; symmetric log when noisy estimates (Hutchinson) fall at or below zero."""
+    magnitudes = [abs(v) for v in values if v != 0]
+    if not magnitudes or max(magnitudes) <= span * float(np.median(magnitudes)):
+        return
+    if min(values) > 0:
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("symlog", linthresh=float(np.median(magnitudes)))
+    ax.set_ylabel(ax.get_ylabel() + " (log scale)")
+
+
 def _offsets(count: int, width: float = 0.8) -> tuple[np.ndarray, float]:
     """Centre offsets of `count` grouped bars and the width of each."""
     bar = width / max(count, 1)
@@ -62,6 +76,8 @@ def draw_hessian(data: dict) -> Figure:
     ax_l.set_xticks(range(len(names)), names, rotation=75, fontsize=7)
     ax_l.set(title="Trace per layer", xlabel="layer", ylabel="Tr(H_layer)")
     ax_l.legend()
+    _log_if_wide(ax_t, [r["trace"]["value"] for r in runs])
+    _log_if_wide(ax_l, [layer["trace"] for r in runs for layer in r["layers"]])
     fig.suptitle(f"Curvature of the training loss w.r.t. {runs[0]['params']} (eval mode)")
     return fig
 
