@@ -85,6 +85,23 @@ def test_lsq_plus_zero_point_rounds_but_passes_gradient():
     assert q.zero_point.grad.abs().item() > 0
 
 
+def test_lsq_plus_zero_point_learns_from_its_calibrated_bound():
+    """A ReLU output calibrates to zero point = qmin = 0 exactly; the zero point must still get
+    torch's gradient there (a plain clamp passes none at its bound, so LSQ+ trained as LSQ)."""
+    x = torch.linspace(0, 4, 200)
+    q = calibrated(LSQPlusQuantizer(4), x)
+    assert q.zero_point.item() == q.qmin == 0
+    with torch.no_grad():
+        q.scale.mul_(0.5)                       # clip the upper half of the values
+    upstream = torch.linspace(-1, 1, 200)
+    (q(x) * upstream).sum().backward()
+    reference = torch.zeros(1, requires_grad=True)
+    torch._fake_quantize_learnable_per_tensor_affine(
+        x, q.scale.detach(), reference, 0, 15, q.grad_factor(x)).mul(upstream).sum().backward()
+    assert reference.grad.abs().item() > 0
+    torch.testing.assert_close(q.zero_point.grad, reference.grad, rtol=1e-5, atol=1e-7)
+
+
 # -- LSQ per channel vs torch._fake_quantize_learnable_per_channel_affine --------------------
 
 @pytest.mark.parametrize("shape", [(8, 4, 3, 3), (10, 16)], ids=["conv", "linear"])

@@ -208,7 +208,11 @@ class LSQPlusQuantizer(LSQQuantizer):
         self.zero_point = nn.Parameter(torch.zeros(self.num_channels))
 
     def _zero_point(self) -> Tensor:
-        return torch.clamp(round_ste(self.zero_point), self.qmin, self.qmax)
+        # Straight through both the rounding and the clamp: torch.clamp's gradient is zero at
+        # the bounds, and a ReLU input calibrates to zero point = qmin exactly, where a clamped
+        # zero point would never move (LSQ+ would train exactly as LSQ).
+        zero = self.zero_point
+        return zero + (torch.clamp(torch.round(zero), self.qmin, self.qmax) - zero).detach()
 
 
 class PACTQuantizer(Quantizer):
