@@ -104,8 +104,9 @@ def test_integer_weight_reproduces_fake_quant_exactly(quantizer, symmetric):
 def test_input_grid_rounds_lsq_plus_offset_and_clips_signed_pact_symmetrically():
     model = quantized(build_model("resnet8"), "w4a4", "lsq+")
     layer = dict(quant_layers(model))["stages.0.0.residual.1.0"]
+    quantizer = layer.input_quantizer
     with torch.no_grad():
-        layer.input_quantizer.zero_point.fill_(3.4)
+        quantizer.offset.copy_(-3.4 * quantizer.scale)   # zero point -beta / s = 3.4
     assert input_grid(layer).zero_point == 3
     stem = quant_layers(quantized(build_model("resnet8"), "w4a4", "pact"))[0][1]
     grid = input_grid(stem)  # the first layer sees normalized images: signed PACT

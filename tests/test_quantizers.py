@@ -60,37 +60,40 @@ def test_lsq_per_tensor_matches_torch(bits, signed):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(dx, rdx, rtol=0, atol=0)
     torch.testing.assert_close(ds, rds, rtol=1e-5, atol=1e-6)
-    # LSQ+ learns the zero point: its gradient is torch's too.
+    # LSQ+ learns the offset beta = -z s (real units): d/d beta = -(d/dz) / s, torch's too.
     qp = calibrated(LSQPlusQuantizer(bits, signed=signed), x)
     with torch.no_grad():
         qp.scale.copy_(q.scale)
-        qp.zero_point.copy_(q.zero_point)
-    _, (pdx, pds, pdz) = grads_of(qp, x, qp.scale, qp.zero_point, upstream=upstream)
+        qp.offset.copy_(-q.zero_point * q.scale)
+    _, (pdx, pds, pdb) = grads_of(qp, x, qp.scale, qp.offset, upstream=upstream)
     torch.testing.assert_close(pdx, rdx, rtol=0, atol=0)
     torch.testing.assert_close(pds, rds, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(pdz, rdz, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pdb, -rdz / scale.detach(), rtol=1e-5, atol=1e-6)
     assert rdz.abs().item() > 0
 
 
-def test_lsq_plus_zero_point_rounds_but_passes_gradient():
+def test_lsq_plus_offset_snaps_to_the_grid_but_passes_gradient():
     x = torch.linspace(-2, 3, 200)
     q = calibrated(LSQPlusQuantizer(4), x)
     with torch.no_grad():
         q.scale.mul_(0.5)
-        q.zero_point.add_(0.3)  # off-grid: the forward must use the rounded value
+        q.offset.sub_(0.3 * q.scale)  # off-grid: the forward must use the rounded zero point
+    zero = (-q.offset / q.scale).detach()
+    assert 0.2 < float(zero - zero.floor()) < 0.4
     rounded = torch._fake_quantize_learnable_per_tensor_affine(
-        x, q.scale.detach(), q.zero_point.detach().round(), 0, 15, 1.0)
+        x, q.scale.detach(), zero.round(), 0, 15, 1.0)
     torch.testing.assert_close(q(x), rounded, rtol=0, atol=0)
     q(x).sum().backward()
-    assert q.zero_point.grad.abs().item() > 0
+    assert q.offset.grad.abs().item() > 0
 
 
-def test_lsq_plus_zero_point_learns_from_its_calibrated_bound():
-    """A ReLU output calibrates to zero point = qmin = 0 exactly; the zero point must still get
-    torch's gradient there (a plain clamp passes none at its bound, so LSQ+ trained as LSQ)."""
+def test_lsq_plus_offset_learns_from_its_calibrated_bound():
+    """A ReLU output calibrates to zero point = qmin = 0 exactly; the offset must still get
+    torch's gradient there (a plain clamp passes none at its bound, so LSQ+ trained as LSQ),
+    in real units: d/d beta = -(d/dz) / s."""
     x = torch.linspace(0, 4, 200)
     q = calibrated(LSQPlusQuantizer(4), x)
-    assert q.zero_point.item() == q.qmin == 0
+    assert q.offset.item() == 0 and q.qmin == 0
     with torch.no_grad():
         q.scale.mul_(0.5)                       # clip the upper half of the values
     upstream = torch.linspace(-1, 1, 200)
@@ -99,7 +102,8 @@ def test_lsq_plus_zero_point_learns_from_its_calibrated_bound():
     torch._fake_quantize_learnable_per_tensor_affine(
         x, q.scale.detach(), reference, 0, 15, q.grad_factor(x)).mul(upstream).sum().backward()
     assert reference.grad.abs().item() > 0
-    torch.testing.assert_close(q.zero_point.grad, reference.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(q.offset.grad, -reference.grad / q.scale.detach(),
+                               rtol=1e-5, atol=1e-7)
 
 
 # -- LSQ per channel vs torch._fake_quantize_learnable_per_channel_affine --------------------

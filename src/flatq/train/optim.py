@@ -10,8 +10,8 @@ from torch import nn
 from ..config import TrainConfig
 from ..quant.quantizers import Quantizer
 
-# Step sizes and zero points are ranges, not weights: decaying them would shrink the grid.
-_NO_DECAY = ("scale", "zero_point")
+# Step sizes and offsets are ranges, not weights: decaying them would shrink the grid.
+_NO_DECAY = ("scale", "offset")
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
