@@ -33,6 +33,10 @@ $PY bench/accuracy.py "${GRID[@]}" --grid table4 --bits w2a2 --seeds 0,1,2
 $PY bench/accuracy.py "${GRID[@]}" --grid ablation,psweep --bits w2a4 --seeds 0,1,2
 $PY bench/accuracy.py "${GRID[@]}" --grid edge --bits w4a4,w2a4 --seeds 0,1,2
 $PY bench/step_sizes.py $R/w4a4/*/seed* $R/w2a4/*/seed* --out $OUT/step_sizes.json
+# Train/test gaps from stale BatchNorm statistics: accuracy before and after re-estimating them.
+$PY bench/bn_statistics.py $R/w4a4/lsq-lsq*/seed* $R/w2a4/lsq-lsq/seed* \
+  $R/w2a4/lsq-lsq-q.edge_weights=minmax/seed* $R/w2a4/fpq-lsq/seed* \
+  $R/w2a4/fpq-lsq-q.edge_weights=minmax/seed* --out $OUT/bn_statistics.json
 $PY bench/csd_stability.py $R/fp/seed0 --bits w4a4 --out results/csd_stability.json
 
 # Hessian trace of the final W2A4 models (the FPQ paper's Fig. 5 claim: FPQ's is lower).

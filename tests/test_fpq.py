@@ -268,6 +268,11 @@ def test_csd_loss_is_zero_for_identical_features_and_matches_a_manual_sum():
     loss = csd_loss(student, teacher)
     assert float(loss) > 0.5
     torch.testing.assert_close(loss, manual)
+    # FPQ's form overwrites its captured teacher outputs with their standardized maps.
+    captured = [t.clone() for t in teacher]
+    torch.testing.assert_close(csd_loss(student, captured, overwrite_teacher=True), loss)
+    for mine, original in zip(captured, teacher):
+        torch.testing.assert_close(mine, channel_standardize(original))
     with pytest.raises(ValueError, match="matching non-empty"):
         csd_loss(student, teacher[:1])
     with pytest.raises(ValueError, match="shapes differ"):

@@ -40,6 +40,14 @@ def _channel_square_sum(z: Tensor) -> Tensor:
     return _broadcast(torch.linalg.vector_norm(_rows(z), 2, dim=-1).square_().sum(0), z)
 
 
+def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-channel sum of a * b as a batch of row dot products (bmm): no product tensor, whose
+    fresh allocation costs more than the arithmetic at these sizes."""
+    rows, length = a.shape[0] * a.shape[1], a[0, 0].numel()
+    dots = torch.bmm(a.reshape(rows, 1, length), b.reshape(rows, length, 1))
+    return _broadcast(dots.view(a.shape[0], a.shape[1]).sum(0), a)
+
+
 def _broadcast(per_channel: Tensor, z: Tensor) -> Tensor:
     return per_channel.view((1, -1) + (1,) * (z.dim() - 2))
 
@@ -55,12 +63,15 @@ def _channel_moments(z: Tensor) -> tuple[int, Tensor, Tensor]:
     return count, mean, var
 
 
-def channel_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
+def channel_standardize(z: Tensor, eps: float = 1e-5, in_place: bool = False) -> Tensor:
     """(z - mean) / sqrt(var + eps), statistics per channel (dim 1) over all other dims:
-    the teacher's target of CSD, in one elementwise pass after the two reductions."""
+    the teacher's target of CSD, in one elementwise pass after the two reductions.
+    `in_place` overwrites z (when it is float32/64) instead of allocating the result."""
     z = _compute_dtype(z)
     _, mean, var = _channel_moments(z)
     rstd = (var + eps).rsqrt_()
+    if in_place:
+        return z.mul_(rstd).sub_(mean * rstd)
     return torch.addcmul(-mean * rstd, z, rstd)
 
 
@@ -76,7 +87,7 @@ class _StandardizedSquaredError(torch.autograd.Function):
     def forward(ctx, z: Tensor, target: Tensor, eps: float) -> Tensor:
         count, mean, var = _channel_moments(z)
         rstd = (var + eps).rsqrt()
-        dot = _channel_sum(z * target)
+        dot = _channel_dot(z, target)
         per_channel = count * var * rstd.square() + _channel_square_sum(target) - 2 * rstd * dot
         loss = per_channel.clamp_(min=0).sum() / z.numel()
         ctx.save_for_backward(z, target, mean, rstd, dot)
@@ -92,8 +103,13 @@ class _StandardizedSquaredError(torch.autograd.Function):
         return grad.addcmul_(target, -scale * rstd), None, None
 
 
-def csd_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], eps: float = 1e-5) -> Tensor:
-    """Sum over layers of the mean squared difference of channel-standardized outputs."""
+def csd_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], eps: float = 1e-5,
+             overwrite_teacher: bool = False) -> Tensor:
+    """Sum over layers of the mean squared difference of channel-standardized outputs.
+
+    `overwrite_teacher` standardizes the teacher's tensors in place: FPQ passes the outputs it
+    captured from the frozen teacher, which nothing reads after its forward pass, and saves a
+    full-size allocation per layer."""
     if len(student) != len(teacher) or not student:
         raise ValueError(f"CSD needs matching non-empty layer lists, got {len(student)} and "
                          f"{len(teacher)}")
@@ -103,7 +119,7 @@ def csd_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], eps: float = 
             raise ValueError(f"CSD layer shapes differ: student {tuple(zs.shape)}, teacher "
                              f"{tuple(zt.shape)}")
         with torch.no_grad():
-            target = channel_standardize(zt.detach(), eps)
+            target = channel_standardize(zt.detach(), eps, in_place=overwrite_teacher)
         zs = _compute_dtype(zs)
         total = total + _StandardizedSquaredError.apply(zs, target.to(zs.dtype), eps)
     return total

@@ -68,7 +68,8 @@ class FPQ(Objective):
             with torch.no_grad():
                 self.teacher(images)
             out["csd"] = self.config.csd_weight * csd_loss(
-                self.student_features.take(), self.teacher_features.take(), self.config.csd_eps)
+                self.student_features.take(), self.teacher_features.take(), self.config.csd_eps,
+                overwrite_teacher=True)
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,73 @@
+"""Is a run's test accuracy limited by stale BatchNorm running statistics?
+
+Evaluates each run as trained, then again after re-estimating every BatchNorm's running
+mean and variance from training batches of the quantized model itself (eval-mode
+augmentation, cumulative average). A large gain means the running statistics lagged behind
+the quantized conv outputs at the end of training (e.g. when a min-max weight range jumped).
+The runs themselves are not changed.
+
+    .venv/bin/python bench/bn_statistics.py runs/accuracy/resnet8/w4a4/*/seed0 \
+        --out results/accuracy/bn_statistics.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from flatq.cli.export import run_data
+from flatq.train.loop import evaluate
+from flatq.train.runs import load_model
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: torch.nn.Module, images: torch.Tensor, pipeline,
+                         batch_size: int, batches: int, seed: int) -> None:
+    """Replace every BatchNorm's running statistics by their average over `batches` random
+    training batches seen by `model` in training mode (no parameter changes)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(batches):
+        index = torch.randint(len(images), (batch_size,), generator=generator)
+        model(pipeline(images[index], train=False))
+    model.eval()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="finished run folders (with model.pt)")
+    parser.add_argument("--batches", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="write the results here as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    results = []
+    for run in args.runs:
+        model, state = load_model(Path(run) / "model.pt")
+        _, data = run_data(state, None)
+        before = evaluate(model, data.test, data.eval_pipeline, device)["acc"]
+        reestimate_batchnorm(model, data.train.images, data.eval_pipeline, args.batch_size,
+                             args.batches, args.seed)
+        after = evaluate(model, data.test, data.eval_pipeline, device)["acc"]
+        print(f"{run}: test acc {before:.2f}% -> {after:.2f}% with re-estimated BN statistics")
+        results.append({"run": run, "test_acc": before, "test_acc_bn_reestimated": after})
+    if args.out:
+        Path(args.out).write_text(json.dumps({"batches": args.batches,
+                                              "batch_size": args.batch_size,
+                                              "seed": args.seed, "runs": results}, indent=1))
+        print(f"-> {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
