@@ -1,8 +1,9 @@
 """Is a run's test accuracy limited by stale BatchNorm running statistics?
 
 Evaluates each run as trained, then again after re-estimating every BatchNorm's running
-mean and variance from training batches of the quantized model itself (eval-mode
-augmentation, cumulative average). A large gain means the running statistics lagged behind
+mean and variance from training batches of the quantized model itself (no augmentation,
+cumulative average; `flatq.train.batchnorm`, what `flatq qat --bn-images` does at the end of
+training). A large gain means the running statistics lagged behind
 the quantized conv outputs at the end of training (e.g. when a min-max weight range jumped).
 The runs themselves are not changed.
 
@@ -19,25 +20,10 @@ from pathlib import Path
 import torch
 
 from flatq.cli.export import run_data
+from flatq.data import calibration_batches
+from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.train.loop import evaluate
 from flatq.train.runs import load_model
-
-
-@torch.no_grad()
-def reestimate_batchnorm(model: torch.nn.Module, images: torch.Tensor, pipeline,
-                         batch_size: int, batches: int, seed: int) -> None:
-    """Replace every BatchNorm's running statistics by their average over `batches` random
-    training batches seen by `model` in training mode (no parameter changes)."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(batches):
-        index = torch.randint(len(images), (batch_size,), generator=generator)
-        model(pipeline(images[index], train=False))
-    model.eval()
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -56,8 +42,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model, state = load_model(Path(run) / "model.pt")
         _, data = run_data(state, None)
         before = evaluate(model, data.test, data.eval_pipeline, device)["acc"]
-        reestimate_batchnorm(model, data.train.images, data.eval_pipeline, args.batch_size,
-                             args.batches, args.seed)
+        images = min(args.batches * args.batch_size, len(data.train))
+        reestimate_batchnorm(model, calibration_batches(data.train, data.eval_pipeline, images,
+                                                        args.seed, args.batch_size))
         after = evaluate(model, data.test, data.eval_pipeline, device)["acc"]
         print(f"{run}: test acc {before:.2f}% -> {after:.2f}% with re-estimated BN statistics")
         results.append({"run": run, "test_acc": before, "test_acc_bn_reestimated": after})

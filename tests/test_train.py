@@ -1,6 +1,7 @@
 """Whole runs through the Python API on the synthetic data set: pre-training, QAT, the run
 folder's files, loading a finished model, and resume ending where an uninterrupted run ends."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,8 @@ import flatq.methods  # noqa: F401  (registers the method configs)
 from flatq import calibrate, quantize_model
 from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, load_yaml, method_config
 from flatq.data import calibration_batches
-from flatq.errors import CheckpointError, FlatqError
+from flatq.errors import CheckpointError, ConfigError, FlatqError
+from flatq.train.checkpoint import load_checkpoint
 from flatq.train.loop import evaluate
 from flatq.train.runs import load_model, load_teacher, prepare_data, pretrain, qat
 
@@ -107,6 +109,28 @@ def test_a_second_qat_from_the_same_teacher_object_trains_its_weights(runs):
     trained, start = student.state_dict(), teacher.state_dict()
     for name in ("stem.0.weight", "stages.1.0.residual.0.0.weight", "linear.weight"):
         assert not torch.equal(trained[name], start[name]), name
+
+
+def test_qat_with_bn_images_records_both_accuracies_and_saves_the_new_statistics(runs):
+    config = qat_config()
+    config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, bn_images=64))
+    summary = qat(config, runs["teacher"], runs["state"], runs["root"] / "bn")
+    assert summary["bn_images"] == 64 and "test_acc_before_bn" in summary
+    model, state = load_model(runs["root"] / "bn")
+    trained = load_checkpoint(runs["root"] / "bn" / "checkpoint.pt")["model"]
+    saved = model.state_dict()
+    assert int(saved["stem.1.num_batches_tracked"]) == 64 // config.train.batch_size
+    assert not torch.equal(saved["stem.1.running_mean"], trained["stem.1.running_mean"])
+    assert torch.equal(saved["stem.0.weight"], trained["stem.0.weight"])   # weights untouched
+    assert state["summary"]["test_acc"] == summary["test_acc"]
+
+
+def test_bn_images_beyond_the_training_set_is_refused_before_the_run_folder(runs, tmp_path):
+    config = qat_config()
+    config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, bn_images=10**7))
+    with pytest.raises(ConfigError, match="--bn-images 10000000 exceeds"):
+        qat(config, runs["teacher"], runs["state"], tmp_path / "never")
+    assert not (tmp_path / "never").exists()
 
 
 def test_qat_refuses_quantized_source(runs):

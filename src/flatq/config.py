@@ -232,6 +232,9 @@ class QuantConfig(Section):
                                    "a_bits: 8} or {pattern: ..., skip: true}]", cli=False)
     calib_images: int = option(100, "training images used to calibrate ranges", low=1)
     calib_seed: int = option(0, "seed of the calibration subset", low=0)
+    bn_images: int = option(0, "after QAT, re-estimate BatchNorm running statistics from this "
+                            "many training images (no augmentation, no SFP noise); 0 keeps the "
+                            "running averages of training", low=0)
     range_method: str = option("minmax", "how calibration sets ranges: minmax, percentile "
                                "(inputs clipped to the [100-p, p] percentiles; weights min-max) "
                                "or mse (the clipping range with least quantization MSE, weights "
