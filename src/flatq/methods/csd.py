@@ -8,7 +8,7 @@ than the cross-entropy) and summed over layers.
 The student's side is computed in closed form (`_StandardizedSquaredError`): the loss needs only
 per-channel sums of the student's output, so the standardized student map, the difference and
 their backward passes (batch-norm backward plus MSE backward, about ten full-size passes per
-layer) are never materialized; the backward pass is one fused elementwise expression. At the
+layer) are never materialized; the backward pass is one elementwise expression (two ops). At the
 paper's batch of 256 these passes stream from memory and were most of CSD's cost.
 """
 
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
 
 def _compute_dtype(z: Tensor) -> Tensor:
     """Half and bfloat16 features (autocast) in float32; float32 and float64 as they are."""

@@ -24,11 +24,11 @@ from ..errors import CheckpointError, ConfigError, FlatqError
 from ..methods import build_objective
 from ..models import build_model
 from ..quant import calibrate, quant_layers, quantize_model, quantizers
+from .batchnorm import reestimate_batchnorm
 from .checkpoint import (CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, remove_partial_writes,
                          save_atomic)
 from .distributed import (check_global_batch, is_main_process, main_first, rank, setup, world_size,
                           wrap)
-from .batchnorm import reestimate_batchnorm
 from .loop import Trainer, evaluate
 
 
