@@ -27,7 +27,13 @@ import torch
 
 import tiny_model_cli
 from flatq.cli import main
+from flatq.config import DataConfig
+from flatq.data import calibration_batches
 from flatq.quant.quantizers import LSQQuantizer
+from flatq.train.batchnorm import reestimate_batchnorm
+from flatq.train.checkpoint import load_checkpoint
+from flatq.train.loop import evaluate
+from flatq.train.runs import load_model, prepare_data
 
 HERE = Path(__file__).parent
 CLI = str(HERE / "tiny_model_cli.py")
@@ -185,3 +191,30 @@ def test_global_batch_must_split_evenly_over_the_ranks(tiny_nobn, tmp_path, monk
     assert code == 2 and err == ["flatq pretrain: error: train.batch_size: 32 is not divisible "
                                  "by the 3 DDP ranks"]
     assert not (tmp_path / "r").exists()  # refused before the run folder is made
+
+
+def test_bn_reestimation_on_two_ranks_saves_what_one_process_computes(tmp_path):
+    """qat --bn-images under two ranks: every rank re-estimates on the same images, so the
+    saved statistics equal a one-process re-estimation of the trained weights, and the
+    distributed test accuracy (each rank evaluates its share with its own model) equals the
+    saved model's accuracy in one process."""
+    fp, q = tmp_path / "fp", tmp_path / "q"
+    assert main(["pretrain", "--model", "resnet8", "--lr", "0.1", *COMMON, "--out", str(fp)]) == 0
+    _wait(_start({"q": _ranks([sys.executable, CLI, "qat", "--from", str(fp), "--bits", "w4a4",
+                               "--lr", "0.01", *COMMON, "--bn-images", "64",
+                               "--out", str(q)])}))
+    model, state = load_model(q)
+    reference, _ = load_model(q)
+    reference.load_state_dict(load_checkpoint(q / "checkpoint.pt")["model"])  # as trained
+    data = prepare_data(DataConfig.from_dict(state["meta"]["data"]))
+    reestimate_batchnorm(reference, calibration_batches(data.train, data.eval_pipeline, 64, 0, 32))
+    saved, expected = model.state_dict(), reference.state_dict()
+    trained = load_checkpoint(q / "checkpoint.pt")["model"]
+    running = [k for k in saved if "running_" in k]
+    assert running and not all(torch.equal(saved[k], trained[k]) for k in running)
+    for key in running:
+        torch.testing.assert_close(saved[key], expected[key])
+    summary = json.loads((q / "summary.json").read_text())
+    assert summary["bn_images"] == 64
+    one_process = evaluate(model, data.test, data.eval_pipeline, torch.device("cpu"))
+    assert summary["test_acc"] == pytest.approx(one_process["acc"])
