@@ -46,7 +46,10 @@ PSWEEP = {f"p={p}": ("fpq", "lsq", {"sfp": False} if p == 0 else {} if p == 0.1 
 # first and last layer's weights by min-max instead of learned step sizes (quant.edge_weights)
 EDGE = {"LSQ edge-minmax": ("lsq", "lsq", {}, {"edge_weights": "minmax"}),
         "FPQ edge-minmax": ("fpq", "lsq", {}, {"edge_weights": "minmax"})}
-GRIDS = {"table4": TABLE4, "ablation": ABLATION, "psweep": PSWEEP, "edge": EDGE,
+# BatchNorm statistics re-estimated from 12,800 clean training images after QAT (quant.bn_images)
+BN = {"LSQ bn-reestimated": ("lsq", "lsq", {}, {"bn_images": 12800}),
+      "FPQ bn-reestimated": ("fpq", "lsq", {}, {"bn_images": 12800})}
+GRIDS = {"table4": TABLE4, "ablation": ABLATION, "psweep": PSWEEP, "edge": EDGE, "bn": BN,
          "sam": {"LSQ+SAM": ("sam", "lsq", {}), "FPQ": ("fpq", "lsq", {})}}
 
 

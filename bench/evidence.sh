@@ -32,6 +32,7 @@ $PY bench/accuracy.py "${GRID[@]}" --grid table4 --bits w4a4,w2a4 --seeds 0,1,2
 $PY bench/accuracy.py "${GRID[@]}" --grid table4 --bits w2a2 --seeds 0,1,2
 $PY bench/accuracy.py "${GRID[@]}" --grid ablation,psweep --bits w2a4 --seeds 0,1,2
 $PY bench/accuracy.py "${GRID[@]}" --grid edge --bits w4a4,w2a4 --seeds 0,1,2
+$PY bench/accuracy.py "${GRID[@]}" --grid bn --bits w2a4 --seeds 0,1,2   # qat --bn-images 12800
 $PY bench/step_sizes.py $R/w4a4/*/seed* $R/w2a4/*/seed* --out $OUT/step_sizes.json
 # Train/test gaps from stale BatchNorm statistics: accuracy before and after re-estimating them.
 $PY bench/bn_statistics.py $R/w4a4/lsq-lsq*/seed* $R/w2a4/lsq-lsq/seed* \
