@@ -228,8 +228,9 @@ def test_load_model_refuses_weights_of_another_model(tmp_path):
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     state["meta"]["model"] = "mobilenet_v1"
     save_atomic({k: v for k, v in state.items() if k != "format"}, tmp_path / "model.pt")
-    with pytest.raises(CheckpointError, match="do not fit model mobilenet_v1"):
+    with pytest.raises(CheckpointError, match="do not fit model mobilenet_v1") as refused:
         load_model(tmp_path)
+    assert "Missing key(s)" in str(refused.value)       # says which weights do not fit
 
 
 def _all_finite(state: dict) -> bool:

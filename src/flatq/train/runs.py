@@ -78,8 +78,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError) as exc:
+        detail = " ".join(str(exc).split())    # names the missing and unexpected keys
         raise CheckpointError(f"{path}: weights do not fit model {meta['model']}: "
-                              f"{str(exc).splitlines()[0]}") from None
+                              f"{detail[:400]}") from None
     return model.eval(), state
 
 
