@@ -38,13 +38,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     results = []
+    prepared: dict[str, tuple] = {}   # runs on the same data share its loading and batches
     for run in args.runs:
         model, state = load_model(Path(run) / "model.pt")
-        _, data = run_data(state, None)
+        key = json.dumps(state["meta"]["data"], sort_keys=True)
+        if key not in prepared:
+            _, data = run_data(state, None)
+            images = min(args.batches * args.batch_size, len(data.train))
+            prepared[key] = data, calibration_batches(data.train, data.eval_pipeline, images,
+                                                      args.seed, args.batch_size)
+        data, batches = prepared[key]
         before = evaluate(model, data.test, data.eval_pipeline, device)["acc"]
-        images = min(args.batches * args.batch_size, len(data.train))
-        reestimate_batchnorm(model, calibration_batches(data.train, data.eval_pipeline, images,
-                                                        args.seed, args.batch_size))
+        reestimate_batchnorm(model, batches)
         after = evaluate(model, data.test, data.eval_pipeline, device)["acc"]
         print(f"{run}: test acc {before:.2f}% -> {after:.2f}% with re-estimated BN statistics")
         results.append({"run": run, "test_acc": before, "test_acc_bn_reestimated": after})
