@@ -5,11 +5,11 @@ and the teacher's standardized maps are compared by squared error, averaged over
 within a layer (the paper writes a plain sum, which at batch 256 is thousands of times larger
 than the cross-entropy) and summed over layers.
 
-The student's side is computed in closed form (`_StandardizedSquaredError`): the loss needs only
-per-channel sums of the student's output, so the standardized student map, the difference and
-their backward passes (batch-norm backward plus MSE backward, about ten full-size passes per
-layer) are never materialized; the backward pass is one elementwise expression (two ops). At the
-paper's batch of 256 these passes stream from memory and were most of CSD's cost.
+Neither standardized map is ever materialized (`_StandardizedSquaredError`): the loss needs only
+per-channel sums of the two outputs and of their product, and its gradient is one elementwise
+expression of the two (two ops). The direct form (batch norm of both maps, MSE, and their
+backward passes) makes about a dozen full-size passes per layer; at the paper's batch of 256
+these stream from memory and were most of CSD's cost.
 """
 
 from __future__ import annotations
@@ -53,64 +53,54 @@ def _broadcast(per_channel: Tensor, z: Tensor) -> Tensor:
     return per_channel.view((1, -1) + (1,) * (z.dim() - 2))
 
 
-def _channel_moments(z: Tensor) -> tuple[int, Tensor, Tensor]:
-    """Per-channel count, mean and (biased) variance from one pass each of sum and sum of
-    squares. The variance E[z^2] - mu^2 errs by about 1e-6 mu^2 / var relative in float32;
-    in CSD that only rescales a channel, negligible for conv outputs (mu^2 / var stays below
-    100 in flatq's trained models)."""
+def _channel_moments(z: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel sum, variance (biased) and r = (var + eps)^-1/2, from one pass each of sum
+    and sum of squares. The variance E[z^2] - mu^2 errs by about 1e-7 mu^2 / var relative in
+    float32; in CSD that only rescales a channel, negligible for conv outputs (mu^2 / var
+    stays below 100 in flatq's trained models)."""
     count = z.numel() // z.shape[1]
-    mean = _channel_sum(z) / count
-    var = (_channel_square_sum(z) / count - mean.square()).clamp_(min=0)
-    return count, mean, var
-
-
-def channel_standardize(z: Tensor, eps: float = 1e-5, in_place: bool = False) -> Tensor:
-    """(z - mean) / sqrt(var + eps), statistics per channel (dim 1) over all other dims:
-    the teacher's target of CSD, in one elementwise pass after the two reductions.
-    `in_place` overwrites z (when it is float32/64) instead of allocating the result."""
-    z = _compute_dtype(z)
-    _, mean, var = _channel_moments(z)
-    rstd = (var + eps).rsqrt_()
-    if in_place:
-        return z.mul_(rstd).sub_(mean * rstd)
-    return torch.addcmul(-mean * rstd, z, rstd)
+    total = _channel_sum(z)
+    var = (_channel_square_sum(z) / count - (total / count).square()).clamp_(min=0)
+    return total, var, (var + eps).rsqrt()
 
 
 class _StandardizedSquaredError(torch.autograd.Function):
-    """mean((standardize(z) - target)^2) for a target with zero mean per channel.
+    """mean((standardize(z) - standardize(t))^2), gradient to the student's z only.
 
-    With per-channel count D, mean mu, variance v and r = (v + eps)^-1/2 of z, and
-    dot = sum(z * target), the loss is sum_c (D v r^2 + sum(target^2) - 2 r dot) / numel,
-    and its gradient 2/numel * ((eps r^4 + dot r^3 / D) (z - mu) - r target).
+    Per channel, with count D, sums S_z, S_t, variances v_z, v_t, r_z = (v_z + eps)^-1/2,
+    r_t likewise, and dot = sum(z * standardize(t)) = r_t (sum(z * t) - S_z S_t / D), the
+    squared error is D v_z r_z^2 + D v_t r_t^2 - 2 r_z dot; its gradient with respect to z is
+    (eps r_z^4 + dot r_z^3 / D)(z - S_z / D) - r_z r_t (t - S_t / D), times 2 / numel.
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, target: Tensor, eps: float) -> Tensor:
-        count, mean, var = _channel_moments(z)
-        rstd = (var + eps).rsqrt()
-        dot = _channel_dot(z, target)
-        per_channel = count * var * rstd.square() + _channel_square_sum(target) - 2 * rstd * dot
+    def forward(ctx, z: Tensor, t: Tensor, eps: float) -> Tensor:
+        count = z.numel() // z.shape[1]
+        sum_z, var_z, r_z = _channel_moments(z, eps)
+        sum_t, var_t, r_t = _channel_moments(t, eps)
+        dot = r_t * (_channel_dot(z, t) - sum_z * sum_t / count)
+        per_channel = count * (var_z * r_z.square() + var_t * r_t.square()) - 2 * r_z * dot
         loss = per_channel.clamp_(min=0).sum() / z.numel()
-        ctx.save_for_backward(z, target, mean, rstd, dot)
+        ctx.save_for_backward(z, t, sum_z, sum_t, r_z, r_t, dot)
         ctx.eps, ctx.count = eps, count
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        z, target, mean, rstd, dot = ctx.saved_tensors
+        z, t, sum_z, sum_t, r_z, r_t, dot = ctx.saved_tensors
         scale = 2 * grad_loss / z.numel()
-        slope = scale * (ctx.eps * rstd.pow(4) + dot * rstd.pow(3) / ctx.count)
-        grad = torch.addcmul(-slope * mean, z, slope)
-        return grad.addcmul_(target, -scale * rstd), None, None
+        slope = scale * (ctx.eps * r_z.pow(4) + dot * r_z.pow(3) / ctx.count)
+        teacher_slope = scale * r_z * r_t
+        constant = (teacher_slope * sum_t - slope * sum_z) / ctx.count
+        grad = torch.addcmul(constant, z, slope)
+        return grad.addcmul_(t, -teacher_slope), None, None
 
 
-def csd_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], eps: float = 1e-5,
-             overwrite_teacher: bool = False) -> Tensor:
+def csd_loss(student: Sequence[Tensor], teacher: Sequence[Tensor],
+             eps: float = 1e-5) -> Tensor:
     """Sum over layers of the mean squared difference of channel-standardized outputs.
 
-    `overwrite_teacher` standardizes the teacher's tensors in place: FPQ passes the outputs it
-    captured from the frozen teacher, which nothing reads after its forward pass, and saves a
-    full-size allocation per layer."""
+    The gradient reaches the student's tensors only; the teacher's are read, never written."""
     if len(student) != len(teacher) or not student:
         raise ValueError(f"CSD needs matching non-empty layer lists, got {len(student)} and "
                          f"{len(teacher)}")
@@ -119,8 +109,6 @@ def csd_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], eps: float = 
         if zs.shape != zt.shape:
             raise ValueError(f"CSD layer shapes differ: student {tuple(zs.shape)}, teacher "
                              f"{tuple(zt.shape)}")
-        with torch.no_grad():
-            target = channel_standardize(zt.detach(), eps, in_place=overwrite_teacher)
         zs = _compute_dtype(zs)
-        total = total + _StandardizedSquaredError.apply(zs, target.to(zs.dtype), eps)
+        total = total + _StandardizedSquaredError.apply(zs, zt.detach().to(zs.dtype), eps)
     return total

@@ -68,8 +68,7 @@ class FPQ(Objective):
             with torch.no_grad():
                 self.teacher(images)
             out["csd"] = self.config.csd_weight * csd_loss(
-                self.student_features.take(), self.teacher_features.take(), self.config.csd_eps,
-                overwrite_teacher=True)
+                self.student_features.take(), self.teacher_features.take(), self.config.csd_eps)
         return out
 
     def state_dict(self) -> dict[str, Any]:

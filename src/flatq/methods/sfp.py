@@ -59,7 +59,8 @@ class StochasticFeaturePerturbation:
             return x
         self.fired[name] += 1
         step = layer.input_quantizer.step_size().to(x.dtype)
-        return x + (torch.rand_like(x) - 0.5) * step
+        # One fresh tensor, updated in place (three temporaries in the plain expression).
+        return torch.empty_like(x).uniform_(-0.5, 0.5).mul_(step).add_(x)
 
     def _after(self, name: str, layer: nn.Module):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
