@@ -7,7 +7,9 @@ with the load average before and after. Peak memory: on CUDA, max_memory_allocat
 over the timed steps; on CPU, each setting runs in a fresh child process and we report the
 peak resident set size of its first two training steps (VmHWM, reset once the models are
 built) and how far it rises above the resident size before them: the memory training needs
-(activations, gradients, optimizer state) beyond the models.
+(activations, gradients, optimizer state) beyond the models. Host memory: like the `flatq`
+command, the bench first has glibc keep freed memory for reuse (flatq.train.host_memory);
+`--glibc-malloc` measures with glibc's default instead.
 
     .venv/bin/python bench/step_time.py                      # CPU, batch 32
     .venv/bin/python bench/step_time.py --device cuda --batch 256
@@ -31,6 +33,7 @@ from flatq.methods import FPQ, FPQConfig, TaskObjective
 from flatq.methods.base import Objective
 from flatq.models import build_model
 from flatq.quant import calibrate, quantize_model
+from flatq.train.host_memory import retain_freed_host_memory
 from flatq.train.optim import build_optimizer
 
 from machine import machine_info
@@ -145,7 +148,10 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def _cpu_memory_child(model_name: str, method: str, size: int, threads: int, queue) -> None:
+def _cpu_memory_child(model_name: str, method: str, size: int, threads: int, retain: bool,
+                      queue) -> None:
+    if retain:
+        retain_freed_host_memory()
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     images, labels = batch(size, device)
@@ -159,11 +165,12 @@ def _cpu_memory_child(model_name: str, method: str, size: int, threads: int, que
                "step_mib": peak - before})
 
 
-def cpu_memory(model_name: str, method: str, size: int, threads: int) -> dict:
+def cpu_memory(model_name: str, method: str, size: int, threads: int, retain: bool) -> dict:
     """Peak RSS of one setting's training steps, measured in its own process."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    child = ctx.Process(target=_cpu_memory_child, args=(model_name, method, size, threads, queue))
+    child = ctx.Process(target=_cpu_memory_child,
+                        args=(model_name, method, size, threads, retain, queue))
     child.start()
     result = queue.get()
     child.join()
@@ -179,9 +186,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="keep glibc's default malloc instead of retaining freed host memory "
+                        "as the flatq command does (flatq.train.host_memory)")
     parser.add_argument("--out", default="results/bench_step_time.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    retained = not args.glibc_malloc and retain_freed_host_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.batch or (256 if device.type == "cuda" else 32)
@@ -190,13 +201,16 @@ def main(argv: list[str] | None = None) -> dict:
               "settings": {"batch": size, "steps": args.steps, "warmup": args.warmup,
                            "image": [3, 32, 32], "bits": "w4a4", "quantizer": "lsq",
                            "fpq": {"p": 0.1, "csd": True, "csd_weight": 1.0},
-                           "optimizer": "SGD momentum 0.9, wd 5e-4 (flatq build_optimizer)"},
+                           "optimizer": "SGD momentum 0.9, wd 5e-4 (flatq build_optimizer)",
+                           "host_memory": ("freed memory retained (flatq.train.host_memory)"
+                                           if retained else "malloc as configured")},
               "targets": TARGETS, "models": {}}
     for name in args.models.split(","):
         result = time_model(name, size, args.steps, args.warmup, device)
         if device.type == "cpu" and not args.no_memory:
             for method in METHODS:
-                result[method]["memory"] = cpu_memory(name, method, size, torch.get_num_threads())
+                result[method]["memory"] = cpu_memory(name, method, size, torch.get_num_threads(),
+                                                      retained)
         fp = result["fp"]["median_ms"]
         ratios = {m: result[m]["median_ms"] / fp for m in TARGETS}
         result["ratios"] = ratios
