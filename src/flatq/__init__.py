@@ -3,7 +3,8 @@
 from .config import DataConfig, QuantConfig, RunConfig, TrainConfig
 from .errors import FlatqError
 from .quant import calibrate, post_training_quantize, quantize_model
+from .train.host_memory import retain_freed_host_memory
 
 __version__ = "0.1.0"
 __all__ = ["DataConfig", "QuantConfig", "RunConfig", "TrainConfig", "FlatqError", "calibrate",
-           "post_training_quantize", "quantize_model", "__version__"]
+           "post_training_quantize", "quantize_model", "retain_freed_host_memory", "__version__"]

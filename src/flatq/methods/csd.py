@@ -6,8 +6,8 @@ within a layer (the paper writes a plain sum, which at batch 256 is thousands of
 than the cross-entropy) and summed over layers.
 
 Neither standardized map is ever materialized (`_StandardizedSquaredError`): the loss needs only
-per-channel sums of the two outputs and of their product, and its gradient is one elementwise
-expression of the two (two ops). The direct form (batch norm of both maps, MSE, and their
+per-channel sums of the two outputs, of their squares and of their product, and its gradient
+is one elementwise expression of the two (two ops). The direct form (batch norm of both maps, MSE, and their
 backward passes) makes about a dozen full-size passes per layer; at the paper's batch of 256
 these stream from memory and were most of CSD's cost.
 """
@@ -42,11 +42,10 @@ def _channel_square_sum(z: Tensor) -> Tensor:
 
 
 def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-channel sum of a * b as a batch of row dot products (bmm): no product tensor, whose
-    fresh allocation costs more than the arithmetic at these sizes."""
-    rows, length = a.shape[0] * a.shape[1], a[0, 0].numel()
-    dots = torch.bmm(a.reshape(rows, 1, length), b.reshape(rows, length, 1))
-    return _broadcast(dots.view(a.shape[0], a.shape[1]).sum(0), a)
+    """Per-channel sum of a * b, as row sums of the product: with freed memory retained
+    (flatq.train.host_memory) the product tensor costs little, and this runs about twice as
+    fast as a batched row dot product (`bmm` with 1 x L by L x 1 blocks) on CPU."""
+    return _broadcast(_rows(a * b).sum(-1).sum(0), a)
 
 
 def _broadcast(per_channel: Tensor, z: Tensor) -> Tensor:
