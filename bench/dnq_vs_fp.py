@@ -14,7 +14,6 @@ markdown table. Runs go to --work (default: a temporary folder, removed afterwar
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from flatq.config import (DataConfig, QuantConfig, RunConfig, TrainConfig, metho
 from flatq.train.ptq import ptq
 from flatq.train.runs import load_teacher, pretrain
 
-from machine import machine_info
+from machine import machine_info, save_report
 
 
 def train(args: argparse.Namespace, method: str, options: dict, run_dir: Path) -> dict:
@@ -107,10 +106,8 @@ def main() -> None:
           f"{args.max_steps_per_epoch or 'all'} steps, seed {args.seed}, PTQ "
           f"{args.range_method} ranges; test accuracy (%):\n")
     print(table(result["rows"]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{out} ({result['seconds']:.0f} s)")
+    save_report(result, args.out)
+    print(f"took {result['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

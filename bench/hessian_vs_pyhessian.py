@@ -37,13 +37,11 @@ Writes results/bench_hessian.json (machine, load average, settings, times, estim
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,7 +55,7 @@ from flatq.models import available_models, build_model
 from flatq.quant import calibrate, quantize_model
 from flatq.train.runs import load_model, prepare_data
 
-from machine import machine_info
+from machine import machine_info, save_report
 
 try:
     from pyhessian import hessian as PyHessian
@@ -230,9 +228,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*create_graph=True.*reference cycle",
                             category=UserWarning)
     result = measure(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save_report(result, args.out)
     m, t = result["median_seconds"], result["trace"]
     b = result["best_seconds"]
     print(f"median time: flatq {m['flatq']:.3f}s, PyHessian {m['pyhessian']:.3f}s; "
@@ -247,7 +243,7 @@ def main() -> None:
           f"{'agree' if result['agree_within_3_stderr'] else 'DISAGREE'} (within 3 s.e.); "
           f"within 1 flatq s.e.: {'yes' if result['agree_within_1_flatq_stderr'] else 'no'}; "
           f"paired repeats differ by at most {result['paired_estimates_max_difference']:.2g}")
-    print("PyHessian handled with: " + "; ".join(PYHESSIAN_NOTES) + f"  -> {out}")
+    print("PyHessian handled with: " + "; ".join(PYHESSIAN_NOTES))
 
 
 if __name__ == "__main__":

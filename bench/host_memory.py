@@ -14,18 +14,16 @@ Writes results/bench_host_memory.json.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from flatq.train.host_memory import retain_freed_host_memory
-from machine import machine_info
+from machine import machine_info, save_report
 from step_time import _status_mib, batch, build_objective
 
 MODES = ("glibc default", "retained")
@@ -91,10 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"retained / default: step time {report['ratios']['step_time']:.2f}x, peak RSS "
           f"{report['ratios']['peak_rss']:.2f}x (load {report['loadavg_before'][0]:.1f} -> "
           f"{report['loadavg_after'][0]:.1f})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"-> {out}")
+    save_report(report, args.out)
     return report
 
 

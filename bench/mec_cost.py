@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -36,7 +34,7 @@ from flatq.methods import MEC, MECConfig, TaskObjective
 from flatq.models import available_models, build_model
 from flatq.quant import calibrate, quantize_model
 
-from machine import machine_info
+from machine import machine_info, save_report
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -126,16 +124,14 @@ def main() -> None:
     parser.add_argument("--out", default="results/bench_mec.json")
     args = parser.parse_args()
     result = measure(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save_report(result, args.out)
     s = result["seconds"]
     print(f"{args.model} batch {args.batch} {args.bits} on {result['device']}: "
           f"LSQ step {s['lsq_step']:.4g}s, MEC step {s['mec_step']:.4g}s, "
           f"MEC term fwd+bwd {s['mec_term_fwd_bwd'] * 1e3:.3g} ms")
     print(f"MEC term / MEC step = {result['mec_term_fraction_of_step']:.3%} (medians: "
           f"{result['mec_term_fraction_of_step_medians']:.3%}); "
-          f"MEC step / LSQ step = {result['mec_step_over_lsq_step']:.3f}  -> {out}")
+          f"MEC step / LSQ step = {result['mec_step_over_lsq_step']:.3f}")
 
 
 if __name__ == "__main__":

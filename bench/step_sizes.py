@@ -10,11 +10,11 @@ share this in their 8-bit stem (README, Results; bench/csd_stability.py shows wh
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from flatq.quant import quant_layers
 from flatq.train.runs import load_model
+from machine import save_report
 
 
 def layer_step_sizes(run: str) -> list[dict]:
@@ -48,9 +48,7 @@ def main() -> None:
         first = rows[0]
         print(f"{run}: first layer max step {first['max_step']:.3g} (max |w| "
               f"{first['max_abs_weight']:.3g}); dead channels {', '.join(dead) or 'none'}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"-> {args.out}")
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Writes results/bench_step_time.json (machine, settings, times, ratios, memory).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
@@ -37,7 +36,7 @@ from flatq.quant import calibrate, quantize_model
 from flatq.train.host_memory import retain_freed_host_memory
 from flatq.train.optim import build_optimizer
 
-from machine import machine_info
+from machine import machine_info, save_report
 
 METHODS = ("fp", "lsq", "fpq")
 TARGETS = {"lsq": 1.3, "fpq": 1.7}
@@ -243,10 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["loadavg_after"] = os.getloadavg()
     print(f"load average (1, 5, 15 min): before {report['loadavg_before']}, "
           f"after {report['loadavg_after']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"-> {out}")
+    save_report(report, args.out)
     return report
 
 

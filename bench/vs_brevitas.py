@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,7 +37,7 @@ from flatq.models import build_model
 from flatq.quant import calibrate, quant_layers, quantize_model
 from flatq.train.optim import build_optimizer
 
-from machine import machine_info
+from machine import machine_info, save_report
 from step_time import NUM_CLASSES, batch, settle_batchnorm, summarize, timed_step
 
 SETTINGS = ("fp", "flatq", "brevitas")
@@ -190,10 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("comparable because:\n" + "\n".join(f"  - {c}" for c in comparable))
     print(f"load average (1, 5, 15 min): before {report['loadavg_before']}, "
           f"after {report['loadavg_after']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"-> {out}")
+    save_report(report, args.out)
     return report
 
 
