@@ -2,7 +2,8 @@
 
 User mistakes (FlatqError) end with one line on stderr and exit status 2; Ctrl-C ends with a
 hint to resume. Anything else is a bug and keeps its traceback. Every command first has glibc
-keep freed host memory for reuse (flatq.train.host_memory): CPU steps run up to a fifth faster.
+keep freed host memory for reuse (flatq.train.host_memory), so that large-batch CPU steps stop
+page-faulting in fresh memory (docs/speed.md).
 """
 
 from __future__ import annotations

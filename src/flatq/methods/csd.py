@@ -5,11 +5,11 @@ and the teacher's standardized maps are compared by squared error, averaged over
 within a layer (the paper writes a plain sum, which at batch 256 is thousands of times larger
 than the cross-entropy) and summed over layers.
 
-Neither standardized map is ever materialized (`_StandardizedSquaredError`): the loss needs only
-per-channel sums of the two outputs, of their squares and of their product, and its gradient
-is one elementwise expression of the two (two ops). The direct form (batch norm of both maps, MSE, and their
-backward passes) makes about a dozen full-size passes per layer; at the paper's batch of 256
-these stream from memory and were most of CSD's cost.
+Neither standardized map is ever materialized (`_StandardizedSquaredError`): the loss needs
+only per-channel sums of the two outputs, of their squares and of their product, and its
+gradient is one elementwise expression of the two (two ops). The direct form (batch norm of
+both maps, MSE, and their backward passes) makes about a dozen full-size passes per layer; at
+the paper's batch of 256 these stream from memory and were most of CSD's cost.
 """
 
 from __future__ import annotations

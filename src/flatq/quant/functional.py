@@ -87,8 +87,9 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
 
     `scale` and `zero_point` must broadcast against `x`: one value per tensor (shape (1,) or
     (1,1,1,1)), or one per channel on dim 0 ((C,1,1,1) for a conv weight). `zero_point` holds
-    integer values within [qmin, qmax]; it is learned only by LSQ+ and then rounded by the caller. `grad_factor` scales the gradients of scale and
-    zero point (LSQ's g = 1/sqrt(N * Qp)).
+    integer values within [qmin, qmax]; it is learned only by LSQ+ and then rounded by the
+    caller. `grad_factor` scales the gradients of scale and zero point (LSQ's
+    g = 1/sqrt(N * Qp)).
     """
     return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_factor)
 
