@@ -14,7 +14,6 @@ Writes results/bench_host_memory.json.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import resource
 import statistics
@@ -23,8 +22,8 @@ import time
 import torch
 
 from flatq.train.host_memory import retain_freed_host_memory
-from machine import machine_info, save_report
-from step_time import _status_mib, batch, build_objective
+from machine import machine_info, run_in_fresh_process, save_report, status_mib
+from step_time import batch, build_objective
 
 MODES = ("glibc default", "retained")
 
@@ -42,18 +41,12 @@ def _run_child(mode: str, method: str, model_name: str, size: int, steps: int, t
         objective.step(images, labels, optimizer)
         records.append({"seconds": time.perf_counter() - start,
                         "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
-                        "rss_mib": _status_mib("VmRSS")})
-    queue.put({"retained": applied, "steps": records, "peak_rss_mib": _status_mib("VmHWM")})
+                        "rss_mib": status_mib("VmRSS")})
+    queue.put({"retained": applied, "steps": records, "peak_rss_mib": status_mib("VmHWM")})
 
 
 def run(mode: str, method: str, model_name: str, size: int, steps: int, threads: int) -> dict:
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_run_child,
-                        args=(mode, method, model_name, size, steps, threads, queue))
-    child.start()
-    result = queue.get()
-    child.join()
+    result = run_in_fresh_process(_run_child, mode, method, model_name, size, steps, threads)
     later = result["steps"][steps // 2:]
     last_quarter = [s["rss_mib"] for s in result["steps"][-max(1, steps // 4):]]
     result["median_step_ms"] = 1e3 * statistics.median(s["seconds"] for s in later)

@@ -1,9 +1,11 @@
-"""What every bench result records about where it ran, and how it is saved."""
+"""What bench scripts share: where a result ran, its process memory, how it is saved."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,3 +34,23 @@ def save_report(report: dict, path: str | Path) -> Path:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"-> {out}")
     return out
+
+
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: its peak) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def run_in_fresh_process(target: Callable, *args) -> dict:
+    """Run target(*args, queue) in a spawned process and return what it puts on the queue:
+    process-wide state (peak RSS, malloc settings) then belongs to that run alone."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=target, args=(*args, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result

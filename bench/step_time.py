@@ -19,7 +19,6 @@ Writes results/bench_step_time.json (machine, settings, times, ratios, memory).
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import resource
 import statistics
@@ -36,7 +35,7 @@ from flatq.quant import calibrate, quantize_model
 from flatq.train.host_memory import retain_freed_host_memory
 from flatq.train.optim import build_optimizer
 
-from machine import machine_info, save_report
+from machine import machine_info, run_in_fresh_process, save_report, status_mib
 
 METHODS = ("fp", "lsq", "fpq")
 TARGETS = {"lsq": 1.3, "fpq": 1.7}
@@ -141,14 +140,6 @@ def time_model(model_name: str, size: int, steps: int, warmup: int,
     return out
 
 
-def _status_mib(field: str) -> float:
-    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: its peak) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _reset_peak_rss() -> None:
     """Restart VmHWM from the current RSS (Linux >= 4.0), so that the peak is this setting's
     and not the parent's: getrusage's ru_maxrss is inherited across fork and exec."""
@@ -163,25 +154,18 @@ def _cpu_memory_child(model_name: str, method: str, size: int, threads: int, ret
     device = torch.device("cpu")
     images, labels = batch(size, device)
     objective, optimizer = build_objective(method, model_name, images, device)
-    before = _status_mib("VmRSS")  # models built, no step yet
+    before = status_mib("VmRSS")  # models built, no step yet
     _reset_peak_rss()
     for _ in range(2):
         objective.step(images, labels, optimizer)
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     queue.put({"kind": "peak RSS (VmHWM) of the first 2 steps in a fresh process", "peak_mib": peak,
                "step_mib": peak - before})
 
 
 def cpu_memory(model_name: str, method: str, size: int, threads: int, retain: bool) -> dict:
     """Peak RSS of one setting's training steps, measured in its own process."""
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_cpu_memory_child,
-                        args=(model_name, method, size, threads, retain, queue))
-    child.start()
-    result = queue.get()
-    child.join()
-    return result
+    return run_in_fresh_process(_cpu_memory_child, model_name, method, size, threads, retain)
 
 
 def main(argv: list[str] | None = None) -> dict:
