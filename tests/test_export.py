@@ -1,10 +1,9 @@
 """Export: ONNX QDQ graphs run in onnxruntime against the fake-quant PyTorch model, and the
 packed integer file against the quantizers' own output.
 
-Tolerance of the ONNX comparisons: both sides compute in float32, but not in the same order
-(onnxruntime's convolution sums differently; ONNX quantizes as round(x/s) + z, flatq's fake
-quantizer as round(x/s + z), which differ when x/s lies within float rounding of a half step).
-So now and then one activation lands on the neighbouring integer, and that one-step change
+Tolerance of the ONNX comparisons: both sides quantize as round(x/s) + z in float32, but
+onnxruntime sums convolutions in another order, so a sum near a half step can round the other
+way. So now and then one activation lands on the neighbouring integer, and that one-step change
 then moves the rest of that image's forward pass. We therefore ask that nearly every image
 (>= 90%) matches to float32 precision (1e-5 of the logit scale), that predictions agree on
 >= 95% of images, and (CNNs) that no logit is off by more than 5% of the logit scale.

@@ -57,9 +57,9 @@ def tiny_student(teacher: nn.Module, w_bits: int = 4, a_bits: int = 4) -> nn.Mod
 
 
 def fake_quant_reference(x: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
-    """(clamp(round(x / s + z), qmin, qmax) - z) * s with the quantizer's effective s, z."""
+    """(clamp(round(x / s) + z, qmin, qmax) - z) * s with the quantizer's effective s, z."""
     s, z = quantizer.scale_and_zero_point()
-    return (torch.clamp(torch.round(x / s + z), quantizer.qmin, quantizer.qmax) - z) * s
+    return (torch.clamp(torch.round(x / s) + z, quantizer.qmin, quantizer.qmax) - z) * s
 
 
 class NoiseProbe:

@@ -386,6 +386,38 @@ def test_fake_quantize_per_channel_zero_point_gradient_matches_torch():
     assert (rdz != 0).all()
 
 
+@pytest.mark.parametrize("qmin,qmax", [(0, 15), (-8, 7), (0, 3)])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_fake_quantize_ties_follow_torch_forward_and_gradient_follows_clipping(qmin, qmax, zero):
+    """Inputs on quarter steps put x/s exactly on half-integers. With s a power of two,
+    PyTorch's fake-quant op (x * (1/s)) is exact, so the outputs must match bit for bit,
+    ties rounding to even before the zero point is added (ONNX's order). The input gradient
+    must pass exactly where that forward did not clip; PyTorch's learnable op decides by
+    round(x/s + z) instead, which disagrees with its own forward at odd-z ties."""
+    s = 0.5
+    x = (torch.arange((qmin - zero - 3) * 4, (qmax - zero + 3) * 4 + 1) / 4 * s).requires_grad_()
+    scale = torch.tensor([s], requires_grad=True)
+    zero_point = torch.tensor([float(zero)], requires_grad=True)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(zero))
+    out = fake_quantize(x, scale, zero_point, qmin, qmax, 0.3)
+    dx, ds, dz = torch.autograd.grad(out, (x, scale, zero_point), upstream)
+
+    expected = torch.fake_quantize_per_tensor_affine(x.detach(), s, zero, qmin, qmax)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    integers = torch.round(x.detach().double() / s) + zero
+    inside = (integers >= qmin) & (integers <= qmax)
+    assert inside.any() and (~inside).any()
+    torch.testing.assert_close(dx, torch.where(inside, upstream, 0.0), rtol=0, atol=0)
+    # LSQ closed forms in float64: d x_hat/ds = round(u) - u inside, clamp(q) - z outside.
+    u = x.detach().double() / s
+    d_scale = torch.where(inside, integers - zero - u, integers.clamp(qmin, qmax) - zero)
+    up = upstream.double()
+    torch.testing.assert_close(ds.double(), (up * d_scale).sum().reshape(1) * 0.3,
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dz.double(), -(up * ~inside).sum().reshape(1) * s * 0.3,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_fake_quantize_bfloat16_input_computes_in_float32():
     x = (torch.randn(2, 3, 4, 4) * 2).bfloat16().requires_grad_()
     scale = torch.tensor([0.25], requires_grad=True)

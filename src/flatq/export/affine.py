@@ -1,7 +1,7 @@
 """The integer view of a quantized layer: what both exporters write.
 
 A QuantConv2d / QuantLinear computes with `(q - z) * s`, where the weight integers
-q = clamp(round(w / s + z), qmin, qmax) are per output channel and the input integers per
+q = clamp(round(w / s) + z, qmin, qmax) are per output channel and the input integers per
 tensor. This module reads those integers, scales and zero points off the layer's quantizers,
 computed with the same float32 ops as the fake quantizer so that dequantizing them gives the
 fake-quantized weight bit for bit.
@@ -62,14 +62,14 @@ def integer_weight(layer: nn.Module) -> IntegerWeight:
         expected = quantizer(layer.weight)
         scale, zero_point = (t.float() for t in quantizer.scale_and_zero_point())
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-        q = torch.clamp(torch.round(layer.weight / scale.view(shape) + zero_point.view(shape)),
+        q = torch.clamp(torch.round(layer.weight / scale.view(shape)) + zero_point.view(shape),
                         quantizer.qmin, quantizer.qmax)
     weight = IntegerWeight(q, scale.expand(q.shape[0]).clone(),
                            zero_point.expand(q.shape[0]).clone(), quantizer.bits,
                            quantizer.signed)
     if not torch.equal(weight.dequantize(), expected):
         raise ConfigError(f"the {type(quantizer).__name__} weight quantizer does not compute "
-                          "(clamp(round(w/s + z)) - z) * s, so its integers cannot be exported")
+                          "(clamp(round(w/s) + z) - z) * s, so its integers cannot be exported")
     return weight
 
 

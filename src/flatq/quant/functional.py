@@ -38,47 +38,68 @@ def _sum_of_products(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
     return torch.einsum("ck,ck->c", a.reshape(channels, -1), b.reshape(channels, -1)).reshape(shape)
 
 
+def _grid_integers(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """round(x / s) + z, before clamping: a new float tensor of integer values.
+
+    The order of ONNX QuantizeLinear and of PyTorch's quantize ops (round, then add the zero
+    point); x is divided by s as ONNX does, where PyTorch's fake-quant kernels multiply by
+    1/s and so round a few near-tie values the other way."""
+    return torch.div(x, scale).round_().add_(zero_point)
+
+
+def _mask_outside(values: Tensor, integers: Tensor, qmin: int, qmax: int,
+                  out: Tensor | None = None) -> Tensor:
+    """`values` where qmin <= integers <= qmax, else 0, in one vectorized pass.
+
+    hardtanh_backward keeps its first argument where lo < second < hi; the integers sit
+    half a step inside those bounds. torch.where with a bool mask of mixed values runs
+    several times slower on CPU (branch mispredictions), and writing the mask costs as
+    much as recomputing the integers."""
+    hardtanh_backward = torch.ops.aten.hardtanh_backward
+    if out is None:
+        return hardtanh_backward(values, integers, qmin - 0.5, qmax + 0.5)
+    return hardtanh_backward.grad_input(values, integers, qmin - 0.5, qmax + 0.5, grad_input=out)
+
+
 class _FakeQuantize(torch.autograd.Function):
-    """x_hat = (clip(round(x/s + z), qmin, qmax) - z) * s with LSQ/LSQ+ gradients.
+    """x_hat = (clamp(round(x/s) + z, qmin, qmax) - z) * s with LSQ/LSQ+ gradients.
 
     Written for few passes over memory (fake quantization costs as much as the convolutions
-    on a CPU): forward works in place on its one temporary and saves the in-range mask;
-    backward uses d x_hat / d s = (x_hat - inside * x) / s, which is round(u) - u inside the
-    range and q_bound - z outside it, reduced against the incoming gradient as a dot product.
-    x is divided by s as ONNX QuantizeLinear and the integer export do (PyTorch's fused
-    fake-quant kernels multiply by 1/s, which rounds a few near-tie values the other way).
+    on a CPU): forward works in place on its one new tensor and saves no mask; backward
+    recomputes the grid integers, which is cheaper than writing and reading a bool mask, and
+    uses d x_hat / d s = (x_hat - inside * x) / s, which is round(u) - u inside the range and
+    q_bound - z outside it, reduced against the incoming gradient as a dot product.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                 factor: float) -> Tensor:
-        rounded = torch.addcdiv(zero_point, x, scale).round_()
-        out = rounded.clamp(qmin, qmax)
-        inside = out == rounded
-        del rounded
+        out = _grid_integers(x, scale, zero_point).clamp_(qmin, qmax)
         out.sub_(zero_point).mul_(scale)
-        ctx.save_for_backward(x, out, inside, scale)
-        ctx.factor, ctx.zero_shape = factor, zero_point.shape
+        ctx.save_for_backward(x, out, scale, zero_point)
+        ctx.qmin, ctx.qmax, ctx.factor = qmin, qmax, factor
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, out, inside, scale = ctx.saved_tensors
+        x, out, scale, zero_point = ctx.saved_tensors
+        qmin, qmax = ctx.qmin, ctx.qmax
+        integers = _grid_integers(x.detach(), scale.detach(), zero_point.detach())
+        grad_x = _mask_outside(grad_out, integers, qmin, qmax)
         grad_scale_ = grad_zero = None
         if ctx.needs_input_grad[1]:
-            # where() rather than arithmetic with the bool mask, which would copy it to float.
-            ds_times_s = torch.where(inside, x.to(out.dtype), 0.0)
+            x = x.to(out.dtype)
             if torch.is_grad_enabled():  # double backward (Hessian analysis): no out= ops
-                ds_times_s = out - ds_times_s
+                ds_times_s = out - _mask_outside(x, integers, qmin, qmax)
             else:
-                torch.sub(out, ds_times_s, out=ds_times_s)
+                ds_times_s = torch.sub(out, _mask_outside(x, integers, qmin, qmax, out=integers),
+                                       out=integers)
             grad_scale_ = _sum_of_products(ds_times_s, grad_out, scale.shape) / scale * ctx.factor
         if ctx.needs_input_grad[2]:
             # d x_hat / d z: 0 inside the range, -s outside.
-            outside = _reduce_to(torch.where(inside, 0.0, grad_out), ctx.zero_shape)
-            grad_zero = outside * scale.reshape(ctx.zero_shape) * -ctx.factor
-        grad_x = torch.where(inside, grad_out, 0.0) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_scale_, grad_zero, None, None, None
+            grad_zero = (_reduce_to(grad_out - grad_x, zero_point.shape)
+                         * scale.reshape(zero_point.shape) * -ctx.factor)
+        return grad_x if ctx.needs_input_grad[0] else None, grad_scale_, grad_zero, None, None, None
 
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
