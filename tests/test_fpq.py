@@ -24,7 +24,7 @@ from flatq.errors import ConfigError
 from flatq.methods import FPQ, KD, SAM, FPQConfig, KDConfig, SAMConfig, TaskObjective
 from flatq.methods.csd import csd_loss
 from flatq.methods.kd import kd_loss
-from flatq.methods.sfp import StochasticFeaturePerturbation
+from flatq.methods.sfp import NOISE_LEVELS, StochasticFeaturePerturbation, uniform_noise
 from flatq.models import build_model
 from flatq.quant import Quantizer, calibrate, quant_layers, quantize_model
 from flatq.train.runs import load_model
@@ -147,6 +147,28 @@ def test_sfp_noise_is_uniform_within_half_a_step_and_reaches_the_conv(site):
             # The quantizer saw the raw input; the noise pushed its output off the grid.
             torch.testing.assert_close(seen["q_in"], seen["raw"], rtol=0, atol=0)
             assert off_grid.mean() > 0.1
+
+
+def test_cpu_noise_takes_65536_equally_likely_levels_within_half_a_step():
+    torch.manual_seed(0)
+    x = torch.zeros(1, 2 ** 20 + 3)  # not a multiple of the four levels one draw gives
+    step = torch.tensor([0.25])
+    noise = uniform_noise(x, step)
+    assert noise.abs().max() <= step / 2
+    levels = noise.double() / 0.25 * NOISE_LEVELS - 0.5
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=0)
+    assert levels.min() >= -NOISE_LEVELS // 2 and levels.max() < NOISE_LEVELS // 2
+    counts = torch.histc(noise / 0.25, bins=16, min=-0.5, max=0.5)
+    expected = noise.numel() / 16
+    assert ((counts - expected).abs() / expected).max() < 0.02      # ~0.4% sampling noise
+    assert float(noise.mean()) == pytest.approx(0.0, abs=1e-3 * 0.25)
+    assert float(noise.std()) == pytest.approx(0.25 / math.sqrt(12), rel=5e-3)
+    neighbours = torch.corrcoef(torch.stack([noise[0, :-1], noise[0, 1:]]))[0, 1]
+    assert abs(float(neighbours)) < 0.01                             # draws are independent
+    torch.manual_seed(0)
+    torch.testing.assert_close(uniform_noise(x, step), noise, rtol=0, atol=0)
+    shifted = torch.full((1, 7), 2.0)
+    assert (uniform_noise(shifted, step) - 2.0).abs().max() <= 0.125
 
 
 def test_sfp_frequency_matches_p_and_layers_draw_independently():

@@ -91,7 +91,9 @@ class _StandardizedSquaredError(torch.autograd.Function):
         slope = scale * (ctx.eps * r_z.pow(4) + dot * r_z.pow(3) / ctx.count)
         teacher_slope = scale * r_z * r_t
         constant = (teacher_slope * sum_t - slope * sum_z) / ctx.count
-        grad = torch.addcmul(constant, z, slope)
+        # z * slope first: a broadcast product runs vectorized, addcmul with a broadcast
+        # first operand does not (about 1.5x slower on CPU).
+        grad = torch.mul(z, slope).add_(constant)
         return grad.addcmul_(t, -teacher_slope), None, None
 
 

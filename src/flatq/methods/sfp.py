@@ -6,6 +6,10 @@ its input quantizer (detached). The noise goes on the quantized input, just befo
 convolution (`site='after'`, default), or on the raw input before the quantizer
 (`site='before'`). Layers in eval mode are never perturbed, and the hooks live only on the
 student, so the teacher never is.
+
+On CPU the noise comes from 16 random bits per element (`uniform_noise`): PyTorch draws CPU
+floats one Mersenne-Twister call per element, about 10 ms for one 3-million-element feature
+map, which made SFP a tenth of a MobileNetV2 training step at p = 0.1.
 """
 
 from __future__ import annotations
@@ -17,6 +21,23 @@ from ..quant import quant_layers
 from .hooks import select_layers
 
 SITES = ("after", "before")
+NOISE_LEVELS = 2 ** 16
+
+
+def uniform_noise(x: Tensor, step: Tensor) -> Tensor:
+    """x + U[-step/2, step/2] noise, a new tensor.
+
+    On CPU the noise takes the 65536 evenly spaced values (k + 1/2) / 65536 * step,
+    k in [-32768, 32767], each equally likely: one 64-bit draw gives four of them, three
+    times faster than `uniform_`. Elsewhere (CUDA's Philox is fast) it is `uniform_`.
+    Both use the default generator, so `torch.manual_seed` makes the noise reproducible.
+    """
+    if x.device.type != "cpu":
+        return torch.empty_like(x).uniform_(-0.5, 0.5).mul_(step).add_(x)
+    words = -(-x.numel() // 4)
+    bits = torch.empty(words, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
+    levels = bits.view(torch.int16)[:x.numel()].view(x.shape).to(x.dtype)
+    return levels.add_(0.5).mul_(step / NOISE_LEVELS).add_(x)
 
 
 class StochasticFeaturePerturbation:
@@ -58,9 +79,7 @@ class StochasticFeaturePerturbation:
         if torch.rand((), generator=self.generator).item() >= self.p:
             return x
         self.fired[name] += 1
-        step = layer.input_quantizer.step_size().to(x.dtype)
-        # One fresh tensor, updated in place (three temporaries in the plain expression).
-        return torch.empty_like(x).uniform_(-0.5, 0.5).mul_(step).add_(x)
+        return uniform_noise(x, layer.input_quantizer.step_size().to(x.dtype))
 
     def _after(self, name: str, layer: nn.Module):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:

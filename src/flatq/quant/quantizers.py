@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-from .functional import fake_quantize, integer_range, round_ste
+from .functional import fake_quantize, integer_range
 from .observers import RANGE_METHODS, MinMaxObserver, make_observer
 
 EPS = 1e-8
