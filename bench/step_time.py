@@ -13,6 +13,11 @@ command, the bench first has glibc keep freed memory for reuse (flatq.train.host
 
     .venv/bin/python bench/step_time.py                      # CPU, batch 32
     .venv/bin/python bench/step_time.py --device cuda --batch 256
+    .venv/bin/python bench/step_time.py --models mobilenet_v2 --breakdown --no-memory
+
+`--breakdown` adds two settings to the rotation that build FPQ up part by part: LSQ plus a
+teacher forward whose output goes unused ("lsq+teacher") and FPQ without SFP ("fpq-sfp"), so
+the differences of their ratios are the teacher's, CSD's and SFP's shares of the FPQ step.
 Writes results/bench_step_time.json (machine, settings, times, ratios, memory).
 """
 
@@ -38,6 +43,7 @@ from flatq.train.optim import build_optimizer
 from machine import machine_info, run_in_fresh_process, save_report, status_mib
 
 METHODS = ("fp", "lsq", "fpq")
+PARTS = ("lsq+teacher", "fpq-sfp")
 TARGETS = {"lsq": 1.3, "fpq": 1.7}
 NUM_CLASSES = 10
 
@@ -59,6 +65,18 @@ def settle_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> None:
         m.momentum = 0.1
 
 
+class TeacherForward(TaskObjective):
+    """LSQ's loss plus an unused teacher forward (no grad): what running the teacher costs."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+        super().__init__(student, teacher)
+
+    def losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            self.teacher(images)
+        return super().losses(images, labels)
+
+
 def build_objective(method: str, model_name: str, images: torch.Tensor,
                     device: torch.device) -> tuple[Objective, torch.optim.Optimizer]:
     """The objective and optimizer of one setting, ready for `objective.step`."""
@@ -70,8 +88,10 @@ def build_objective(method: str, model_name: str, images: torch.Tensor,
     else:
         student = quantize_model(fp, QuantConfig(w_bits=4, a_bits=4))
         calibrate(student, [images], device)
-        objective = (TaskObjective(student) if method == "lsq"
-                     else FPQ(student, fp, FPQConfig(p=0.1)))
+        objective = {"lsq": lambda: TaskObjective(student),
+                     "lsq+teacher": lambda: TeacherForward(student, fp),
+                     "fpq-sfp": lambda: FPQ(student, fp, FPQConfig(p=0.1, sfp=False)),
+                     "fpq": lambda: FPQ(student, fp, FPQConfig(p=0.1))}[method]()
     objective.train()
     return objective, build_optimizer(objective.student, TrainConfig())
 
@@ -115,14 +135,15 @@ def batch(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return images.to(device), labels.to(device)
 
 
-def time_model(model_name: str, size: int, steps: int, warmup: int,
-               device: torch.device) -> dict[str, dict]:
+def time_model(model_name: str, size: int, steps: int, warmup: int, device: torch.device,
+               methods: tuple[str, ...] = METHODS) -> dict[str, dict]:
     """Median step time (ms) of each method, interleaved; CUDA peak memory per method."""
     images, labels = batch(size, device)
-    runs = {m: build_objective(m, model_name, images, device) for m in METHODS}
-    times: dict[str, list[tuple[float, float, float, int]]] = {m: [] for m in METHODS}
+    runs = {m: build_objective(m, model_name, images, device) for m in methods}
+    times: dict[str, list[tuple[float, float, float, int]]] = {m: [] for m in methods}
     for i in range(warmup + steps):
-        for method in METHODS[i % 3:] + METHODS[:i % 3]:
+        turn = i % len(methods)
+        for method in methods[turn:] + methods[:turn]:
             objective, optimizer = runs[method]
             elapsed = timed_step(objective, optimizer, images, labels, device)
             if i >= warmup:
@@ -180,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--glibc-malloc", action="store_true",
                         help="keep glibc's default malloc instead of retaining freed host memory "
                         "as the flatq command does (flatq.train.host_memory)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help=f"also time {' and '.join(PARTS)}: FPQ's parts one by one")
     parser.add_argument("--out", default="results/bench_step_time.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -197,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
                                            if retained else "malloc as configured")},
               "targets": TARGETS, "models": {}}
     for name in args.models.split(","):
-        result = time_model(name, size, args.steps, args.warmup, device)
+        timed = METHODS + PARTS if args.breakdown else METHODS
+        result = time_model(name, size, args.steps, args.warmup, device, timed)
         if device.type == "cpu" and not args.no_memory:
             for method in METHODS:
                 result[method]["memory"] = cpu_memory(name, method, size, torch.get_num_threads(),
@@ -210,14 +234,22 @@ def main(argv: list[str] | None = None) -> dict:
         result["meets_targets"] = {m: ratios[m] <= TARGETS[m] for m in TARGETS}
         report["models"][name] = result
         print(f"{name} (batch {size}, {device}): " + "  ".join(
-            f"{m} {result[m]['median_ms']:.1f} ms" for m in METHODS))
+            f"{m} {result[m]['median_ms']:.1f} ms" for m in timed))
         for m in TARGETS:
             verdict = "ok" if ratios[m] <= TARGETS[m] else "MISSED"
             print(f"  {m.upper()}/FP = {ratios[m]:.2f}x (target <= {TARGETS[m]}x) {verdict}; "
                   f"by CPU time {result['cpu_time_ratios'][m]:.2f}x")
+        if args.breakdown:
+            steps = {m: result[m]["cpu_median_ms"] / result["fp"]["cpu_median_ms"]
+                     for m in ("lsq",) + PARTS + ("fpq",)}
+            result["breakdown_cpu_time"] = {
+                "fake_quantization": steps["lsq"] - 1, "teacher": steps["lsq+teacher"] - steps["lsq"],
+                "csd": steps["fpq-sfp"] - steps["lsq+teacher"], "sfp": steps["fpq"] - steps["fpq-sfp"]}
+            print("  FPQ's parts, by CPU time, in FP steps: " + ", ".join(
+                f"{part} {share:+.2f}" for part, share in result["breakdown_cpu_time"].items()))
         print("  per step, kernel time (mostly page faults) and minor page faults: " + "; ".join(
             f"{m} {result[m]['kernel_median_ms']:.0f} ms, {result[m]['page_faults_median']:.0f}"
-            for m in METHODS))
+            for m in timed))
         for m in METHODS:
             mem = result[m].get("memory")
             if mem:
