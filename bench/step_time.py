@@ -243,8 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
             steps = {m: result[m]["cpu_median_ms"] / result["fp"]["cpu_median_ms"]
                      for m in ("lsq",) + PARTS + ("fpq",)}
             result["breakdown_cpu_time"] = {
-                "fake_quantization": steps["lsq"] - 1, "teacher": steps["lsq+teacher"] - steps["lsq"],
-                "csd": steps["fpq-sfp"] - steps["lsq+teacher"], "sfp": steps["fpq"] - steps["fpq-sfp"]}
+                "fake_quantization": steps["lsq"] - 1,
+                "teacher": steps["lsq+teacher"] - steps["lsq"],
+                "csd": steps["fpq-sfp"] - steps["lsq+teacher"],
+                "sfp": steps["fpq"] - steps["fpq-sfp"]}
             print("  FPQ's parts, by CPU time, in FP steps: " + ", ".join(
                 f"{part} {share:+.2f}" for part, share in result["breakdown_cpu_time"].items()))
         print("  per step, kernel time (mostly page faults) and minor page faults: " + "; ".join(
