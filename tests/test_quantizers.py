@@ -418,6 +418,37 @@ def test_fake_quantize_ties_follow_torch_forward_and_gradient_follows_clipping(q
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fake_quantize_gradient_mask_is_exact_next_to_the_clipping_points(dtype):
+    """Right at the clipping points float rounding of x / s decides whether a value is
+    clipped. Inputs within 40 units in the last place of both points, for 200 random step
+    sizes and zero points, must get the gradient exactly where round(x/s) + z lies in range
+    (a guard for any faster way of masking than recomputing the integers)."""
+    g = torch.Generator().manual_seed(7)
+    for trial in range(200):
+        bits = int(torch.randint(2, 9, (), generator=g))
+        signed = bool(trial % 2)
+        qmin, qmax = integer_range(bits, signed)
+        scale = float(10 ** (torch.rand((), generator=g, dtype=torch.float64) * 5 - 4))
+        zero = 0.0 if signed else float(torch.randint(qmin, qmax + 1, (), generator=g))
+        ends = torch.tensor([(qmin - zero - 0.5) * scale, (qmax - zero + 0.5) * scale], dtype=dtype)
+        x = ends.repeat_interleave(81)
+        ups = torch.arange(-40, 41).repeat(2)
+        for _ in range(40):  # walk each copy of an end by its own number of ulps
+            x = torch.where(ups > 0, torch.nextafter(x, torch.tensor(math.inf, dtype=dtype)), x)
+            x = torch.where(ups < 0, torch.nextafter(x, torch.tensor(-math.inf, dtype=dtype)), x)
+            ups = ups - ups.sign()
+        x.requires_grad_()
+        s = torch.tensor([scale], dtype=dtype, requires_grad=True)
+        upstream = torch.rand(x.shape, generator=g, dtype=dtype) + 1
+        out = fake_quantize(x, s, torch.tensor([zero], dtype=dtype), qmin, qmax, 1.0)
+        dx, _ = torch.autograd.grad(out, (x, s), upstream)
+        integers = torch.round(x.detach() / s.detach()) + zero
+        inside = (integers >= qmin) & (integers <= qmax)
+        assert inside.any() and (~inside).any()
+        torch.testing.assert_close(dx, torch.where(inside, upstream, 0.0), rtol=0, atol=0)
+
+
 def test_fake_quantize_bfloat16_input_computes_in_float32():
     x = (torch.randn(2, 3, 4, 4) * 2).bfloat16().requires_grad_()
     scale = torch.tensor([0.25], requires_grad=True)
