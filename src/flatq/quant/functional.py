@@ -2,8 +2,10 @@
 
 `fake_quantize` is the one kernel every learned quantizer uses. It is an autograd Function
 rather than a chain of STE tricks so that forward and backward each take few passes over memory
-and compute the LSQ gradients for input, scale and zero point exactly as PyTorch's
-`_fake_quantize_learnable_*_affine` ops define them (tests compare the two).
+and compute the LSQ gradients for input, scale and zero point as PyTorch's
+`_fake_quantize_learnable_*_affine` ops define them (tests compare the two). One deliberate
+difference: at exact ties with an odd zero point PyTorch's backward decides clipping by
+round(x/s + z) while its forward rounds round(x/s) + z; here the gradient follows the forward.
 """
 
 from __future__ import annotations
