@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# Everything behind the README's Results section, in the order it was made: the accuracy grids
-# (ResNet-8 on the Fashion-MNIST stand-in at 32x32x3, 3 seeds), the Hessian trace of the final
-# LSQ and FPQ models, and the figures (Hessian-trace and gradient-norm trajectories, output
-# variance under input noise, feature distributions). Finished runs are kept, so a stopped run
-# of this script continues where it stopped. About 4 hours on one CPU thread; the grid's runs
-# are independent, so several copies of one `accuracy.py` line with other --seeds run in
-# parallel without changing any number.
+# Everything behind the README's Results section: the accuracy grids (ResNet-8 on the
+# Fashion-MNIST stand-in at 32x32x3, 3 seeds), the Hessian trace of the final LSQ and FPQ
+# models, and the figures (Hessian-trace and gradient-norm trajectories, output variance under
+# input noise, feature distributions). Finished runs are kept, so a stopped run of this script
+# continues where it stopped. About 3 hours on one CPU thread.
 #
-#     bash bench/evidence.sh            # then: git diff results/
+#     bash bench/evidence.sh                 # train every seed, then summarize and analyze
+#     git diff results/
+#
+# The seeds' runs are independent, so on a machine with several cores train them side by side
+# (one thread each; no number changes), then summarize:
+#
+#     for s in 0 1 2; do SEEDS=$s bash bench/evidence.sh train & done; wait
+#     bash bench/evidence.sh report
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 PY=.venv/bin/python
 FLATQ=.venv/bin/flatq
+STAGE=${1:-all}
+SEEDS=${SEEDS:-0,1,2}
 GRID=(--model resnet8 --fp-epochs 5 --qat-epochs 2 --max-steps 100 --batch-size 256
       --device cpu --threads 1 --out runs/accuracy --results results/accuracy)
 R=runs/accuracy/resnet8
@@ -21,18 +28,31 @@ FIG=results/figures
 FEATURE_LAYER=stages.1.0.residual.1.0   # the second conv of the middle stage
 mkdir -p "$FIG"
 
-# Accuracy: the Table 4 stand-in, the Table 2 ablation and Table 3 p-sweep, then LSQ and FPQ
-# with min-max first/last-layer weights (--edge-weights minmax). Seed 0's W2A4 LSQ and FPQ runs
-# also log the Hessian trace and gradient norms every 20 steps (their own random streams: the
-# runs train as untracked ones would). The README's tables hold the cells that had finished
-# when the session ended (n = seeds); the rest of the grid is these same commands.
-$PY bench/accuracy.py "${GRID[@]}" --grid table4 --bits w2a4 --seeds 0 --cells LSQ,FPQ \
-  --track-cells LSQ,FPQ
-$PY bench/accuracy.py "${GRID[@]}" --grid table4 --bits w4a4,w2a4 --seeds 0,1,2
-$PY bench/accuracy.py "${GRID[@]}" --grid table4 --bits w2a2 --seeds 0,1,2
-$PY bench/accuracy.py "${GRID[@]}" --grid ablation,psweep --bits w2a4 --seeds 0,1,2
-$PY bench/accuracy.py "${GRID[@]}" --grid edge --bits w4a4,w2a4 --seeds 0,1,2
-$PY bench/accuracy.py "${GRID[@]}" --grid bn --bits w2a4 --seeds 0,1,2   # qat --bn-images 12800
+# Each grid with the bit widths it runs at: the Table 4 stand-in (with LSQ+SAM), the Table 2
+# ablation and Table 3 p-sweep, LSQ and FPQ with min-max first/last-layer weights
+# (--edge-weights minmax) and with BatchNorm statistics re-estimated after QAT
+# (qat --bn-images 12800).
+GRIDS=("table4 w4a4,w2a4,w2a2" "sam w2a4" "ablation,psweep w2a4" "edge w4a4,w2a4" "bn w2a4")
+
+if [[ $STAGE == all || $STAGE == train ]]; then
+  # Seed 0's W2A4 LSQ and FPQ runs also log the Hessian trace and gradient norms every 20
+  # steps (their own random streams: the runs train as untracked ones would).
+  if [[ ,$SEEDS, == *,0,* ]]; then
+    $PY bench/accuracy.py "${GRID[@]}" --grid table4 --bits w2a4 --seeds 0 --cells LSQ,FPQ \
+      --track-cells LSQ,FPQ
+  fi
+  for entry in "${GRIDS[@]}"; do
+    read -r grid bits <<< "$entry"
+    $PY bench/accuracy.py "${GRID[@]}" --grid "$grid" --bits "$bits" --seeds "$SEEDS"
+  done
+fi
+[[ $STAGE == all || $STAGE == report ]] || exit 0
+
+# Summaries over all three seeds (train stages run per seed write per-seed tables).
+for entry in "${GRIDS[@]}"; do
+  read -r grid bits <<< "$entry"
+  $PY bench/accuracy.py "${GRID[@]}" --grid "$grid" --bits "$bits" --seeds 0,1,2 --report
+done
 $PY bench/step_sizes.py $R/w4a4/*/seed* $R/w2a4/*/seed* --out $OUT/step_sizes.json
 # Train/test gaps from stale BatchNorm statistics: accuracy before and after re-estimating them.
 $PY bench/bn_statistics.py $R/w4a4/lsq-lsq*/seed* $R/w2a4/lsq-lsq/seed* \
