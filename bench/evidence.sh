@@ -31,8 +31,11 @@ mkdir -p "$FIG"
 # Each grid with the bit widths it runs at: the Table 4 stand-in (with LSQ+SAM), the Table 2
 # ablation and Table 3 p-sweep, LSQ and FPQ with min-max first/last-layer weights
 # (--edge-weights minmax) and with BatchNorm statistics re-estimated after QAT
-# (qat --bn-images 12800).
+# (qat --bn-images 12800). Training takes W2A2 and LSQ+SAM last, so that a stopped run has the
+# cells the README discusses most.
 GRIDS=("table4 w4a4,w2a4,w2a2" "sam w2a4" "ablation,psweep w2a4" "edge w4a4,w2a4" "bn w2a4")
+TRAIN_ORDER=("table4 w4a4,w2a4" "ablation,psweep w2a4" "edge w4a4,w2a4" "bn w2a4"
+             "table4 w2a2" "sam w2a4")
 
 if [[ $STAGE == all || $STAGE == train ]]; then
   # Seed 0's W2A4 LSQ and FPQ runs also log the Hessian trace and gradient norms every 20
@@ -41,7 +44,7 @@ if [[ $STAGE == all || $STAGE == train ]]; then
     $PY bench/accuracy.py "${GRID[@]}" --grid table4 --bits w2a4 --seeds 0 --cells LSQ,FPQ \
       --track-cells LSQ,FPQ
   fi
-  for entry in "${GRIDS[@]}"; do
+  for entry in "${TRAIN_ORDER[@]}"; do
     read -r grid bits <<< "$entry"
     $PY bench/accuracy.py "${GRID[@]}" --grid "$grid" --bits "$bits" --seeds "$SEEDS"
   done
