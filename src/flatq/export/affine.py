@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..quant import PACTQuantizer, Quantizer
+from ..quant import PACTQuantizer, Quantizer, grid_integers
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,9 @@ def integer_weight(layer: nn.Module) -> IntegerWeight:
         expected = quantizer(layer.weight)
         scale, zero_point = (t.float() for t in quantizer.scale_and_zero_point())
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-        q = torch.clamp(torch.round(layer.weight / scale.view(shape)) + zero_point.view(shape),
-                        quantizer.qmin, quantizer.qmax)
+        # The fake quantizer's own rounding, so that the integers match it bit for bit.
+        q = grid_integers(layer.weight, scale.view(shape), zero_point.view(shape)).clamp_(
+            quantizer.qmin, quantizer.qmax)
     weight = IntegerWeight(q, scale.expand(q.shape[0]).clone(),
                            zero_point.expand(q.shape[0]).clone(), quantizer.bits,
                            quantizer.signed)

@@ -14,16 +14,6 @@ import torch
 from torch import Tensor
 
 
-def round_ste(x: Tensor) -> Tensor:
-    """Round in the forward pass, identity in the backward pass (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
-
-
-def grad_scale(x: Tensor, factor: float) -> Tensor:
-    """Keep the value of `x` but multiply its gradient by `factor` (LSQ's gradient scale)."""
-    return (x - x * factor).detach() + x * factor
-
-
 def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
     """Sum a broadcast gradient back to the shape of the parameter it belongs to."""
     if grad.shape == shape:
@@ -40,7 +30,7 @@ def _sum_of_products(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
     return torch.einsum("ck,ck->c", a.reshape(channels, -1), b.reshape(channels, -1)).reshape(shape)
 
 
-def _grid_integers(x: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
+def grid_integers(x: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
     """round(x / s) + z, before clamping: a new float tensor of integer values.
 
     The order of ONNX QuantizeLinear and of PyTorch's quantize ops (round, then add the zero
@@ -87,7 +77,7 @@ class _FakeQuantize(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                 factor: float) -> Tensor:
         shift = _shift(zero_point)
-        out = _grid_integers(x, scale, shift).clamp_(qmin, qmax)
+        out = grid_integers(x, scale, shift).clamp_(qmin, qmax)
         if shift is not None:
             out.sub_(shift)
         out.mul_(scale)
@@ -99,10 +89,10 @@ class _FakeQuantize(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, out, scale, zero_point = ctx.saved_tensors
         qmin, qmax = ctx.qmin, ctx.qmax
-        integers = _grid_integers(x.detach(), scale.detach(),
+        integers = grid_integers(x.detach(), scale.detach(),
                                   zero_point.detach() if ctx.shifted else None)
         grad_x = _mask_outside(grad_out, integers, qmin, qmax)
-        grad_scale_ = grad_zero = None
+        grad_scale = grad_zero = None
         if ctx.needs_input_grad[1]:
             x = x.to(out.dtype)
             if torch.is_grad_enabled():  # double backward (Hessian analysis): no out= ops
@@ -110,12 +100,12 @@ class _FakeQuantize(torch.autograd.Function):
             else:
                 ds_times_s = torch.sub(out, _mask_outside(x, integers, qmin, qmax, out=integers),
                                        out=integers)
-            grad_scale_ = _sum_of_products(ds_times_s, grad_out, scale.shape) / scale * ctx.factor
+            grad_scale = _sum_of_products(ds_times_s, grad_out, scale.shape) / scale * ctx.factor
         if ctx.needs_input_grad[2]:
             # d x_hat / d z: 0 inside the range, -s outside.
             grad_zero = (_reduce_to(grad_out - grad_x, zero_point.shape)
                          * scale.reshape(zero_point.shape) * -ctx.factor)
-        return grad_x if ctx.needs_input_grad[0] else None, grad_scale_, grad_zero, None, None, None
+        return grad_x if ctx.needs_input_grad[0] else None, grad_scale, grad_zero, None, None, None
 
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
