@@ -62,6 +62,8 @@ $PY bench/step_sizes.py $R/w4a4/*/seed* $R/w2a4/*/seed* --out $OUT/step_sizes.js
 $PY bench/bn_statistics.py $R/w4a4/lsq-lsq/seed* $R/w4a4/lsq-lsq-q.edge_weights=minmax/seed* \
   $R/w4a4/lsq-pact/seed* $R/w2a4/lsq-lsq/seed* $R/w2a4/lsq-lsq-q.edge_weights=minmax/seed* \
   $R/w2a4/fpq-lsq/seed* $R/w2a4/fpq-lsq-q.edge_weights=minmax/seed* --out $OUT/bn_statistics.json
+$PY bench/bn_statistics.py $R/w2a2/lsq-lsq/seed* $R/w2a2/lsq-pact/seed* $R/w2a2/kd-lsq/seed* \
+  $R/w2a2/fpq-lsq/seed* --out $OUT/bn_statistics_w2a2.json
 $PY bench/csd_stability.py $R/fp/seed0 --bits w4a4 --out results/csd_stability.json
 
 # Hessian trace of the final W2A4 models (the FPQ paper's Fig. 5 claim: FPQ's is lower).
