@@ -64,6 +64,8 @@ $PY bench/bn_statistics.py $R/w4a4/lsq-lsq/seed* $R/w4a4/lsq-lsq-q.edge_weights=
   $R/w2a4/fpq-lsq/seed* $R/w2a4/fpq-lsq-q.edge_weights=minmax/seed* --out $OUT/bn_statistics.json
 $PY bench/bn_statistics.py $R/w2a2/lsq-lsq/seed* $R/w2a2/lsq-pact/seed* $R/w2a2/kd-lsq/seed* \
   $R/w2a2/fpq-lsq/seed* --out $OUT/bn_statistics_w2a2.json
+$PY bench/bn_statistics.py $R/w2a4/fpq-lsq-sfp=False/seed* $R/w2a4/fpq-lsq-csd=False/seed* \
+  --out $OUT/bn_statistics_ablation.json
 $PY bench/csd_stability.py $R/fp/seed0 --bits w4a4 --out results/csd_stability.json
 
 # Hessian trace of the final W2A4 models (the FPQ paper's Fig. 5 claim: FPQ's is lower).
