@@ -90,7 +90,7 @@ class _FakeQuantize(torch.autograd.Function):
         x, out, scale, zero_point = ctx.saved_tensors
         qmin, qmax = ctx.qmin, ctx.qmax
         integers = grid_integers(x.detach(), scale.detach(),
-                                  zero_point.detach() if ctx.shifted else None)
+                                 zero_point.detach() if ctx.shifted else None)
         grad_x = _mask_outside(grad_out, integers, qmin, qmax)
         grad_scale = grad_zero = None
         if ctx.needs_input_grad[1]:
