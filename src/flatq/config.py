@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from .atomic import write_text_atomic
 from .errors import ConfigError
 
 
@@ -190,7 +191,8 @@ class TrainConfig(Section):
                                  "points; PACT's alpha gets it as its L2 penalty)", low=0.0)
     nesterov: bool = option(False, "use Nesterov momentum")
     warmup_epochs: int = option(0, "linear learning-rate warm-up before the cosine decay", low=0)
-    seed: int = option(0, "random seed (data order, augmentation, noise, initialization)", low=0)
+    seed: int = option(0, "random seed (data order, augmentation, noise, initialization)", low=0,
+                       high=2**32 - 1)
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     amp: bool = option(False, "mixed precision (bfloat16 autocast) on CUDA")
     test_batch_size: int = option(512, "batch size for evaluation", low=1)
@@ -335,11 +337,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
     return data or {}
 
 
 def save_yaml(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
-
-from ..config import load_yaml
 from ..errors import ConfigError
 from ..methods import PRETRAIN_METHODS, QAT_METHODS
 from ..models import available_models
 from ..train.distributed import is_main_process
-from ..train.runs import load_teacher, pretrain, qat
+from ..train.runs import load_teacher, pretrain, qat, resume_state
 from .options import add_common_flags, add_method_flags, add_section_flags, build_run_config
 
 
@@ -40,36 +36,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("qat", help="quantization-aware training from a full-precision run",
                        description="Quantize a trained full-precision model and fine-tune it. "
                        "Example: flatq qat --from runs/fp --method fpq --bits w2a4 --out runs/fpq")
-    q.add_argument("--from", dest="source", required=True, metavar="RUN",
-                   help="full-precision run folder or model.pt: initialization and teacher")
+    q.add_argument("--from", dest="source", metavar="RUN",
+                   help="full-precision run folder or model.pt: initialization and teacher "
+                   "(with --resume: the run's own teacher unless given)")
     _add_run_flags(q)
     add_method_flags(q, QAT_METHODS, "lsq")
     add_section_flags(q, ["data", "train", "quant"])
     q.set_defaults(func=run_qat)
 
 
-def _resume_base(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
-    """With --resume, the run's own config.yaml over `base`, so flags need not be repeated."""
-    saved = Path(args.out) / "config.yaml"
-    if not args.resume or not saved.is_file():
-        return base
-    config = load_yaml(saved)
-    if not isinstance(config, dict):
-        raise ConfigError(f"{saved} is not a run config (not a mapping)")
-    return {**base, **config}
-
-
 def run_pretrain(args: argparse.Namespace) -> None:
-    config = build_run_config(args, "ce", base=_resume_base(args, {}))
+    base = resume_state(args.out)["config"] if args.resume else {}
+    config = build_run_config(args, "ce", base=base)
     summary = pretrain(config, args.out, resume=args.resume, overwrite=args.overwrite)
     if is_main_process():
         print(f"full-precision {config.model}: test acc {summary['test_acc']:.2f}%  -> {args.out}")
 
 
 def run_qat(args: argparse.Namespace) -> None:
-    teacher, state = load_teacher(args.source)
-    config = build_run_config(args, "lsq", base=_resume_base(args, {"data": state["meta"]["data"]}),
-                              quantized=True)
+    """With --resume the run's own config (and teacher, unless --from names one) is the base
+    the flags apply to; a fresh run starts from the teacher's data config."""
+    saved = resume_state(args.out) if args.resume else None
+    source = args.source or (saved["meta"].get("source") if saved else None)
+    if source is None:
+        raise ConfigError("--from is required: the full-precision run to quantize")
+    teacher, state = load_teacher(source)
+    base = {"data": state["meta"]["data"], **(saved["config"] if saved else {})}
+    config = build_run_config(args, "lsq", base=base, quantized=True)
     config.model = state["meta"]["model"]
     summary = qat(config, teacher, state, args.out, resume=args.resume, overwrite=args.overwrite)
     if is_main_process():

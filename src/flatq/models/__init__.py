@@ -6,6 +6,6 @@ policies rely on.
 """
 
 from . import mobilenet, resnet, vit  # noqa: F401  (importing registers the models)
-from .registry import available_models, build_model, register_model
+from .registry import available_models, build_model, check_model_name, register_model
 
-__all__ = ["available_models", "build_model", "register_model"]
+__all__ = ["available_models", "build_model", "check_model_name", "register_model"]

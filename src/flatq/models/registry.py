@@ -39,10 +39,15 @@ def _check_positive(value: int, parameter: str) -> None:
         raise ConfigError(f"{parameter} must be an integer >= 1, got {value!r}")
 
 
-def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """Build model ``name`` for ``in_channels``-channel inputs and ``num_classes`` outputs."""
+def check_model_name(name: str) -> None:
+    """Refuse a model name the registry does not know (before any data is loaded for it)."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+
+
+def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Build model ``name`` for ``in_channels``-channel inputs and ``num_classes`` outputs."""
+    check_model_name(name)
     _check_positive(num_classes, "num_classes")
     _check_positive(in_channels, "in_channels")
     return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels)

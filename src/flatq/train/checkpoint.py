@@ -2,20 +2,20 @@
 
 A checkpoint is a plain dict of tensors and primitive values, so `torch.load(weights_only=True)`
 reads it (no pickled code runs). It is written to a temporary file in the same folder and
-renamed over the old one, so a crash mid-write never replaces a good checkpoint.
+renamed over the old one (flatq.atomic), so a crash mid-write never replaces a good checkpoint.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import replace_atomically, write_error
 from ..errors import CheckpointError
 
 FORMAT = "flatq-checkpoint-v1"
@@ -26,29 +26,22 @@ MODEL_NAME = "model.pt"             # final weights and metadata of a finished r
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     """Write `state` to `path` so that readers see either the old or the new file, never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": FORMAT, **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        replace_atomically(path, lambda handle: torch.save({"format": FORMAT, **state}, handle))
+    except (OSError, RuntimeError) as exc:
+        raise write_error(path, exc) from None
 
 
-def remove_partial_writes(folder: str | Path) -> list[Path]:
-    """Delete the temporary files `save_atomic` leaves when a process is killed mid-write
-    (never read: the checkpoint they were to replace is still whole); returns them."""
-    partial = sorted(Path(folder).glob(".*.pt.*.tmp"))
-    for path in partial:
-        path.unlink(missing_ok=True)
-    return partial
+def state_fingerprint(state: dict[str, Any]) -> str:
+    """A short hash of a state_dict's names and tensor bytes: the identity of a set of weights
+    (a QAT run's teacher, the model an ONNX file was exported from), whatever file holds it."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name]
+        if isinstance(value, torch.Tensor):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def resolve(path: str | Path, name: str = MODEL_NAME) -> Path:

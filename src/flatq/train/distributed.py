@@ -135,6 +135,13 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank."""
+    if world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Element-wise sum of `values` over ranks (in place; a no-op when not distributed)."""
     if world_size() > 1:

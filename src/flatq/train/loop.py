@@ -33,8 +33,8 @@ from ..data import BatchPipeline, ImageTensorDataset, collate_batch
 from ..errors import CheckpointError, NonFiniteLossError
 from ..methods.base import Objective
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
-from .distributed import (all_gather, all_reduce_sum, check_global_batch, is_main_process, rank,
-                          resolve_device, world_size)
+from .distributed import (all_gather, all_reduce_sum, broadcast_buffers, check_global_batch,
+                          is_main_process, rank, resolve_device, world_size)
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_scheduler
 
@@ -61,6 +61,9 @@ def meta_mismatch(saved: Any, meta: dict[str, Any]) -> str | None:
     saved = saved if isinstance(saved, dict) else {}
     if saved.get("model") != meta.get("model"):
         return f"model {saved.get('model')} (this run: {meta.get('model')})"
+    if saved.get("teacher") and meta.get("teacher") and saved["teacher"] != meta["teacher"]:
+        return (f"the teacher in {saved.get('source')} (this run: {meta.get('source')}, "
+                "other weights)")
     old, new = saved.get("quant"), meta.get("quant")
     if (old is None) != (new is None):
         kind = {True: "a full-precision", False: "a quantized"}
@@ -70,6 +73,32 @@ def meta_mismatch(saved: Any, meta: dict[str, Any]) -> str | None:
         return ", ".join(f"quant.{k} {old.get(k)!r} (this run: {new.get(k)!r})"
                          for k in keys if old.get(k) != new.get(k))
     return None
+
+
+# Options a resumed run may change: how far it trains (epochs), where and how it reports, and
+# where its data now lives. Anything else would silently not apply (the optimizer and schedule
+# state come from the checkpoint) or would train another run under this one's name.
+RESUMABLE_OPTIONS = ("train.epochs", "train.device", "train.progress", "train.test_batch_size",
+                     "train.checkpoint_every_steps", "data.root")
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """{'train': {'lr': 0.1}, 'model': 'resnet8'} -> {'train.lr': 0.1, 'model': 'resnet8'}."""
+    flat: dict[str, Any] = {}
+    for section, values in config.items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
+def resume_changes(saved: dict[str, Any], config: RunConfig) -> list[str]:
+    """The options that differ from the checkpoint's config and may not change on resume
+    (options the checkpoint predates are not compared)."""
+    old, new = _flat(saved), _flat(config.to_dict())
+    return [f"{key} {old[key]!r} -> {new.get(key)!r}" for key in sorted(old)
+            if key not in RESUMABLE_OPTIONS and old[key] != new.get(key)]
 
 
 @torch.no_grad()
@@ -151,6 +180,7 @@ class Trainer:
         self.step = 0
         self.epoch_step = 0                      # steps done in the current epoch
         self.epoch_sums: dict[str, float] = {}   # their loss terms, summed
+        self.result: dict[str, Any] = {}         # the last epoch's record (the run's result)
 
     # -- state ----------------------------------------------------------------------------
     def _rng_state(self) -> dict[str, Any]:
@@ -177,6 +207,7 @@ class Trainer:
         return {
             "epoch": self.epoch, "step": self.step, "epoch_step": self.epoch_step,
             "epoch_sums": dict(self.epoch_sums), "steps_per_epoch": self.steps_per_epoch,
+            "result": dict(self.result),
             "world_size": self.world, "meta": self.meta,
             "config": self.config.to_dict(),
             "model": self._bare_model().state_dict(),
@@ -207,7 +238,9 @@ class Trainer:
             save_atomic(state, self.run_dir / CHECKPOINT_NAME)
 
     def resume(self) -> None:
-        """Continue from the run folder's last complete checkpoint (every rank reads it)."""
+        """Load the run folder's last complete checkpoint (every rank reads it), refusing one
+        written for another model, method, teacher or settings. Writes nothing: `fit` then
+        drops the metrics records it will redo."""
         state = load_checkpoint(self.run_dir, CHECKPOINT_NAME)
         mismatch = meta_mismatch(state.get("meta"), self.meta)
         method = state.get("config", {}).get("method", {}).get("name")
@@ -216,6 +249,11 @@ class Trainer:
         if mismatch:
             raise CheckpointError(f"{self.run_dir / CHECKPOINT_NAME} was written for {mismatch}; "
                                   "resume with the run's own settings or use another --out")
+        changed = resume_changes(state.get("config", {}), self.config)
+        if changed:
+            raise CheckpointError(f"--resume cannot change {'; '.join(changed)}; only "
+                                  f"{', '.join(RESUMABLE_OPTIONS)} may change (start a new run "
+                                  "with --out for other settings)")
         try:
             self._bare_model().load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -233,13 +271,12 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.epoch_step = state.get("epoch_step", 0)
         self.epoch_sums = dict(state.get("epoch_sums", {}))
+        self.result = dict(state.get("result", {}))
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rngs) == self.world:
             self._set_rng_state(rngs[self.rank])
         else:
             self._reseed()
-        if is_main_process():
-            self.metrics.truncate_after(self.step)
 
     # -- loop -----------------------------------------------------------------------------
     def _epoch_batches(self):
@@ -293,25 +330,31 @@ class Trainer:
         """Train to the last epoch; returns the final evaluation."""
         if resume:
             self.resume()
+        if self.step and is_main_process():
+            self.metrics.truncate_after(self.step, self.epoch)
         train = self.config.train
-        result: dict[str, Any] = {}
+        result = self.result
         while self.epoch < train.epochs:
             start = time.perf_counter()
             record = self.train_epoch()
             self.epoch += 1
             self.epoch_step, self.epoch_sums = 0, {}
+            # The ranks' BatchNorm statistics drifted apart in the last steps; all evaluate and
+            # save rank 0's, so the reported accuracy is the saved model's.
+            broadcast_buffers(self._bare_model())
             test = evaluate(self._bare_model(), self.test_set, self.eval_pipeline, self.device,
                             train.test_batch_size, distributed=True)
             result = {"epoch": self.epoch, "step": self.step, **record, "test_acc": test["acc"],
                       "test_loss": test["loss"], "lr": self.optimizer.param_groups[0]["lr"],
                       "seconds": time.perf_counter() - start}
+            self.result = result
             if is_main_process():
                 self.metrics.write(result)
                 terms = "  ".join(f"{k[6:]} {v:.4f}" for k, v in record.items())
                 print(f"epoch {self.epoch}/{train.epochs}  {terms}  test acc {test['acc']:.2f}%  "
                       f"({result['seconds']:.1f}s)", flush=True)
             self.save_checkpoint()
-        if not result:
+        if not result:   # a checkpoint from before results were saved in it
             test = evaluate(self._bare_model(), self.test_set, self.eval_pipeline, self.device,
                             train.test_batch_size, distributed=True)
             result = {"epoch": self.epoch, "step": self.step, "test_acc": test["acc"],

@@ -13,13 +13,15 @@ from typing import Any
 
 from torch import nn
 
+from ..atomic import write_text_atomic
 from ..config import RunConfig, save_yaml
 from ..data import calibration_batches
 from ..errors import ConfigError
 from ..quant.ptq import post_training_quantize, ptq_config
 from .checkpoint import MODEL_NAME, save_atomic
 from .loop import evaluate, resolve_device
-from .runs import prepare_data, prepare_run_dir
+from .run_folder import CONFIG_NAME, SUMMARY_NAME, check_run_folder
+from .runs import check_model_fits, claimed_run_folder, prepare_data
 
 
 def ptq(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
@@ -31,7 +33,7 @@ def ptq(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
     """
     if config.quant is None:
         raise ConfigError("ptq needs a quantization config (e.g. --bits w4a4)")
-    run_dir = prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+    check_run_folder(run_dir, resume=False, overwrite=overwrite)
     config = dataclasses.replace(config, quant=ptq_config(config.quant))
     meta_in = teacher_state["meta"]
     data = prepare_data(config.data)
@@ -42,6 +44,7 @@ def ptq(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
             f"{meta_in['in_channels']} / {meta_in['num_classes']}")
     device = resolve_device(config.train.device)
     teacher = teacher.to(device).eval()
+    check_model_fits(teacher, data, meta_in["model"], device)
     batches = calibration_batches(data.train, data.eval_pipeline, config.quant.calib_images,
                                   config.quant.calib_seed)
     qmodel = post_training_quantize(teacher, config.quant, batches, device=device)
@@ -56,8 +59,9 @@ def ptq(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
     meta = {"model": meta_in["model"], "num_classes": data.num_classes,
             "in_channels": data.channels, "data": config.data.to_dict(),
             "quant": config.quant.to_dict(), "source": summary["source"]}
-    save_yaml(config, run_dir / "config.yaml")
-    save_atomic({"meta": meta, "config": config.to_dict(), "model": qmodel.state_dict(),
-                 "summary": summary}, run_dir / MODEL_NAME)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with claimed_run_folder(run_dir, resume=False, overwrite=overwrite) as run_dir:
+        save_yaml(config, run_dir / CONFIG_NAME)
+        save_atomic({"meta": meta, "config": config.to_dict(), "model": qmodel.state_dict(),
+                     "summary": summary}, run_dir / MODEL_NAME)
+        write_text_atomic(run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -8,8 +8,8 @@ and `summary.json`. `load_model` rebuilds any finished run, full-precision or qu
 from __future__ import annotations
 
 import json
-import os
-import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,16 +20,19 @@ from torch import nn
 from ..analysis.tracking import tracking_callbacks
 from ..config import DataConfig, QuantConfig, RunConfig, save_yaml
 from ..data import BatchPipeline, ImageTensorDataset, calibration_batches, load_dataset, pipeline_for
-from ..errors import CheckpointError, ConfigError, FlatqError
+from ..atomic import write_text_atomic
+from ..errors import CheckpointError, ConfigError
 from ..methods import build_objective
-from ..models import build_model
+from ..models import build_model, check_model_name
 from ..quant import calibrate, quant_layers, quantize_model, quantizers
 from .batchnorm import reestimate_batchnorm
-from .checkpoint import (CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, remove_partial_writes,
-                         save_atomic)
+from .checkpoint import (CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_atomic,
+                         state_fingerprint)
 from .distributed import (check_global_batch, is_main_process, main_first, rank, setup, world_size,
                           wrap)
 from .loop import Trainer, evaluate
+from .run_folder import (CONFIG_NAME, SUMMARY_NAME, RunFolderLock, check_run_folder,
+                         claim_run_folder)
 
 
 @dataclass
@@ -59,8 +62,15 @@ def prepare_data(config: DataConfig) -> DataBundle:
                      augment=False))
 
 
+META_KEYS = ("model", "num_classes", "in_channels")
+
+
 def build_from_meta(meta: dict[str, Any]) -> nn.Module:
     """The model a checkpoint's metadata describes (quantized when it records a QuantConfig)."""
+    missing = [key for key in META_KEYS if key not in meta]
+    if missing:
+        raise CheckpointError(f"the checkpoint's metadata lacks {', '.join(missing)}; it was "
+                              "not written by flatq or is damaged")
     model = build_model(meta["model"], num_classes=meta["num_classes"],
                         in_channels=meta["in_channels"])
     if meta.get("quant") is not None:
@@ -74,7 +84,10 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = state.get("meta")
     if not isinstance(meta, dict) or "model" not in meta:
         raise CheckpointError(f"{path}: the checkpoint has no model metadata")
-    model = build_from_meta(meta)
+    try:
+        model = build_from_meta(meta)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError) as exc:
@@ -84,28 +97,45 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), state
 
 
-def prepare_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> Path:
-    """Create the run folder; refuse to clobber an earlier run unless told to."""
-    run_dir = Path(run_dir)
-    if resume:
-        if not (run_dir / CHECKPOINT_NAME).is_file():
-            raise CheckpointError(f"--resume: no {CHECKPOINT_NAME} in {run_dir}")
-        remove_partial_writes(run_dir)
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise FlatqError(f"run folder {run_dir} already holds a run; use --resume to continue "
-                             "it, --overwrite to replace it, or another --out")
-        if is_main_process():
-            shutil.rmtree(run_dir)
+@contextmanager
+def claimed_run_folder(run_dir: str | Path, resume: bool, overwrite: bool) -> Iterator[Path]:
+    """The run folder, created, locked and (with `overwrite`) cleared by rank 0 for the
+    duration of the block. Enter it only once the whole run has validated."""
+    locks: list[RunFolderLock] = []
+    main_first(lambda: locks.append(claim_run_folder(run_dir, resume, overwrite)))
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise FlatqError(f"cannot write to run folder {run_dir}: {exc.strerror}") from None
-    return run_dir
+        yield Path(run_dir)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def check_model_fits(model: nn.Module, data: DataBundle, name: str, device: torch.device) -> None:
+    """Run one test image through `model`, so that a model that cannot take the data's images
+    (a ViT's patch grid on 28x28 inputs) is refused before anything is written."""
+    image = data.eval_pipeline(data.test.images[:1].to(device), train=False)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(image)
+    except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ConfigError(f"model {name} cannot run on {data.train.name} images of shape "
+                          f"{tuple(image.shape[1:])} ({reason}); choose another model or "
+                          "--image-size") from None
+    finally:
+        model.train(was_training)
+
+
+def check_sizes(config: RunConfig, data: DataBundle) -> None:
+    """Sizes that would run without a word but not as asked."""
+    train = config.train
+    if train.batch_size > len(data.train):
+        raise ConfigError(f"--batch-size {train.batch_size} exceeds the {len(data.train)} "
+                          f"training images of {config.data.name}")
+    if train.warmup_epochs >= train.epochs:
+        raise ConfigError(f"--warmup-epochs {train.warmup_epochs} leaves no epoch of the "
+                          f"{train.epochs} for the cosine schedule; use fewer warm-up epochs")
 
 
 def _finish(trainer: Trainer, result: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +145,7 @@ def _finish(trainer: Trainer, result: dict[str, Any], extra: dict[str, Any]) -> 
         save_atomic({"meta": trainer.meta, "config": trainer.config.to_dict(),
                      "model": model.state_dict(), "summary": summary},
                     trainer.run_dir / MODEL_NAME)
-        (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(trainer.run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -141,13 +171,11 @@ def _objective(config: RunConfig, student: nn.Module, teacher: nn.Module | None,
     return objective
 
 
-def _train(trainer: Trainer, resume: bool) -> dict[str, Any]:
-    """Resume if asked, then (only then, so a refused resume leaves the folder as it was)
-    record the config and train."""
-    if resume:
-        trainer.resume()
+def _train(trainer: Trainer) -> dict[str, Any]:
+    """Record the config and train (resumed or not: `Trainer.resume` ran before the folder
+    was claimed, so a refused resume leaves the folder as it was)."""
     if is_main_process():
-        save_yaml(trainer.config, trainer.run_dir / "config.yaml")
+        save_yaml(trainer.config, trainer.run_dir / CONFIG_NAME)
     return trainer.fit()
 
 
@@ -159,19 +187,26 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False,
     every step besides the trackers `config.train.track` asks for.
     """
     device = setup(config.train.device)
-    check_global_batch(config.train.batch_size)  # before the run folder exists
+    # Everything is validated (the cheap checks first) before the run folder is touched.
+    check_global_batch(config.train.batch_size)
+    check_run_folder(run_dir, resume, overwrite)
+    check_model_name(config.model)
     _seed(config)
     data = prepare_data(config.data)
+    check_sizes(config, data)
     model = build_model(config.model, num_classes=data.num_classes,
                         in_channels=data.channels).to(device)
-    run_dir = main_first(lambda: prepare_run_dir(run_dir, resume, overwrite))
+    check_model_fits(model, data, config.model, device)
     objective = _objective(config, model, None, data, device)
     meta = {"model": config.model, "num_classes": data.num_classes,
             "in_channels": data.channels, "data": config.data.to_dict(), "quant": None}
     trainer = Trainer(objective, data.train, data.test, data.train_pipeline, data.eval_pipeline,
-                      config, run_dir, meta,
+                      config, Path(run_dir), meta,
                       tracking_callbacks(config.train) + list(callbacks or []), device)
-    return _finish(trainer, _train(trainer, resume), {"kind": "pretrain"})
+    if resume:
+        trainer.resume()
+    with claimed_run_folder(run_dir, resume, overwrite):
+        return _finish(trainer, _train(trainer), {"kind": "pretrain"})
 
 
 def _calibrate_on_main(student: nn.Module, batches: list, device: torch.device) -> None:
@@ -220,6 +255,19 @@ def _reestimate_batchnorm(trainer: Trainer, data: DataBundle, config: RunConfig,
             "test_loss": after["loss"], "bn_images": config.quant.bn_images}
 
 
+def resume_state(run_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint a `--resume` continues from (its config is the run's own, whatever
+    became of config.yaml, the human-readable copy)."""
+    check_run_folder(run_dir, resume=True, overwrite=False)
+    state = load_checkpoint(run_dir, CHECKPOINT_NAME)
+    if not isinstance(state.get("meta"), dict):
+        raise CheckpointError(f"{Path(run_dir) / CHECKPOINT_NAME} holds no run metadata; it "
+                              "was not written by flatq or is damaged")
+    if not isinstance(state.get("config"), dict):
+        state["config"] = {}
+    return state
+
+
 def load_teacher(source: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The full-precision model a QAT run starts from (`--from`)."""
     model, state = load_model(source)
@@ -240,10 +288,12 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
     if config.quant is None:
         raise ConfigError("qat needs a quantization config (e.g. --bits w4a4)")
     device = setup(config.train.device)
-    check_global_batch(config.train.batch_size)  # before the run folder exists
+    check_global_batch(config.train.batch_size)
+    check_run_folder(run_dir, resume, overwrite)
     _seed(config)
     state, source = teacher_state, teacher_state.get("path", "the teacher")
     data = prepare_data(config.data)
+    check_sizes(config, data)
     if data.channels != state["meta"]["in_channels"] or data.num_classes != state["meta"]["num_classes"]:
         raise ConfigError(
             f"data {config.data.name} gives {data.channels} channels / {data.num_classes} classes, "
@@ -253,28 +303,31 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
         raise ConfigError(f"--bn-images {config.quant.bn_images} exceeds the "
                           f"{len(data.train)} training images of {config.data.name}")
     teacher = teacher.to(device)
+    check_model_fits(teacher, data, state["meta"]["model"], device)
     student = trainable(quantize_model(teacher, config.quant), teacher)
-    # Chosen before the run folder exists, so a bad calibration size leaves nothing behind.
     batches = None if resume else calibration_batches(
         data.train, data.eval_pipeline, config.quant.calib_images, config.quant.calib_seed)
-    run_dir = main_first(lambda: prepare_run_dir(run_dir, resume, overwrite))
     meta = {"model": state["meta"]["model"], "num_classes": data.num_classes,
             "in_channels": data.channels, "data": config.data.to_dict(),
-            "quant": config.quant.to_dict(), "source": str(source)}
+            "quant": config.quant.to_dict(), "source": str(source),
+            "teacher": state_fingerprint(state["model"])}
     fp = evaluate(teacher, data.test, data.eval_pipeline, device, config.train.test_batch_size,
                   distributed=True)
     if batches is not None:
         _calibrate_on_main(student, batches, device)
     objective = _objective(config, student, teacher, data, device)
-    if is_main_process():
-        print(f"full-precision teacher: test acc {fp['acc']:.2f}%", flush=True)
     trainer = Trainer(objective, data.train, data.test, data.train_pipeline, data.eval_pipeline,
-                      config, run_dir, meta,
+                      config, Path(run_dir), meta,
                       tracking_callbacks(config.train) + list(callbacks or []), device)
-    result = _train(trainer, resume)
-    objective.close()
-    if config.quant.bn_images:
-        result = _reestimate_batchnorm(trainer, data, config, result, device)
-    return _finish(trainer, result, {"kind": "qat", "fp_test_acc": fp["acc"],
-                                     "bits": config.quant.bits,
-                                     "method": config.method.name if config.method else "lsq"})
+    if resume:
+        trainer.resume()
+    with claimed_run_folder(run_dir, resume, overwrite):
+        if is_main_process():
+            print(f"full-precision teacher: test acc {fp['acc']:.2f}%", flush=True)
+        result = _train(trainer)
+        objective.close()
+        if config.quant.bn_images:
+            result = _reestimate_batchnorm(trainer, data, config, result, device)
+        return _finish(trainer, result, {"kind": "qat", "fp_test_acc": fp["acc"],
+                                         "bits": config.quant.bits,
+                                         "method": config.method.name if config.method else "lsq"})
