@@ -203,6 +203,50 @@ def test_lsq_init_closed_form():
     assert signed.zero_point.item() == 0
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_lsq_init_on_asymmetric_grid_is_lsqs_signed_grid_for_symmetric_weights(bits):
+    """Weights symmetric around 0 on the asymmetric grid: LSQ's s = 2 mean|v| / sqrt(Qp),
+    Qp = 2^(b-1) - 1, and the same quantized weights as LSQ's signed grid (torch's op)."""
+    g = torch.Generator().manual_seed(bits)
+    half = torch.randn(6, 50, generator=g)
+    w = torch.cat([half, -half], dim=1)                      # exactly symmetric per channel
+    q = calibrated(LSQQuantizer(bits, per_channel=True, num_channels=6, init="lsq"), w)
+    qp, qn = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    s = 2 * w.abs().mean(dim=1) / math.sqrt(qp)
+    torch.testing.assert_close(q.scale.detach(), s)
+    reference = torch._fake_quantize_learnable_per_channel_affine(
+        w, s, torch.zeros(6), 0, qn, qp, 1.0)
+    torch.testing.assert_close(q(w), reference)
+    positive = w > 0
+    assert (q(w)[positive] > 0).float().mean() > 0.3         # was ~10% at 2 bits
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_lsq_init_on_asymmetric_grid_follows_skewed_data(bits):
+    """Non-negative data: LSQ's unsigned grid (z = 0, Qp = 2^b - 1). Data on [-1, 3]: the grid
+    keeps levels on both sides of 0, split about as the data's range is."""
+    g = torch.Generator().manual_seed(bits)
+    relu = torch.rand(400, generator=g) * 3
+    q = calibrated(LSQQuantizer(bits, init="lsq"), relu)
+    assert q.zero_point.item() == 0
+    assert q.scale.item() == pytest.approx(2 * relu.mean().item() / math.sqrt(2 ** bits - 1),
+                                           rel=1e-6)
+    skewed = torch.rand(400, generator=g) * 4 - 1
+    q = calibrated(LSQQuantizer(bits, init="lsq"), skewed)
+    z, qmax = q.zero_point.item(), 2 ** bits - 1
+    assert 0 < z < qmax
+    assert abs(z / qmax - 0.25) <= 0.5 / qmax + 1e-9          # 1/4 of the range lies below 0
+    assert q.scale.item() == pytest.approx(
+        2 * skewed.abs().mean().item() / math.sqrt(qmax - z), rel=1e-6)
+
+
+def test_lsq_init_on_nonpositive_data_counts_the_levels_below_zero():
+    x = -torch.linspace(0, 2, 100)
+    q = calibrated(LSQQuantizer(4, init="lsq"), x)
+    assert q.zero_point.item() == 15
+    assert q.scale.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(15), rel=1e-6)
+
+
 def test_calibration_accumulates_over_batches():
     q = calibrated(LSQQuantizer(4), torch.tensor([0.0, 1.0]), torch.tensor([-2.0, 0.5]))
     assert q.scale.item() == pytest.approx(3.0 / 15)

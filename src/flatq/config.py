@@ -220,7 +220,8 @@ class QuantConfig(Section):
                                      "paper's asymmetric form with a calibrated zero point)")
     symmetric_inputs: bool = option(False, "signed inputs with zero point 0")
     init: str = option("minmax", "initial step size: minmax (paper Eq. 5) or lsq "
-                       "(2 mean|x| / sqrt(Qp))", choices=("minmax", "lsq"))
+                       "(2 mean|x| / sqrt(Qp), Qp the grid's levels above the zero point, which "
+                       "splits the grid as the data's range)", choices=("minmax", "lsq"))
     edge_bits: int | None = option(8, "bit width of the first and last layer (none: same as "
                                    "the others)", low=2, high=8)
     edge_weights: str = option("learned", "weight quantizer of the first and last layer: "

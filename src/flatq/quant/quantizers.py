@@ -39,6 +39,29 @@ def range_to_affine(lo: Tensor, hi: Tensor, qmin: int, qmax: int,
     return scale, zero_point
 
 
+def lsq_affine(lo: Tensor, hi: Tensor, mean_abs: Tensor, qmin: int, qmax: int,
+               signed: bool) -> tuple[Tensor, Tensor]:
+    """LSQ's initial step s = 2 mean|x| / sqrt(Qp) (Esser et al. 2019), with a zero point.
+
+    LSQ defines Qp as the grid's positive levels: 2^(b-1) - 1 for signed data, 2^b - 1 for
+    unsigned. On an asymmetric grid the zero point z splits the 2^b - 1 levels between the
+    negative and the positive side in the proportion of the data's range [lo, hi]
+    (z = round(qmax * -lo / (hi - lo))), and Qp = qmax - z are the levels left above zero. So
+    symmetric data gets exactly LSQ's signed grid shifted by z, non-negative data LSQ's unsigned
+    grid; data that is all <= 0 counts the levels below zero instead. Placing z from s instead
+    (z = round(-lo / s)) put it on qmax at 2 bits and rounded most positive weights to 0.
+    """
+    if signed:
+        zero_point = torch.zeros_like(mean_abs)
+    else:
+        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+        share = -lo / (hi - lo).clamp_min(EPS)
+        zero_point = torch.clamp(torch.round(qmax * share), qmin, qmax)
+    levels = qmax - zero_point
+    levels = torch.where(levels > 0, levels, zero_point - qmin)
+    return (2 * mean_abs / torch.sqrt(levels)).clamp_min(EPS), zero_point
+
+
 def positive_ste(x: Tensor) -> Tensor:
     """`x` clamped to >= EPS in the forward pass with the identity gradient, so that a step
     size pushed to or below zero by one large update still gets a gradient and can recover
@@ -124,13 +147,9 @@ class Quantizer(nn.Module, ABC):
     def initial_affine(self, observer: MinMaxObserver) -> tuple[Tensor, Tensor]:
         """Initial (scale, zero point) from observed data by the configured init method."""
         lo, hi = observer.range()
-        scale, zero_point = range_to_affine(lo, hi, self.qmin, self.qmax, self.signed)
         if self.init == "lsq":
-            scale = (2 * observer.mean_abs() / math.sqrt(max(self.qmax, 1))).clamp_min(EPS)
-            if not self.signed:
-                zero_point = torch.clamp(torch.round(-torch.clamp(lo, max=0) / scale),
-                                         self.qmin, self.qmax)
-        return scale, zero_point
+            return lsq_affine(lo, hi, observer.mean_abs(), self.qmin, self.qmax, self.signed)
+        return range_to_affine(lo, hi, self.qmin, self.qmax, self.signed)
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
