@@ -30,7 +30,7 @@ from machine import machine_info
 TABLE4 = {
     "LSQ": ("lsq", "lsq", {}),
     "LSQ+": ("lsq", "lsq+", {}),
-    "PACT": ("lsq", "pact", {}),
+    "PACT (min-max weights)": ("lsq", "pact", {}),
     "KD": ("kd", "lsq", {}),
     "FPQ": ("fpq", "lsq", {}),
 }

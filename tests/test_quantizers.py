@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from flatq.quant import (LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer, PACTQuantizer,
-                         fake_quantize, integer_range)
+from flatq.quant import (DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer,
+                         PACTQuantizer, fake_quantize, integer_range)
 from flatq.quant.quantizers import range_to_affine
 
 BITS = range(2, 9)
@@ -320,6 +320,34 @@ def test_pact_negative_inputs_switch_to_signed():
 def test_pact_refuses_per_channel():
     with pytest.raises(ValueError, match="per tensor"):
         PACTQuantizer(4, per_channel=True, num_channels=3)
+
+
+# -- DoReFa weights (PACT's) ------------------------------------------------------------------
+
+def dorefa_reference(w: torch.Tensor, k: int) -> torch.Tensor:
+    """DoReFa-Net's weight quantizer as the paper writes it."""
+    def quantize_k(u):
+        n = 2 ** k - 1
+        return torch.round(n * u) / n
+    t = torch.tanh(w)
+    return 2 * quantize_k(t / (2 * t.abs().max()) + 0.5) - 1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dorefa_weights_match_the_paper_and_pass_gradient_straight_through(bits):
+    g = torch.Generator().manual_seed(bits)
+    w = (torch.randn(8, 4, 3, 3, generator=g) * 0.2).requires_grad_()
+    q = calibrated(DoReFaWeightQuantizer(bits), w.detach())
+    out = q(w)
+    torch.testing.assert_close(out, dorefa_reference(w.detach(), bits), rtol=0, atol=1e-6)
+    assert len(out.unique()) <= 2 ** bits and out.abs().max().item() == pytest.approx(1.0)
+    upstream = torch.randn(w.shape, generator=g)
+    (grad,) = torch.autograd.grad(out, w, upstream)
+    # Straight through the rounding: the gradient of the unrounded map tanh(w) / max|tanh(w)|.
+    w_ref = w.detach().clone().requires_grad_()
+    t = torch.tanh(w_ref)
+    (expected,) = torch.autograd.grad(t / t.abs().max(), w_ref, upstream)
+    torch.testing.assert_close(grad, expected)
 
 
 # -- MinMax -----------------------------------------------------------------------------------

@@ -216,6 +216,12 @@ class QuantConfig(Section):
     quantizer: str = option("lsq", "lsq (learned step), lsq+ (learned step and offset), "
                             "pact (learned clipping; min-max weights), minmax (fixed ranges)",
                             choices=("lsq", "lsq+", "pact", "minmax"))
+    pact_weights: str = option("minmax", "weight quantizer of --quantizer pact: minmax (per "
+                               "channel, the current weights' range every step) or dorefa (the "
+                               "PACT paper's: DoReFa's 2 quantize_k(tanh(w) / (2 max|tanh(w)|) + "
+                               "1/2) - 1 on the inner layers; the first and last layer keep "
+                               "minmax: the classifier has no BatchNorm to absorb DoReFa's "
+                               "[-1, 1] weight scale)", choices=("minmax", "dorefa"))
     symmetric_weights: bool = option(False, "signed weights with zero point 0 (default: the "
                                      "paper's asymmetric form with a calibrated zero point)")
     symmetric_inputs: bool = option(False, "signed inputs with zero point 0")

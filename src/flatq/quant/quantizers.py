@@ -278,6 +278,38 @@ class PACTQuantizer(Quantizer):
                                                                              device=self.alpha.device)
 
 
+class DoReFaWeightQuantizer(Quantizer):
+    """DoReFa-Net's weight quantizer (Zhou et al. 2016), which the PACT paper uses for weights:
+
+        w_q = 2 quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1,
+        quantize_k(u) = round((2^k - 1) u) / (2^k - 1),
+
+    straight through the rounding, with the gradient of tanh and of the max. Weights land in
+    [-1, 1] whatever their scale (the BatchNorm after the layer absorbs it), one range per
+    tensor. Nothing to calibrate or learn; the grid is 2^k levels symmetric around 0, with a
+    half-integer zero point, so the integers cannot be exported as an affine grid.
+    """
+
+    learnable = False
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits, signed=False, per_channel=False)
+
+    def init_from_observer(self, observer: MinMaxObserver) -> None:
+        """No range to set: DoReFa normalizes by the weights' own max|tanh(w)| every call."""
+
+    def quantize(self, x: Tensor) -> Tensor:
+        t = torch.tanh(x)
+        u = t / (2 * t.abs().max().clamp_min(EPS)) + 0.5
+        levels = self.qmax
+        u = u + (torch.round(u * levels) / levels - u).detach()
+        return 2 * u - 1
+
+    def scale_and_zero_point(self) -> tuple[Tensor, Tensor]:
+        return (torch.tensor([2.0 / self.qmax], device=self.initialized.device),
+                torch.tensor([self.qmax / 2], device=self.initialized.device))
+
+
 class MinMaxQuantizer(Quantizer):
     """Fixed quantizer from min/max: no learned parameters, straight-through for the input.
 
