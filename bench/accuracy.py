@@ -29,7 +29,7 @@ from machine import machine_info
 # cell name -> (method, quantizer, method options[, other quantization options])
 TABLE4 = {
     "LSQ": ("lsq", "lsq", {}),
-    "LSQ+": ("lsq", "lsq+", {}),
+    "LSQ+ (integer zero point, min-max init)": ("lsq", "lsq+", {}),
     "PACT (min-max weights)": ("lsq", "pact", {}),
     "KD": ("kd", "lsq", {}),
     "FPQ": ("fpq", "lsq", {}),

@@ -46,11 +46,13 @@ DATA = {"cifar10": {"name": "cifar10"}, "cifar100": {"name": "cifar100"},
 QUANT = {"quantizer": "lsq", "edge_bits": 8, "calib_images": 100}
 
 # file suffix -> (table row, method name, quantizer options, method options). A baseline runs
-# as its paper defines it: PACT with DoReFa weights (its paper's; flatq's default is min-max).
+# as its paper defines it: PACT with DoReFa weights (its paper's; flatq's default is min-max),
+# LSQ+ with its continuous offset and MSE initialization (flatq's defaults: integer, min-max).
 LSQ = {"quantizer": "lsq"}
 METHODS = {
     "lsq": ("LSQ", "lsq", LSQ, {}),
-    "lsqplus": ("LSQ+", "lsq", {"quantizer": "lsq+"}, {}),
+    "lsqplus": ("LSQ+", "lsq", {"quantizer": "lsq+", "lsqplus_offset": "continuous",
+                                "range_method": "mse"}, {}),
     "pact": ("PACT", "lsq", {"quantizer": "pact", "pact_weights": "dorefa"}, {}),
     "kd": ("KD", "kd", LSQ, {}),
     "fpq": ("FPQ", "fpq", LSQ, {}),
@@ -214,7 +216,12 @@ def readme_block(all_recipes: list[Recipe]) -> str:
              "(paper Sec. 4): SGD, batch 256, lr 0.01, cosine, weight decay 5e-4, momentum 0.9, "
              "200 epochs, 100 calibration images, first and last layer at 8 bits, asymmetric "
              "quantization, per-channel weights. The paper does not give its FP pre-training "
-             "recipe; `fp.yaml` applies the same protocol. LSQ+ is `quantizer: lsq+` and PACT is "
+             "recipe; `fp.yaml` applies the same protocol. LSQ+ is `quantizer: lsq+` with "
+             "`lsqplus_offset: continuous` (the paper's real-valued offset beta) and "
+             "`range_method: mse` (the paper's MSE initialization of s and beta, searched over "
+             "the ranges [k min, k max]; LSQ's weights then start from per-channel MSE ranges "
+             "too, where the LSQ+ paper initializes symmetric weights from mu +- 3 sigma), and "
+             "PACT is "
              "`quantizer: pact` with `pact_weights: dorefa` (the PACT paper's DoReFa weights, "
              "2 quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1, on the inner layers; the first "
              "and last layer take 8-bit min-max weights), both with method `lsq` (plain "

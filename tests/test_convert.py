@@ -165,6 +165,17 @@ def test_pact_dorefa_weights_on_inner_layers_minmax_on_the_edges():
         QuantConfig(pact_weights="tanh")
 
 
+def test_lsqplus_continuous_offset_reaches_the_inputs_and_export_refuses_it():
+    from flatq.export.affine import input_grid
+    qmodel = quantize_model(build_model("resnet8"),
+                            QuantConfig(quantizer="lsq+", lsqplus_offset="continuous"))
+    calibrate(qmodel, calibration_data())
+    layer = quant_layers(qmodel)[1][1]
+    assert all(layer.input_quantizer.continuous for _, layer in quant_layers(qmodel))
+    with pytest.raises(ConfigError, match="continuous offset"):
+        input_grid(layer)
+
+
 def test_symmetric_options_reach_the_quantizers():
     qmodel = quantize_model(build_model("resnet8"),
                             QuantConfig(symmetric_weights=True, symmetric_inputs=False))

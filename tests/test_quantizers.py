@@ -106,6 +106,69 @@ def test_lsq_plus_offset_learns_from_its_calibrated_bound():
                                rtol=1e-5, atol=1e-7)
 
 
+def lsq_plus_reference(x, s, beta, qmin, qmax):
+    """LSQ+ as its paper writes it: x_hat = clamp(round((x - beta) / s), n, p) s + beta, and
+    its gradients: d/ds = round(u) - u inside, n or p outside; d/dbeta = 0 inside, 1 outside."""
+    u = (x - beta) / s
+    inside = (u >= qmin - 0.5) & (u <= qmax + 0.5)   # the rounded value lies on the grid
+    q = torch.clamp(torch.round(u), qmin, qmax)
+    d_s = torch.where(inside, torch.round(u) - u, q)
+    return q * s + beta, d_s, (~inside).float()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_lsq_plus_continuous_offset_is_the_papers_formula(bits):
+    """Swish-like inputs (a negative minimum): min-max init s = (max - min) / (2^b - 1),
+    beta = min; forward and gradients of s and beta (times LSQ's g) as the paper's."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(4000, generator=g) * 2
+    x = x * torch.sigmoid(x)
+    q = calibrated(LSQPlusQuantizer(bits, continuous=True), x)
+    qmax = 2 ** bits - 1
+    s, beta = (x.max() - x.min()) / qmax, x.min()
+    torch.testing.assert_close(q.scale.detach(), s.reshape(1))
+    torch.testing.assert_close(q.offset.detach(), beta.reshape(1))
+    with torch.no_grad():                     # move off the calibrated range: clip both ends
+        q.scale.mul_(0.7)
+        q.offset.add_(0.37 * q.scale)
+    upstream = torch.randn(x.shape, generator=g)
+    out = q(x)
+    (out * upstream).sum().backward()
+    ref, d_s, d_beta = lsq_plus_reference(x, q.scale.detach(), q.offset.detach(), 0, qmax)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    factor = q.grad_factor(x)
+    torch.testing.assert_close(q.scale.grad, ((d_s * upstream).sum() * factor).reshape(1),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(q.offset.grad, ((d_beta * upstream).sum() * factor).reshape(1),
+                               rtol=1e-4, atol=1e-6)
+    assert 0 < d_beta.mean() < 1
+
+
+def test_lsq_plus_mse_init_minimizes_the_papers_error_over_the_searched_ranges():
+    """range_method mse with the continuous offset: the MSE of the paper's x_hat at the chosen
+    (s, beta) is the least over the candidate ranges [k min, k max], and below min-max's."""
+    torch.manual_seed(0)
+    x = torch.distributions.StudentT(2.0).sample((20000,)).clamp_min(-0.5)
+    q = calibrated(LSQPlusQuantizer(3, continuous=True).set_range_method("mse"), x)
+
+    def mse(lo, hi):
+        s = (hi - lo) / 7
+        return (lsq_plus_reference(x, s, lo, 0, 7)[0] - x).pow(2).mean().item()
+    chosen = (lsq_plus_reference(x, q.scale.detach(), q.offset.detach(), 0, 7)[0] - x)
+    candidates = [mse(x.min() * k / 100, x.max() * k / 100) for k in range(1, 101)]
+    assert chosen.pow(2).mean().item() == pytest.approx(min(candidates), rel=1e-4)
+    assert chosen.pow(2).mean().item() < 0.9 * candidates[-1]
+
+
+def test_lsq_plus_offset_kind_travels_in_the_checkpoint():
+    x = torch.linspace(-1, 3, 100)
+    continuous = calibrated(LSQPlusQuantizer(4, continuous=True), x)
+    integer = LSQPlusQuantizer(4)
+    with pytest.raises(ValueError, match="continuous"):
+        integer.load_state_dict(continuous.state_dict())
+    LSQPlusQuantizer(4, continuous=True).load_state_dict(continuous.state_dict())
+
+
 # -- LSQ per channel vs torch._fake_quantize_learnable_per_channel_affine --------------------
 
 @pytest.mark.parametrize("shape", [(8, 4, 3, 3), (10, 16)], ids=["conv", "linear"])

@@ -216,6 +216,11 @@ class QuantConfig(Section):
     quantizer: str = option("lsq", "lsq (learned step), lsq+ (learned step and offset), "
                             "pact (learned clipping; min-max weights), minmax (fixed ranges)",
                             choices=("lsq", "lsq+", "pact", "minmax"))
+    lsqplus_offset: str = option("integer", "LSQ+'s learned offset beta in the forward pass: "
+                                 "integer (as the zero point round(-beta / s), exportable) or "
+                                 "continuous (beta itself, as the LSQ+ paper; with its min-max "
+                                 "init beta = min, not widened to contain 0)",
+                                 choices=("integer", "continuous"))
     pact_weights: str = option("minmax", "weight quantizer of --quantizer pact: minmax (per "
                                "channel, the current weights' range every step) or dorefa (the "
                                "PACT paper's: DoReFa's 2 quantize_k(tanh(w) / (2 max|tanh(w)|) + "

@@ -24,7 +24,8 @@ def _make_quantizers(config: QuantConfig, layer: nn.Module, w_bits: int, a_bits:
                      is_edge: bool = False) -> tuple[Quantizer, Quantizer]:
     """(weight quantizer, input quantizer) of one layer for the configured quantizer family.
 
-    lsq: LSQ for both. lsq+: LSQ weights, LSQ+ inputs (learned offset, as in the LSQ+ paper).
+    lsq: LSQ for both. lsq+: LSQ weights, LSQ+ inputs (learned offset, as in the LSQ+ paper;
+    snapped to an integer zero point unless lsqplus_offset is continuous).
     pact: PACT inputs; weights min-max recomputed every step, or with pact_weights dorefa
     DoReFa's tanh quantizer (the PACT paper's) on all but the first and last layer (the
     classifier has no BatchNorm to absorb DoReFa's [-1, 1] weight scale, so those keep
@@ -45,7 +46,9 @@ def _make_quantizers(config: QuantConfig, layer: nn.Module, w_bits: int, a_bits:
     if kind == "lsq":
         pair = LSQQuantizer(w_bits, **w_kw), LSQQuantizer(a_bits, **a_kw)
     elif kind == "lsq+":
-        pair = LSQQuantizer(w_bits, **w_kw), LSQPlusQuantizer(a_bits, **a_kw)
+        continuous = config.lsqplus_offset == "continuous"
+        pair = LSQQuantizer(w_bits, **w_kw), LSQPlusQuantizer(a_bits, continuous=continuous,
+                                                              **a_kw)
     elif kind == "pact":
         weight: Quantizer = (DoReFaWeightQuantizer(w_bits)
                              if config.pact_weights == "dorefa" and not is_edge
