@@ -29,8 +29,8 @@ from machine import machine_info
 # cell name -> (method, quantizer, method options[, other quantization options])
 TABLE4 = {
     "LSQ": ("lsq", "lsq", {}),
-    "LSQ+": ("lsq", "lsq+", {}),
-    "PACT": ("lsq", "pact", {}),
+    "LSQ+ (integer zero point, min-max init)": ("lsq", "lsq+", {}),
+    "PACT (min-max weights)": ("lsq", "pact", {}),
     "KD": ("kd", "lsq", {}),
     "FPQ": ("fpq", "lsq", {}),
 }

@@ -45,14 +45,18 @@ DATA = {"cifar10": {"name": "cifar10"}, "cifar100": {"name": "cifar100"},
 # The paper's 8-bit first/last layers and 100 calibration images (Sec. 4), stated explicitly.
 QUANT = {"quantizer": "lsq", "edge_bits": 8, "calib_images": 100}
 
-# file suffix -> (table row, method name, quantizer, method options)
+# file suffix -> (table row, method name, quantizer options, method options). A baseline runs
+# as its paper defines it: PACT with DoReFa weights (its paper's; flatq's default is min-max),
+# LSQ+ with its continuous offset and MSE initialization (flatq's defaults: integer, min-max).
+LSQ = {"quantizer": "lsq"}
 METHODS = {
-    "lsq": ("LSQ", "lsq", "lsq", {}),
-    "lsqplus": ("LSQ+", "lsq", "lsq+", {}),
-    "pact": ("PACT", "lsq", "pact", {}),
-    "kd": ("KD", "kd", "lsq", {}),
-    "fpq": ("FPQ", "fpq", "lsq", {}),
-    "sam": ("LSQ+SAM", "sam", "lsq", {}),
+    "lsq": ("LSQ", "lsq", LSQ, {}),
+    "lsqplus": ("LSQ+", "lsq", {"quantizer": "lsq+", "lsqplus_offset": "continuous",
+                                "range_method": "mse"}, {}),
+    "pact": ("PACT", "lsq", {"quantizer": "pact", "pact_weights": "dorefa"}, {}),
+    "kd": ("KD", "kd", LSQ, {}),
+    "fpq": ("FPQ", "fpq", LSQ, {}),
+    "sam": ("LSQ+SAM", "sam", LSQ, {}),
 }
 SAM_MODELS = ("resnet18", "mobilenet_v2")       # Table 1: CIFAR-10 W4A4 only
 # Table 2 (ablation) and Table 3 (p sweep): CIFAR-10 ResNet-18 W2A4. p = 0 is the CSD-only
@@ -121,11 +125,11 @@ def fp_recipe(data: str, model: str) -> dict:
             "method": {"name": "ce"}}
 
 
-def qat_recipe(data: str, bits: str, method: str, quantizer: str, options: dict) -> dict:
+def qat_recipe(data: str, bits: str, method: str, quant: dict, options: dict) -> dict:
     w_bits, a_bits = int(bits[1]), int(bits[3])
     config = method_config(method, options)
     return {"data": DATA[data], "train": train_section(data, "qat"),
-            "quant": {"w_bits": w_bits, "a_bits": a_bits, **QUANT, "quantizer": quantizer},
+            "quant": {"w_bits": w_bits, "a_bits": a_bits, **QUANT, **quant},
             "method": {"name": method, **config.to_dict()}}
 
 
@@ -169,7 +173,7 @@ def recipes() -> list[Recipe]:
             out.append(Recipe(data, model, "fp", f"{table}, {name}, full precision",
                               fp_recipe(data, model), published(data, "fp", "FP", model)))
             for bits in BITS:
-                for suffix, (row, method, quantizer, options) in METHODS.items():
+                for suffix, (row, method, quant, options) in METHODS.items():
                     if suffix == "sam":
                         if bits != "w4a4" or model not in SAM_MODELS or data == "cifar100":
                             continue
@@ -178,7 +182,7 @@ def recipes() -> list[Recipe]:
                         where = table
                     out.append(Recipe(data, model, f"{bits}_{suffix}",
                                       f"{where}, {name} {bits.upper()}, {row}",
-                                      qat_recipe(data, bits, method, quantizer, options),
+                                      qat_recipe(data, bits, method, quant, options),
                                       published(data, bits, row, model)))
             if model != "resnet18" or data == "cifar100":
                 continue
@@ -186,12 +190,12 @@ def recipes() -> list[Recipe]:
             for suffix, (row, options) in ABLATION.items():
                 out.append(Recipe(data, model, f"w2a4_{suffix}",
                                   f"Table 2{grid}, {name} W2A4, LSQ {row}",
-                                  qat_recipe(data, "w2a4", "fpq", "lsq", options),
+                                  qat_recipe(data, "w2a4", "fpq", LSQ, options),
                                   TABLE2[row] if data == "cifar10" else None))
             for p in P_SWEEP:
                 out.append(Recipe(data, model, f"w2a4_fpq_p{p}",
                                   f"Table 3{grid}, {name} W2A4, FPQ p = {p}",
-                                  qat_recipe(data, "w2a4", "fpq", "lsq", {"p": p}),
+                                  qat_recipe(data, "w2a4", "fpq", LSQ, {"p": p}),
                                   TABLE3[p] if data == "cifar10" else None))
     return out
 
@@ -212,8 +216,16 @@ def readme_block(all_recipes: list[Recipe]) -> str:
              "(paper Sec. 4): SGD, batch 256, lr 0.01, cosine, weight decay 5e-4, momentum 0.9, "
              "200 epochs, 100 calibration images, first and last layer at 8 bits, asymmetric "
              "quantization, per-channel weights. The paper does not give its FP pre-training "
-             "recipe; `fp.yaml` applies the same protocol. LSQ+ is `quantizer: lsq+` and PACT is "
-             "`quantizer: pact`, both with method `lsq` (plain cross-entropy); KD uses our "
+             "recipe; `fp.yaml` applies the same protocol. LSQ+ is `quantizer: lsq+` with "
+             "`lsqplus_offset: continuous` (the paper's real-valued offset beta) and "
+             "`range_method: mse` (the paper's MSE initialization of s and beta, searched over "
+             "the ranges [k min, k max]; LSQ's weights then start from per-channel MSE ranges "
+             "too, where the LSQ+ paper initializes symmetric weights from mu +- 3 sigma), and "
+             "PACT is "
+             "`quantizer: pact` with `pact_weights: dorefa` (the PACT paper's DoReFa weights, "
+             "2 quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1, on the inner layers; the first "
+             "and last layer take 8-bit min-max weights), both with method `lsq` (plain "
+             "cross-entropy); KD uses our "
              "defaults T = 4, alpha = 0.9 (the paper gives none); LSQ+SAM uses rho = 0.05.", "",
              "Run a cell:", "", "```",
              "flatq pretrain --config configs/cifar10/resnet18/fp.yaml --out runs/cifar10/resnet18/fp",

@@ -8,8 +8,9 @@ from torch import nn
 from flatq import QuantConfig, calibrate, quantize_model
 from flatq.errors import ConfigError
 from flatq.models import build_model
-from flatq.quant import (LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer, PACTQuantizer,
-                         QuantConv2d, QuantLinear, describe, quant_layers, quantizers)
+from flatq.quant import (DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer,
+                         PACTQuantizer, QuantConv2d, QuantLinear, describe, quant_layers,
+                         quantizers)
 
 
 def float_layers(model: nn.Module) -> list[str]:
@@ -149,6 +150,30 @@ def test_quantizer_families(kind, weight_cls, input_cls):
         assert layer.weight_quantizer.per_channel
         assert layer.weight_quantizer.num_channels == layer.weight.shape[0]
         assert not layer.input_quantizer.per_channel
+
+
+def test_pact_dorefa_weights_on_inner_layers_minmax_on_the_edges():
+    config = QuantConfig(quantizer="pact", pact_weights="dorefa")
+    qmodel = quantize_model(build_model("resnet8"), config)
+    layers = quant_layers(qmodel)
+    edges = {layers[0][0], layers[-1][0]}
+    for name, layer in layers:
+        expected = MinMaxQuantizer if name in edges else DoReFaWeightQuantizer
+        assert type(layer.weight_quantizer) is expected, name
+        assert type(layer.input_quantizer) is PACTQuantizer
+    with pytest.raises(ConfigError, match="pact_weights"):
+        QuantConfig(pact_weights="tanh")
+
+
+def test_lsqplus_continuous_offset_reaches_the_inputs_and_export_refuses_it():
+    from flatq.export.affine import input_grid
+    qmodel = quantize_model(build_model("resnet8"),
+                            QuantConfig(quantizer="lsq+", lsqplus_offset="continuous"))
+    calibrate(qmodel, calibration_data())
+    layer = quant_layers(qmodel)[1][1]
+    assert all(layer.input_quantizer.continuous for _, layer in quant_layers(qmodel))
+    with pytest.raises(ConfigError, match="continuous offset"):
+        input_grid(layer)
 
 
 def test_symmetric_options_reach_the_quantizers():

@@ -54,6 +54,10 @@ def test_fpq_recipes_are_up_to_date_and_cover_every_table_cell(capsys):
                     assert (config.quant.bits, config.quant.quantizer, config.method.name,
                             config.data.name) == (bits, quantizer, method, data), path
                     assert config.data.root is None and config.quant.edge_bits == 8
+                    # PACT and LSQ+ as their papers: DoReFa weights; continuous offset, MSE init
+                    assert (config.quant.pact_weights == "dorefa") == (suffix == "pact"), path
+                    assert ((config.quant.lsqplus_offset, config.quant.range_method)
+                            == ("continuous", "mse")) == (suffix == "lsqplus"), path
                     expected_epochs = 20 if data == "fashion_mnist" else 200
                     assert (config.train.epochs, config.train.batch_size, config.train.lr,
                             config.train.weight_decay, config.train.momentum) == \

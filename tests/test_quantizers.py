@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from flatq.quant import (LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer, PACTQuantizer,
-                         fake_quantize, integer_range)
+from flatq.quant import (DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer,
+                         PACTQuantizer, fake_quantize, integer_range)
 from flatq.quant.quantizers import range_to_affine
 
 BITS = range(2, 9)
@@ -104,6 +104,69 @@ def test_lsq_plus_offset_learns_from_its_calibrated_bound():
     assert reference.grad.abs().item() > 0
     torch.testing.assert_close(q.offset.grad, -reference.grad / q.scale.detach(),
                                rtol=1e-5, atol=1e-7)
+
+
+def lsq_plus_reference(x, s, beta, qmin, qmax):
+    """LSQ+ as its paper writes it: x_hat = clamp(round((x - beta) / s), n, p) s + beta, and
+    its gradients: d/ds = round(u) - u inside, n or p outside; d/dbeta = 0 inside, 1 outside."""
+    u = (x - beta) / s
+    inside = (u >= qmin - 0.5) & (u <= qmax + 0.5)   # the rounded value lies on the grid
+    q = torch.clamp(torch.round(u), qmin, qmax)
+    d_s = torch.where(inside, torch.round(u) - u, q)
+    return q * s + beta, d_s, (~inside).float()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_lsq_plus_continuous_offset_is_the_papers_formula(bits):
+    """Swish-like inputs (a negative minimum): min-max init s = (max - min) / (2^b - 1),
+    beta = min; forward and gradients of s and beta (times LSQ's g) as the paper's."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(4000, generator=g) * 2
+    x = x * torch.sigmoid(x)
+    q = calibrated(LSQPlusQuantizer(bits, continuous=True), x)
+    qmax = 2 ** bits - 1
+    s, beta = (x.max() - x.min()) / qmax, x.min()
+    torch.testing.assert_close(q.scale.detach(), s.reshape(1))
+    torch.testing.assert_close(q.offset.detach(), beta.reshape(1))
+    with torch.no_grad():                     # move off the calibrated range: clip both ends
+        q.scale.mul_(0.7)
+        q.offset.add_(0.37 * q.scale)
+    upstream = torch.randn(x.shape, generator=g)
+    out = q(x)
+    (out * upstream).sum().backward()
+    ref, d_s, d_beta = lsq_plus_reference(x, q.scale.detach(), q.offset.detach(), 0, qmax)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    factor = q.grad_factor(x)
+    torch.testing.assert_close(q.scale.grad, ((d_s * upstream).sum() * factor).reshape(1),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(q.offset.grad, ((d_beta * upstream).sum() * factor).reshape(1),
+                               rtol=1e-4, atol=1e-6)
+    assert 0 < d_beta.mean() < 1
+
+
+def test_lsq_plus_mse_init_minimizes_the_papers_error_over_the_searched_ranges():
+    """range_method mse with the continuous offset: the MSE of the paper's x_hat at the chosen
+    (s, beta) is the least over the candidate ranges [k min, k max], and below min-max's."""
+    torch.manual_seed(0)
+    x = torch.distributions.StudentT(2.0).sample((20000,)).clamp_min(-0.5)
+    q = calibrated(LSQPlusQuantizer(3, continuous=True).set_range_method("mse"), x)
+
+    def mse(lo, hi):
+        s = (hi - lo) / 7
+        return (lsq_plus_reference(x, s, lo, 0, 7)[0] - x).pow(2).mean().item()
+    chosen = (lsq_plus_reference(x, q.scale.detach(), q.offset.detach(), 0, 7)[0] - x)
+    candidates = [mse(x.min() * k / 100, x.max() * k / 100) for k in range(1, 101)]
+    assert chosen.pow(2).mean().item() == pytest.approx(min(candidates), rel=1e-4)
+    assert chosen.pow(2).mean().item() < 0.9 * candidates[-1]
+
+
+def test_lsq_plus_offset_kind_travels_in_the_checkpoint():
+    x = torch.linspace(-1, 3, 100)
+    continuous = calibrated(LSQPlusQuantizer(4, continuous=True), x)
+    integer = LSQPlusQuantizer(4)
+    with pytest.raises(ValueError, match="continuous"):
+        integer.load_state_dict(continuous.state_dict())
+    LSQPlusQuantizer(4, continuous=True).load_state_dict(continuous.state_dict())
 
 
 # -- LSQ per channel vs torch._fake_quantize_learnable_per_channel_affine --------------------
@@ -203,6 +266,50 @@ def test_lsq_init_closed_form():
     assert signed.zero_point.item() == 0
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_lsq_init_on_asymmetric_grid_is_lsqs_signed_grid_for_symmetric_weights(bits):
+    """Weights symmetric around 0 on the asymmetric grid: LSQ's s = 2 mean|v| / sqrt(Qp),
+    Qp = 2^(b-1) - 1, and the same quantized weights as LSQ's signed grid (torch's op)."""
+    g = torch.Generator().manual_seed(bits)
+    half = torch.randn(6, 50, generator=g)
+    w = torch.cat([half, -half], dim=1)                      # exactly symmetric per channel
+    q = calibrated(LSQQuantizer(bits, per_channel=True, num_channels=6, init="lsq"), w)
+    qp, qn = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    s = 2 * w.abs().mean(dim=1) / math.sqrt(qp)
+    torch.testing.assert_close(q.scale.detach(), s)
+    reference = torch._fake_quantize_learnable_per_channel_affine(
+        w, s, torch.zeros(6), 0, qn, qp, 1.0)
+    torch.testing.assert_close(q(w), reference)
+    positive = w > 0
+    assert (q(w)[positive] > 0).float().mean() > 0.3         # was ~10% at 2 bits
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_lsq_init_on_asymmetric_grid_follows_skewed_data(bits):
+    """Non-negative data: LSQ's unsigned grid (z = 0, Qp = 2^b - 1). Data on [-1, 3]: the grid
+    keeps levels on both sides of 0, split about as the data's range is."""
+    g = torch.Generator().manual_seed(bits)
+    relu = torch.rand(400, generator=g) * 3
+    q = calibrated(LSQQuantizer(bits, init="lsq"), relu)
+    assert q.zero_point.item() == 0
+    assert q.scale.item() == pytest.approx(2 * relu.mean().item() / math.sqrt(2 ** bits - 1),
+                                           rel=1e-6)
+    skewed = torch.rand(400, generator=g) * 4 - 1
+    q = calibrated(LSQQuantizer(bits, init="lsq"), skewed)
+    z, qmax = q.zero_point.item(), 2 ** bits - 1
+    assert 0 < z < qmax
+    assert abs(z / qmax - 0.25) <= 0.5 / qmax + 1e-9          # 1/4 of the range lies below 0
+    assert q.scale.item() == pytest.approx(
+        2 * skewed.abs().mean().item() / math.sqrt(qmax - z), rel=1e-6)
+
+
+def test_lsq_init_on_nonpositive_data_counts_the_levels_below_zero():
+    x = -torch.linspace(0, 2, 100)
+    q = calibrated(LSQQuantizer(4, init="lsq"), x)
+    assert q.zero_point.item() == 15
+    assert q.scale.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(15), rel=1e-6)
+
+
 def test_calibration_accumulates_over_batches():
     q = calibrated(LSQQuantizer(4), torch.tensor([0.0, 1.0]), torch.tensor([-2.0, 0.5]))
     assert q.scale.item() == pytest.approx(3.0 / 15)
@@ -276,6 +383,34 @@ def test_pact_negative_inputs_switch_to_signed():
 def test_pact_refuses_per_channel():
     with pytest.raises(ValueError, match="per tensor"):
         PACTQuantizer(4, per_channel=True, num_channels=3)
+
+
+# -- DoReFa weights (PACT's) ------------------------------------------------------------------
+
+def dorefa_reference(w: torch.Tensor, k: int) -> torch.Tensor:
+    """DoReFa-Net's weight quantizer as the paper writes it."""
+    def quantize_k(u):
+        n = 2 ** k - 1
+        return torch.round(n * u) / n
+    t = torch.tanh(w)
+    return 2 * quantize_k(t / (2 * t.abs().max()) + 0.5) - 1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dorefa_weights_match_the_paper_and_pass_gradient_straight_through(bits):
+    g = torch.Generator().manual_seed(bits)
+    w = (torch.randn(8, 4, 3, 3, generator=g) * 0.2).requires_grad_()
+    q = calibrated(DoReFaWeightQuantizer(bits), w.detach())
+    out = q(w)
+    torch.testing.assert_close(out, dorefa_reference(w.detach(), bits), rtol=0, atol=1e-6)
+    assert len(out.unique()) <= 2 ** bits and out.abs().max().item() == pytest.approx(1.0)
+    upstream = torch.randn(w.shape, generator=g)
+    (grad,) = torch.autograd.grad(out, w, upstream)
+    # Straight through the rounding: the gradient of the unrounded map tanh(w) / max|tanh(w)|.
+    w_ref = w.detach().clone().requires_grad_()
+    t = torch.tanh(w_ref)
+    (expected,) = torch.autograd.grad(t / t.abs().max(), w_ref, upstream)
+    torch.testing.assert_close(grad, expected)
 
 
 # -- MinMax -----------------------------------------------------------------------------------

@@ -218,11 +218,23 @@ class QuantConfig(Section):
     quantizer: str = option("lsq", "lsq (learned step), lsq+ (learned step and offset), "
                             "pact (learned clipping; min-max weights), minmax (fixed ranges)",
                             choices=("lsq", "lsq+", "pact", "minmax"))
+    lsqplus_offset: str = option("integer", "LSQ+'s learned offset beta in the forward pass: "
+                                 "integer (as the zero point round(-beta / s), exportable) or "
+                                 "continuous (beta itself, as the LSQ+ paper; with its min-max "
+                                 "init beta = min, not widened to contain 0)",
+                                 choices=("integer", "continuous"))
+    pact_weights: str = option("minmax", "weight quantizer of --quantizer pact: minmax (per "
+                               "channel, the current weights' range every step) or dorefa (the "
+                               "PACT paper's: DoReFa's 2 quantize_k(tanh(w) / (2 max|tanh(w)|) + "
+                               "1/2) - 1 on the inner layers; the first and last layer keep "
+                               "minmax: the classifier has no BatchNorm to absorb DoReFa's "
+                               "[-1, 1] weight scale)", choices=("minmax", "dorefa"))
     symmetric_weights: bool = option(False, "signed weights with zero point 0 (default: the "
                                      "paper's asymmetric form with a calibrated zero point)")
     symmetric_inputs: bool = option(False, "signed inputs with zero point 0")
     init: str = option("minmax", "initial step size: minmax (paper Eq. 5) or lsq "
-                       "(2 mean|x| / sqrt(Qp))", choices=("minmax", "lsq"))
+                       "(2 mean|x| / sqrt(Qp), Qp the grid's levels above the zero point, which "
+                       "splits the grid as the data's range)", choices=("minmax", "lsq"))
     edge_bits: int | None = option(8, "bit width of the first and last layer (none: same as "
                                    "the others)", low=2, high=8)
     edge_weights: str = option("learned", "weight quantizer of the first and last layer: "

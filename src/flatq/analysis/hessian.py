@@ -38,10 +38,16 @@ class Estimate:
 
 @dataclass
 class Eigen:
-    """One eigenvalue from power iteration; `converged` says the tolerance was met."""
+    """One eigenvalue from power iteration and its error bound.
+
+    `residual` is ||H v - value v|| for the unit vector v the value belongs to: H (deflated by
+    the eigenvectors found before) has an eigenvalue within `residual` of `value`.
+    `converged` says residual <= tol * |value| was met within the iterations allowed.
+    """
     value: float
     iterations: int
     converged: bool
+    residual: float
 
 
 def stratified(values: np.ndarray, weights: np.ndarray) -> Estimate:
@@ -171,8 +177,11 @@ class Hessian:
         """The `k` eigenvalues of largest magnitude, by power iteration with deflation.
 
         Each search starts from a random vector and keeps it orthogonal to the eigenvectors
-        already found; it stops when the Rayleigh quotient changes by less than `tol`
-        relative to its size, or after `iters` products.
+        already found; it stops when the residual ||H v - lambda v|| of the Rayleigh quotient
+        lambda = v^T H v is at most `tol` * |lambda|, or after `iters` products. For a
+        symmetric H the residual bounds the distance from lambda to an eigenvalue, so the
+        tolerance holds however close the next eigenvalue is (a stop on the change of lambda
+        between iterations does not: with the top two 2% apart it stopped 2% off at 1e-3).
         """
         if not 1 <= k <= self.size:
             raise ConfigError(f"top-k eigenvalues: k must be in 1..{self.size}, got {k}")
@@ -186,26 +195,30 @@ class Hessian:
         for _ in range(k):
             v = _unit(_deflate(torch.randn(self.size, generator=generator, device=self.device,
                                            dtype=self.dtype), found))
-            value, done, it = math.nan, False, 0
-            for it in range(1, iters + 1):
-                hv = _deflate(self.matvec(v), found)
-                new = float(torch.dot(v, hv))
-                bar.update()
-                norm = float(hv.norm())
-                if norm == 0.0:  # v lies in the null space: eigenvalue 0
-                    value, done = 0.0, True
-                    break
-                v = hv / norm
-                done = abs(new - value) <= tol * abs(new)
-                value = new
-                if done:
-                    break
-            bar.update(iters - it)
+            eigen = self._power_iteration(v, found, iters, tol, bar)
+            bar.update(iters - eigen.iterations)
             found.append(v)
-            result.append(Eigen(value, it, done))
+            result.append(eigen)
         bar.close()
         self.release()
         return result
+
+    def _power_iteration(self, v: Tensor, found: list[Tensor], iters: int, tol: float,
+                         bar: tqdm) -> Eigen:
+        """Iterate the unit vector `v` in place towards the top eigenvector of H deflated by
+        `found`; the result's value and residual belong to `v` as it is left."""
+        eigen = Eigen(math.nan, 0, False, math.inf)
+        for it in range(1, iters + 1):
+            hv = _deflate(self.matvec(v), found)
+            value = float(torch.dot(v, hv))
+            residual = float((hv - value * v).norm())
+            eigen = Eigen(value, it, residual <= tol * abs(value) or residual == 0.0, residual)
+            bar.update()
+            norm = float(hv.norm())
+            if eigen.converged or norm == 0.0 or it == iters:
+                break
+            v.copy_(hv / norm)
+        return eigen
 
 
 def _deflate(v: Tensor, basis: list[Tensor]) -> Tensor:
@@ -272,7 +285,7 @@ def hessian_report(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
         "samples": samples, "seed": seed,
         "trace": {"value": total.value, "stderr": total.stderr},
         "eigenvalues": [{"value": e.value, "iterations": e.iterations,
-                         "converged": e.converged} for e in eigen],
+                         "converged": e.converged, "residual": e.residual} for e in eigen],
         "eigen_tol": tol, "eigen_iters": iters,
         "layers": [{"name": group, "numel": sum(sizes[n] for n in members),
                     "trace": layers[group].value, "stderr": layers[group].stderr}

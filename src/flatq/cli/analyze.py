@@ -61,8 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "find (0: none) [default: 3]")
     h.add_argument("--iters", type=int, default=100, help="most power iterations per "
                    "eigenvalue [default: 100]")
-    h.add_argument("--tol", type=float, default=1e-3, help="relative change of the eigenvalue "
-                   "that stops power iteration [default: 1e-3]")
+    h.add_argument("--tol", type=float, default=1e-3, help="power iteration stops when the "
+                   "residual ||Hv - lambda v|| is at most tol * |lambda| [default: 1e-3]")
     h.add_argument("--params", choices=PARAM_SETS, default="weights", help="differentiate "
                    "w.r.t. the conv/linear weights or all trainable parameters [default: weights]")
     h.set_defaults(func=run_hessian)
@@ -124,7 +124,7 @@ def run_hessian(args: argparse.Namespace) -> None:
         report = hessian_report(run.model, batches, args.params, args.samples, args.top_k,
                                 args.iters, args.tol, args.seed, show_progress(True))
         entries.append({**_entry(run, path), **report})
-        eig = ", ".join(f"{e['value']:.4g}{'' if e['converged'] else '?'}"
+        eig = ", ".join(f"{e['value']:.4g}{'' if e['converged'] else '?'} ± {e['residual']:.2g}"
                         for e in report["eigenvalues"])
         print(f"{run.label}: Tr(H) = {report['trace']['value']:.5g} ± "
               f"{report['trace']['stderr']:.2g}  top eigenvalues [{eig}]  "

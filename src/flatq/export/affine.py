@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..quant import PACTQuantizer, Quantizer, grid_integers
+from ..quant import LSQPlusQuantizer, PACTQuantizer, Quantizer, grid_integers
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,9 @@ def input_grid(layer: nn.Module) -> InputGrid:
     quantizer: Quantizer = layer.input_quantizer
     if quantizer.per_channel:
         raise ConfigError("only per-tensor input quantizers can be exported")
+    if isinstance(quantizer, LSQPlusQuantizer) and quantizer.continuous:
+        raise ConfigError("an LSQ+ input quantizer with a continuous offset has no integer zero "
+                          "point to export; train with quant.lsqplus_offset integer")
     scale, zero_point = quantizer.scale_and_zero_point()
     lo, hi = quantizer.qmin, quantizer.qmax
     if isinstance(quantizer, PACTQuantizer) and quantizer.signed:

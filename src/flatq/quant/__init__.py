@@ -4,12 +4,12 @@ from .convert import calibrate, describe, layer_plan, quantize_model, quantizers
 from .functional import fake_quantize, grid_integers, integer_range
 from .layers import QuantConv2d, QuantLinear, is_quant_layer, quant_layers
 from .ptq import post_training_quantize
-from .quantizers import (QUANTIZERS, LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer,
-                         PACTQuantizer, Quantizer)
+from .quantizers import (QUANTIZERS, DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer,
+                         MinMaxQuantizer, PACTQuantizer, Quantizer)
 
 __all__ = [
     "calibrate", "describe", "layer_plan", "quantize_model", "quantizers", "fake_quantize",
     "grid_integers", "integer_range", "QuantConv2d", "QuantLinear", "is_quant_layer", "quant_layers",
-    "QUANTIZERS", "LSQPlusQuantizer", "LSQQuantizer", "MinMaxQuantizer", "PACTQuantizer",
-    "Quantizer", "post_training_quantize",
+    "QUANTIZERS", "DoReFaWeightQuantizer", "LSQPlusQuantizer", "LSQQuantizer", "MinMaxQuantizer",
+    "PACTQuantizer", "Quantizer", "post_training_quantize",
 ]

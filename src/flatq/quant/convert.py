@@ -16,17 +16,21 @@ from torch import Tensor, nn
 from ..config import QuantConfig
 from ..errors import ConfigError
 from .layers import QUANT_LAYERS, quant_layers
-from .quantizers import (LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer, PACTQuantizer,
-                         Quantizer)
+from .quantizers import (DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer,
+                         MinMaxQuantizer, PACTQuantizer, Quantizer)
 
 
 def _make_quantizers(config: QuantConfig, layer: nn.Module, w_bits: int, a_bits: int,
                      is_edge: bool = False) -> tuple[Quantizer, Quantizer]:
     """(weight quantizer, input quantizer) of one layer for the configured quantizer family.
 
-    lsq: LSQ for both. lsq+: LSQ weights, LSQ+ inputs (learned offset, as in the LSQ+ paper).
-    pact: min-max weights recomputed every step, PACT inputs. minmax: fixed min-max for both
-    (weights recomputed every step too, unless range_method is mse: then calibrated once).
+    lsq: LSQ for both. lsq+: LSQ weights, LSQ+ inputs (learned offset, as in the LSQ+ paper;
+    snapped to an integer zero point unless lsqplus_offset is continuous).
+    pact: PACT inputs; weights min-max recomputed every step, or with pact_weights dorefa
+    DoReFa's tanh quantizer (the PACT paper's) on all but the first and last layer (the
+    classifier has no BatchNorm to absorb DoReFa's [-1, 1] weight scale, so those keep
+    min-max). minmax: fixed min-max for both (weights recomputed every step too, unless
+    range_method is mse: then calibrated once).
     config.range_method sets the inputs' calibration; weights use min-max, or MSE per channel
     when it is mse (percentiles would cut real weights, not noise). With edge_weights
     minmax the first and last layer's weights take min-max ranges recomputed every step: a
@@ -42,9 +46,14 @@ def _make_quantizers(config: QuantConfig, layer: nn.Module, w_bits: int, a_bits:
     if kind == "lsq":
         pair = LSQQuantizer(w_bits, **w_kw), LSQQuantizer(a_bits, **a_kw)
     elif kind == "lsq+":
-        pair = LSQQuantizer(w_bits, **w_kw), LSQPlusQuantizer(a_bits, **a_kw)
+        continuous = config.lsqplus_offset == "continuous"
+        pair = LSQQuantizer(w_bits, **w_kw), LSQPlusQuantizer(a_bits, continuous=continuous,
+                                                              **a_kw)
     elif kind == "pact":
-        pair = MinMaxQuantizer(w_bits, dynamic=True, **w_kw), PACTQuantizer(a_bits, **a_kw)
+        weight: Quantizer = (DoReFaWeightQuantizer(w_bits)
+                             if config.pact_weights == "dorefa" and not is_edge
+                             else MinMaxQuantizer(w_bits, dynamic=True, **w_kw))
+        pair = weight, PACTQuantizer(a_bits, **a_kw)
     else:
         pair = (MinMaxQuantizer(w_bits, dynamic=w_range == "minmax", **w_kw),
                 MinMaxQuantizer(a_bits, **a_kw))

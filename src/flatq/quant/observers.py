@@ -122,8 +122,9 @@ class MSEObserver(SampleObserver):
     Candidates shrink the min-max range [min, max] by factors k / grid, k = 1..grid (100 by
     default; k = grid is min-max itself), and each candidate is scored by the mean squared
     error of fake-quantizing the sample on the quantizer's own grid: `affine(lo, hi)` gives the
-    quantizer's (scale, zero point) for a range and [qmin, qmax] its integer grid. Ties keep the
-    wider range.
+    quantizer's (scale, zero point) for a range and [qmin, qmax] its integer grid. The zero
+    point may be fractional (LSQ+'s continuous offset beta = -z s), so the search is LSQ+'s
+    argmin over (s, beta) restricted to the ranges [k min, k max]. Ties keep the wider range.
     """
 
     def __init__(self, per_channel: bool, affine: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
@@ -133,10 +134,10 @@ class MSEObserver(SampleObserver):
 
     def quantization_mse(self, lo: Tensor, hi: Tensor) -> Tensor:
         """Mean squared quantization error of the sample for the range [lo, hi] (per row)."""
-        scale, zero_point = self.affine(lo, hi)
-        fq = torch.fake_quantize_per_channel_affine(
-            self.samples, scale.float(), zero_point.round().int(), 0, self.qmin, self.qmax)
-        return (fq - self.samples).pow(2).mean(dim=1)
+        scale, zero_point = (t.float().reshape(-1, 1) for t in self.affine(lo, hi))
+        integers = torch.clamp(torch.round(self.samples / scale + zero_point), self.qmin,
+                               self.qmax)
+        return ((integers - zero_point) * scale - self.samples).pow(2).mean(dim=1)
 
     def range(self) -> tuple[Tensor, Tensor]:
         lo_max, hi_max = super().range()

@@ -39,6 +39,35 @@ def range_to_affine(lo: Tensor, hi: Tensor, qmin: int, qmax: int,
     return scale, zero_point
 
 
+def lsq_affine(lo: Tensor, hi: Tensor, mean_abs: Tensor, qmin: int, qmax: int,
+               signed: bool) -> tuple[Tensor, Tensor]:
+    """LSQ's initial step s = 2 mean|x| / sqrt(Qp) (Esser et al. 2019), with a zero point.
+
+    LSQ defines Qp as the grid's positive levels: 2^(b-1) - 1 for signed data, 2^b - 1 for
+    unsigned. On an asymmetric grid the zero point z splits the 2^b - 1 levels between the
+    negative and the positive side in the proportion of the data's range [lo, hi]
+    (z = round(qmax * -lo / (hi - lo))), and Qp = qmax - z are the levels left above zero. So
+    symmetric data gets exactly LSQ's signed grid shifted by z, non-negative data LSQ's unsigned
+    grid; data that is all <= 0 counts the levels below zero instead. Placing z from s instead
+    (z = round(-lo / s)) put it on qmax at 2 bits and rounded most positive weights to 0.
+    """
+    if signed:
+        zero_point = torch.zeros_like(mean_abs)
+    else:
+        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+        share = -lo / (hi - lo).clamp_min(EPS)
+        zero_point = torch.clamp(torch.round(qmax * share), qmin, qmax)
+    levels = qmax - zero_point
+    levels = torch.where(levels > 0, levels, zero_point - qmin)
+    return (2 * mean_abs / torch.sqrt(levels)).clamp_min(EPS), zero_point
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """`x` in the forward pass, its gradient times `factor` in the backward (LSQ's gradient
+    scale, for parameters that do not pass through `fake_quantize`'s own scaling)."""
+    return x.detach() + (x - x.detach()) * factor
+
+
 def positive_ste(x: Tensor) -> Tensor:
     """`x` clamped to >= EPS in the forward pass with the identity gradient, so that a step
     size pushed to or below zero by one large update still gets a gradient and can recover
@@ -106,8 +135,11 @@ class Quantizer(nn.Module, ABC):
     def start_observing(self) -> None:
         self.observer = make_observer(
             self.range_method, self.per_channel, percentile=self.percentile, qmin=self.qmin,
-            qmax=self.qmax,
-            affine=lambda lo, hi: range_to_affine(lo, hi, self.qmin, self.qmax, self.signed))
+            qmax=self.qmax, affine=self.range_affine)
+
+    def range_affine(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """(scale, zero point) that this quantizer's grid gives the range [lo, hi]."""
+        return range_to_affine(lo, hi, self.qmin, self.qmax, self.signed)
 
     def finish_observing(self) -> None:
         if self.observer is None or not self.observer.seen:
@@ -124,13 +156,9 @@ class Quantizer(nn.Module, ABC):
     def initial_affine(self, observer: MinMaxObserver) -> tuple[Tensor, Tensor]:
         """Initial (scale, zero point) from observed data by the configured init method."""
         lo, hi = observer.range()
-        scale, zero_point = range_to_affine(lo, hi, self.qmin, self.qmax, self.signed)
         if self.init == "lsq":
-            scale = (2 * observer.mean_abs() / math.sqrt(max(self.qmax, 1))).clamp_min(EPS)
-            if not self.signed:
-                zero_point = torch.clamp(torch.round(-torch.clamp(lo, max=0) / scale),
-                                         self.qmin, self.qmax)
-        return scale, zero_point
+            return lsq_affine(lo, hi, observer.mean_abs(), self.qmin, self.qmax, self.signed)
+        return self.range_affine(lo, hi)
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -202,17 +230,27 @@ class LSQPlusQuantizer(LSQQuantizer):
     """LSQ+ (Bhalgat et al. 2020): the offset beta is learned too.
 
     beta is a parameter in real units, as in the paper (x_hat = s * clip(round((x - beta) / s))
-    + beta), and enters the grid as the integer zero point round(-beta / s) (straight through
-    the rounding and the clamp), so exports keep integer zero points. A learned integer zero
-    point z = -beta / s would move beta s^2 times slower than the paper's updates: on ReLU
-    inputs it never left 0 in a 200-step fine-tune.
+    + beta). By default (`continuous=False`) it enters the grid as the integer zero point
+    round(-beta / s) (straight through the rounding and the clamp), so exports keep integer
+    zero points; `continuous=True` uses beta itself, as the paper does, with the paper's
+    min-max init s = (max - min) / (qmax - qmin), beta = min - qmin s (no widening to contain
+    0), d x_hat / d beta = 1 outside the range and 0 inside, and LSQ's gradient scale g on
+    beta as on s. A learned integer zero point z = -beta / s would move beta s^2 times slower
+    than the paper's updates: on ReLU inputs it never left 0 in a 200-step fine-tune.
     """
 
     def __init__(self, bits: int, signed: bool = False, per_channel: bool = False,
-                 num_channels: int = 1, init: str = "minmax") -> None:
+                 num_channels: int = 1, init: str = "minmax", continuous: bool = False) -> None:
         super().__init__(bits, signed, per_channel, num_channels, init)
         del self.zero_point
         self.offset = nn.Parameter(torch.zeros(self.num_channels))
+        self.continuous = continuous
+
+    def range_affine(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.continuous:
+            return super().range_affine(lo, hi)
+        scale = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(EPS)
+        return scale, self.qmin - lo / scale       # beta = -z s = lo - qmin s
 
     def init_from_observer(self, observer: MinMaxObserver) -> None:
         scale, zero_point = self.initial_affine(observer)
@@ -224,6 +262,26 @@ class LSQPlusQuantizer(LSQQuantizer):
         # qmin: straight through both rounding and clamp, or beta could never move.
         zero = -self.offset / self.scale.detach().clamp_min(EPS)
         return zero + (torch.clamp(torch.round(zero), self.qmin, self.qmax) - zero).detach()
+
+    def quantize(self, x: Tensor) -> Tensor:
+        if not self.continuous:
+            return super().quantize(x)
+        shape, factor = self._shape(x), self.grad_factor(x)
+        beta = scale_grad(self.offset, factor).view(shape)
+        scale = positive_ste(self.scale).view(shape)
+        return fake_quantize(x - beta, scale, beta.new_zeros(shape), self.qmin, self.qmax,
+                             factor) + beta
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "continuous": self.continuous}
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        if state.get("continuous", False) != self.continuous:
+            kind = {True: "a continuous", False: "an integer"}
+            raise ValueError(f"checkpoint holds LSQ+ with {kind[state.get('continuous', False)]} "
+                             f"offset, this model has {kind[self.continuous]} one "
+                             "(quant.lsqplus_offset)")
 
 
 class PACTQuantizer(Quantizer):
@@ -257,6 +315,38 @@ class PACTQuantizer(Quantizer):
     def scale_and_zero_point(self) -> tuple[Tensor, Tensor]:
         return (self.alpha.detach().clamp_min(EPS) / self.qmax), torch.zeros(1,
                                                                              device=self.alpha.device)
+
+
+class DoReFaWeightQuantizer(Quantizer):
+    """DoReFa-Net's weight quantizer (Zhou et al. 2016), which the PACT paper uses for weights:
+
+        w_q = 2 quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1,
+        quantize_k(u) = round((2^k - 1) u) / (2^k - 1),
+
+    straight through the rounding, with the gradient of tanh and of the max. Weights land in
+    [-1, 1] whatever their scale (the BatchNorm after the layer absorbs it), one range per
+    tensor. Nothing to calibrate or learn; the grid is 2^k levels symmetric around 0, with a
+    half-integer zero point, so the integers cannot be exported as an affine grid.
+    """
+
+    learnable = False
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits, signed=False, per_channel=False)
+
+    def init_from_observer(self, observer: MinMaxObserver) -> None:
+        """No range to set: DoReFa normalizes by the weights' own max|tanh(w)| every call."""
+
+    def quantize(self, x: Tensor) -> Tensor:
+        t = torch.tanh(x)
+        u = t / (2 * t.abs().max().clamp_min(EPS)) + 0.5
+        levels = self.qmax
+        u = u + (torch.round(u * levels) / levels - u).detach()
+        return 2 * u - 1
+
+    def scale_and_zero_point(self) -> tuple[Tensor, Tensor]:
+        return (torch.tensor([2.0 / self.qmax], device=self.initialized.device),
+                torch.tensor([self.qmax / 2], device=self.initialized.device))
 
 
 class MinMaxQuantizer(Quantizer):
