@@ -25,7 +25,7 @@ data:
 	else echo "Fashion-MNIST not found: install dataset-fashion-mnist or set FLATQ_DATA" >&2; exit 1; fi
 
 demo: setup data
-	$(VENV)/bin/flatq demo
+	$(VENV)/bin/flatq demo --overwrite
 
 test: setup
 	$(PY) -m pytest -q tests

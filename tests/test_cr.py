@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from data_files import write_fashion_mnist
 from flatq.cli import main
 from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, load_yaml
 from flatq.data import BatchPipeline, ImageTensorDataset, load_fashion_mnist, make_synthetic
@@ -223,11 +224,11 @@ def test_prepare_gives_two_independent_views_and_unlabeled_views():
     assert set(extra) == {"teacher_images"}
 
 
-def test_unlabeled_folder_loads_another_copy_of_the_data_set():
-    full = load_fashion_mnist()[0]
+def test_unlabeled_folder_loads_another_copy_of_the_data_set(tmp_path):
+    write_fashion_mnist(tmp_path, 64, 8)
+    full = load_fashion_mnist(tmp_path)[0]
     small = ImageTensorDataset(full.images[:32], full.labels[:32], 10, "fashion_mnist")
-    objective = CR(tiny_student(), config=CRConfig(
-        unlabeled="/usr/share/datasets/fashion-mnist"))
+    objective = CR(tiny_student(), config=CRConfig(unlabeled=str(tmp_path)))
     assert objective.training_set(small) is small
     assert objective.unlabeled_images.shape == full.images.shape
     with pytest.raises(DataError, match="labeled training set itself"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from data_files import idx_bytes, write_fashion_mnist, write_idx
 from flatq.data import (BatchPipeline, ImageTensorDataset, available_datasets, calibration_batches,
                         collate_batch, load_cifar, load_dataset, load_digits, load_fashion_mnist,
                         make_synthetic, pipeline_for)
@@ -154,28 +155,9 @@ def test_cifar_without_root_asks_for_one(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # idx files / Fashion-MNIST
 
-def _idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
-    return header + array.astype(np.uint8).tobytes()
-
-
-def _write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
-    data = _idx_bytes(array)
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        data = gzip.compress(data)
-    path.write_bytes(data)
-
-
 @pytest.mark.parametrize("gz", [False, True])
 def test_fashion_mnist_from_small_idx_files(tmp_path, gz):
-    rng = np.random.default_rng(0)
-    train_x, train_y = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 10, 5)
-    test_x, test_y = rng.integers(0, 256, (3, 28, 28)), rng.integers(0, 10, 3)
-    _write_idx(tmp_path / "train-images-idx3-ubyte", train_x, gz)
-    _write_idx(tmp_path / "train-labels-idx1-ubyte", train_y, gz)
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte", test_x, gz)
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", test_y, gz)
+    train_x, train_y, test_x, test_y = write_fashion_mnist(tmp_path, 5, 3, gz)
     train, test = load_fashion_mnist(tmp_path)
     assert train.images.shape == (5, 1, 28, 28) and test.images.shape == (3, 1, 28, 28)
     np.testing.assert_array_equal(train.images[:, 0].numpy(), train_x)
@@ -184,10 +166,10 @@ def test_fashion_mnist_from_small_idx_files(tmp_path, gz):
 
 
 def test_fashion_mnist_root_from_env(tmp_path, monkeypatch):
-    _write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 4, 4)), False)
-    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(2), False)
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((1, 4, 4)), True)
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(1), True)
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 4, 4)), False)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(2), False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((1, 4, 4)), True)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(1), True)
     monkeypatch.setenv("FLATQ_DATA", str(tmp_path))
     train, test = load_dataset("Fashion-MNIST")
     assert len(train) == 2 and len(test) == 1
@@ -199,11 +181,11 @@ def test_idx_bad_magic_and_truncation(tmp_path):
     with pytest.raises(DataError, match="bad"):
         read_idx(bad)
     short = tmp_path / "short"
-    short.write_bytes(_idx_bytes(np.zeros((4, 3, 3)))[:-5])
+    short.write_bytes(idx_bytes(np.zeros((4, 3, 3)))[:-5])
     with pytest.raises(DataError, match="short"):
         read_idx(short)
     broken_gz = tmp_path / "broken.gz"
-    broken_gz.write_bytes(gzip.compress(_idx_bytes(np.zeros((4, 3, 3))))[:-12])
+    broken_gz.write_bytes(gzip.compress(idx_bytes(np.zeros((4, 3, 3))))[:-12])
     with pytest.raises(DataError, match="broken.gz"):
         read_idx(broken_gz)
 

@@ -204,6 +204,8 @@ class TrainConfig(Section):
     checkpoint_every_steps: int | None = option(None, "also checkpoint every N steps (besides "
                                                 "every epoch)", low=1)
     progress: bool = option(True, "show progress bars (only on a terminal)")
+    sync_bn: bool = option(False, "under torchrun, normalize with the statistics of the global "
+                           "batch (SyncBatchNorm; CUDA only) instead of each rank's own")
 
     def validate(self) -> None:
         super().validate()

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..export import OnnxModel, compare
+from ..train.checkpoint import state_fingerprint
 from ..train.loop import evaluate, resolve_device
 from ..train.runs import load_model
 from .export import describe_agreement, run_data
@@ -34,7 +35,9 @@ def run_eval(args: argparse.Namespace) -> None:
               f"w{state['meta']['quant']['w_bits']}a{state['meta']['quant']['a_bits']}", **result}
     agreement = None
     if args.onnx:
-        agreement = compare(OnnxModel(args.onnx), model, data.test, data.eval_pipeline)
+        exported = OnnxModel(args.onnx)
+        exported.check_exported_from(state_fingerprint(state["model"]), args.run)
+        agreement = compare(exported, model, data.test, data.eval_pipeline)
         result["onnx"] = {"path": args.onnx, "acc": agreement.onnx_acc,
                           "differing": agreement.differing,
                           "max_abs_diff": agreement.max_abs_diff}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig
 from ..errors import ConfigError
-from ..export import (STORAGE_CHOICES, Agreement, OnnxModel, compare, export_integer,
-                      export_onnx)
+from ..export import (STORAGE_CHOICES, WEIGHTS_KEY, Agreement, OnnxModel, compare,
+                      export_integer, export_onnx)
+from ..train.checkpoint import state_fingerprint
 from ..train.runs import DataBundle, load_model, prepare_data
 
 
@@ -51,7 +53,14 @@ def describe_agreement(agreement: Agreement) -> str:
             f"{agreement.max_abs_diff:.3g} (logits up to {agreement.max_abs_logit:.3g})")
 
 
+SUFFIXES = {"onnx": ".onnx", "int": ".npz"}
+
+
 def run_export(args: argparse.Namespace) -> None:
+    suffix = SUFFIXES[args.format]
+    if Path(args.output).suffix.lower() != suffix:
+        raise ConfigError(f"-o {args.output}: --format {args.format} writes a {suffix} file; "
+                          f"name the output *{suffix}")
     model, state = load_model(args.run)
     meta = state["meta"]
     if meta.get("quant") is None:
@@ -68,7 +77,8 @@ def run_export(args: argparse.Namespace) -> None:
         raise ConfigError(f"--check-images must be >= 0, got {args.check_images}")
     _, data = run_data(state, args.data_root)
     example = data.eval_pipeline(data.test.images[:1], train=False)
-    written = export_onnx(model, args.output, example, storage=args.storage)
+    written = export_onnx(model, args.output, example, storage=args.storage,
+                          metadata={WEIGHTS_KEY: state_fingerprint(state["model"])})
     print(f"wrote {written.path}: opset {written.opset}, {len(written.layers)} quantized layers; "
           f"storage: {written.storage_summary()}")
     if args.check_images:

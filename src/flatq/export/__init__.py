@@ -5,11 +5,11 @@ from .affine import InputGrid, IntegerWeight, input_grid, integer_weight
 from .integer import (IntegerExport, IntegerModel, export_integer, load_integer, pack_bits,
                       unpack_bits)
 from .onnx import STORAGE_CHOICES, OnnxExport, export_onnx, runtime_narrow_bits
-from .runtime import Agreement, OnnxModel, compare
+from .runtime import WEIGHTS_KEY, Agreement, OnnxModel, compare
 
 __all__ = [
     "InputGrid", "IntegerWeight", "input_grid", "integer_weight", "IntegerExport",
     "IntegerModel", "export_integer", "load_integer", "pack_bits", "unpack_bits",
     "STORAGE_CHOICES", "OnnxExport", "export_onnx", "runtime_narrow_bits", "Agreement",
-    "OnnxModel", "compare",
+    "OnnxModel", "compare", "WEIGHTS_KEY",
 ]

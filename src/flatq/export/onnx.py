@@ -222,12 +222,13 @@ def _retype(model: onnx.ModelProto, narrow: dict[str, tuple[int, bool]]) -> None
 
 
 def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
-                storage: str = "auto") -> OnnxExport:
+                storage: str = "auto", metadata: dict[str, str] | None = None) -> OnnxExport:
     """Write `model` (quantized, calibrated) as ONNX with QDQ nodes and integer weights.
 
     `storage`: "narrow" stores 2/4-bit weights and activations in INT2/UINT2/INT4/UINT4
     (opset 25/21), "int8" in int8/uint8 (opset 20), "auto" picks narrow types per width where
     the installed onnxruntime runs them. The batch dimension of the input is dynamic.
+    `metadata` goes into the file's metadata_props (flatq records the run's weights there).
     """
     layers = quant_layers(model)
     if not layers:
@@ -258,6 +259,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
     if opset != EXPORTER_OPSET:
         proto = version_converter.convert_version(proto, opset)
         _retype(proto, narrow)
+    helper.set_model_props(proto, dict(metadata or {}))
     onnx.checker.check_model(proto, full_check=True)
     path = Path(path)
     try:

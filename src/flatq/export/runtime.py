@@ -14,6 +14,11 @@ from ..data import BatchPipeline, ImageTensorDataset, collate_batch
 from ..errors import CheckpointError, ConfigError
 
 
+# metadata_props key of the fingerprint (flatq.train.checkpoint.state_fingerprint) of the
+# weights an export was made from, so that a file is checked against the run it claims to be.
+WEIGHTS_KEY = "flatq.weights"
+
+
 class OnnxModel:
     """An onnxruntime CPU session over an exported model: float images in, logits out."""
 
@@ -29,6 +34,17 @@ class OnnxModel:
             raise CheckpointError(f"{path}: onnxruntime cannot load it: "
                                   f"{str(exc).splitlines()[0]}") from None
         self.path, self.input = path, self.session.get_inputs()[0]
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def check_exported_from(self, fingerprint: str, run: str) -> None:
+        """Refuse a file that is not an export of the weights with this fingerprint."""
+        stored = self.metadata.get(WEIGHTS_KEY)
+        if stored is None:
+            raise CheckpointError(f"{self.path} carries no flatq run identity (not written by "
+                                  f"flatq export); export {run} with flatq export to compare it")
+        if stored != fingerprint:
+            raise CheckpointError(f"{self.path} was exported from other weights than {run}'s; "
+                                  "compare a run with its own export")
 
     def __call__(self, images: Tensor) -> np.ndarray:
         expected, got = self.input.shape[1:], list(images.shape[1:])

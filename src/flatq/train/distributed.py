@@ -88,7 +88,7 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
     """`model` in DistributedDataParallel when there are several ranks, else as it is.
 
     DDP broadcasts rank 0's parameters and buffers at construction and rank 0's buffers
@@ -98,6 +98,11 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """
     if world_size() == 1:
         return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on "
+                              f"{device.type}")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                    else None)
 

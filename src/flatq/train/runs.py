@@ -167,7 +167,7 @@ def _objective(config: RunConfig, student: nn.Module, teacher: nn.Module | None,
     torch.manual_seed(seed)
     for _, layer in quant_layers(student):     # each rank quantizes 1/world of the batch
         layer.input_quantizer.replicas = world_size()
-    objective.student = wrap(objective.student, device)
+    objective.student = wrap(objective.student, device, config.train.sync_bn)
     return objective
 
 
