@@ -218,7 +218,7 @@ def test_sfp_default_layers_exclude_the_first_and_last_quantized_layer():
     student = tiny_student(tiny_fp())
     assert StochasticFeaturePerturbation(student).names == INNER
     assert StochasticFeaturePerturbation(student, layers=["4"]).names == ["4"]
-    with pytest.raises(ValueError, match="match none"):
+    with pytest.raises(ConfigError, match="match no layer"):
         StochasticFeaturePerturbation(student, layers=["nope*"])
     # On a real model the excluded layers are exactly the 8-bit edge layers.
     resnet = quantize_model(build_model("resnet8", num_classes=10, in_channels=3),

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .state import measuring
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
@@ -62,6 +62,10 @@ def feature_statistics(model: nn.Module, name: str, images: Tensor, bins: int = 
     if bins < 1:
         raise ConfigError(f"feature analysis: bins must be >= 1, got {bins}")
     values = layer_outputs(model, name, images, batch_size).numpy()
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values).all(axis=1)).sum())
+        raise DataError(f"feature analysis: layer {name!r} gives non-finite outputs in {bad} of "
+                        f"{values.shape[0]} channels (NaN or infinite weights or inputs)")
     counts, edges = np.histogram(values, bins=bins)
     pct = np.percentile(values, list(percentiles), axis=1)
     return {

@@ -8,6 +8,8 @@ over the images, is the number reported for that sigma. Flatter models move less
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import torch
@@ -34,8 +36,8 @@ def output_variance(model: nn.Module, images: Tensor, labels: Tensor, sigmas: Se
         raise ConfigError(f"output: {output!r} is not one of {', '.join(OUTPUTS)}")
     if repeats < 2:
         raise ConfigError(f"noise analysis: need at least 2 repeats for a variance, got {repeats}")
-    if any(s < 0 for s in sigmas) or not sigmas:
-        raise ConfigError(f"noise analysis: sigmas must be a non-empty list of numbers >= 0, "
+    if not sigmas or not all(math.isfinite(s) and s >= 0 for s in sigmas):
+        raise ConfigError(f"noise analysis: sigmas must be a non-empty list of finite numbers >= 0, "
                           f"got {list(sigmas)}")
     if batch_size < 1:
         raise ConfigError(f"noise analysis: batch size must be >= 1, got {batch_size}")

@@ -189,10 +189,21 @@ def draw(data: dict) -> Figure:
     return DRAWERS[kind](data)
 
 
-def save(fig: Figure, path: str | Path) -> Path:
+def check_output(path: str | Path) -> None:
+    """Refuse an output path that cannot take a PNG, before anything is drawn."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ConfigError(f"output {path}: only .png is written")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: {path.parent} is not a folder")
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    check_output(path)
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path

@@ -33,16 +33,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _load_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a JSON text file (binary content)") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
 
 
+def _draw_analysis(path: Path, draw) -> object:
+    """The figure of one analysis file; a file that is not a whole analysis is named."""
+    try:
+        return draw(_load_json(path))
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise DataError(f"{path}: not a complete flatq analysis ({type(exc).__name__}: "
+                        f"{exc})") from None
+
+
 def run_plot(args: argparse.Namespace) -> None:
     # matplotlib takes half a second to import: only `flatq plot` pays for it
-    from ..analysis.plots import draw, draw_trajectories, read_metric, save
+    from ..analysis.plots import check_output, draw, draw_trajectories, read_metric, save
 
     sources = [Path(s) for s in args.sources]
     analyses = [s for s in sources if s.suffix == ".json"]
@@ -50,8 +63,9 @@ def run_plot(args: argparse.Namespace) -> None:
         if len(sources) > 1:
             raise ConfigError("plot one analysis FILE.json at a time (several runs go into one "
                               "file: flatq analyze ... RUN1 RUN2)")
-        figure = draw(_load_json(sources[0]))
         out = args.out or sources[0].with_suffix(".png")
+        check_output(out)
+        figure = _draw_analysis(sources[0], draw)
     else:
         labels = ([s.strip() for s in args.labels.split(",")] if args.labels
                   else [run_label(s) for s in sources])
@@ -61,4 +75,5 @@ def run_plot(args: argparse.Namespace) -> None:
                                     for label, s in zip(labels, sources)], args.metric,
                                    args.log_y)
         out = args.out or f"{args.metric}.png"
+        check_output(out)
     print(f"-> {save(figure, out)}")

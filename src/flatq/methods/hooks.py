@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 
 def select_layers(model: nn.Module, patterns: Iterable[str], candidates: list[str]) -> list[str]:
     """Names among `candidates` that match any fnmatch pattern (all of them when none given)."""
@@ -15,7 +17,9 @@ def select_layers(model: nn.Module, patterns: Iterable[str], candidates: list[st
         return list(candidates)
     chosen = [n for n in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not chosen:
-        raise ValueError(f"layer patterns {patterns} match none of {candidates[:6]}...")
+        shown = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
+        raise ConfigError(f"layer patterns {', '.join(patterns)} match no layer; candidates: "
+                          f"{shown}")
     return chosen
 
 

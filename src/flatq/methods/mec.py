@@ -144,6 +144,10 @@ class MEC(Objective):
         config = config or MECConfig()
         super().__init__(student, teacher, config)
         self.layer = self._resolve_layer(student, config.layer)
+        width = getattr(dict(student.named_modules())[self.layer], "in_features", None)
+        if width is not None and config.experts > width:   # a Linear's input: known now
+            raise ConfigError(f"method.experts: {config.experts} experts exceed the {width} "
+                              f"features of the input of {self.layer!r}")
         self.features = FeatureCapture(student, [self.layer], inputs=True)
         self._warned = False
 
