@@ -218,3 +218,31 @@ def test_bn_reestimation_on_two_ranks_saves_what_one_process_computes(tmp_path):
     assert summary["bn_images"] == 64
     one_process = evaluate(model, data.test, data.eval_pipeline, torch.device("cpu"))
     assert summary["test_acc"] == pytest.approx(one_process["acc"])
+
+
+def test_two_rank_summary_is_the_saved_models_accuracy(tmp_path):
+    """With BatchNorm and augmentation the ranks' running statistics drift apart after the
+    last synchronizing forward; every rank evaluates (and rank 0 saves) rank 0's, so the
+    summary's accuracy is what `flatq eval` of the saved model measures."""
+    fp = tmp_path / "fp"
+    cmd = [sys.executable, "-m", "flatq", "pretrain", "--model", "resnet8", "--data", "synthetic",
+           "--epochs", "2", "--batch-size", "32", "--max-steps-per-epoch", "4", "--lr", "0.1",
+           "--device", "cpu", "--no-progress", "--out", str(fp)]
+    _wait(_start({"fp": _ranks(cmd)}))
+    model, state = load_model(fp)
+    data = prepare_data(DataConfig.from_dict(state["meta"]["data"]))
+    one_process = evaluate(model, data.test, data.eval_pipeline, torch.device("cpu"))
+    summary = json.loads((fp / "summary.json").read_text())
+    assert summary["test_acc"] == pytest.approx(one_process["acc"])
+    assert summary["test_loss"] == pytest.approx(one_process["loss"], rel=1e-5)
+
+
+def test_sync_bn_needs_cuda(tmp_path):
+    cmd = [sys.executable, "-m", "flatq", "pretrain", "--model", "resnet8", "--data", "synthetic",
+           "--epochs", "1", "--batch-size", "32", "--max-steps-per-epoch", "1", "--device",
+           "cpu", "--sync-bn", "--no-progress", "--out", str(tmp_path / "r")]
+    procs = _start({"r": _ranks(cmd)})
+    errors = [proc.communicate(timeout=300)[1] for _, proc in procs]
+    assert all(proc.returncode == 2 for _, proc in procs)
+    assert "--sync-bn needs CUDA" in errors[0] and "Traceback" not in errors[0]
+    assert not (tmp_path / "r").exists()
