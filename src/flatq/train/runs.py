@@ -254,6 +254,8 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
                           f"{len(data.train)} training images of {config.data.name}")
     teacher = teacher.to(device)
     student = trainable(quantize_model(teacher, config.quant), teacher)
+    if is_main_process():
+        print(student.quant_plan.summary(), flush=True)
     # Chosen before the run folder exists, so a bad calibration size leaves nothing behind.
     batches = None if resume else calibration_batches(
         data.train, data.eval_pipeline, config.quant.calib_images, config.quant.calib_seed)
