@@ -27,7 +27,7 @@ from .attention import QuantMultiheadAttention
 from .layers import QUANT_LAYERS
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-NORM_REASON = "normalization: float by design (BatchNorm folds into the layer before it at export)"
+NORM_REASON = "normalization: float by design (exported as trained)"
 # Attributes of a weight that describe it rather than compute with it (`w.dtype`, `w.shape`).
 _METADATA = {"dtype", "device", "shape", "ndim", "size", "dim", "is_cuda", "requires_grad",
              "numel"}
