@@ -397,8 +397,9 @@ def test_quantized_attention_computes_what_multihead_attention_does(batch_first,
         args = (memory, memory)
     elif case == "masks":
         kwargs["attn_mask"] = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
-        kwargs["key_padding_mask"] = torch.zeros(3, 5, dtype=torch.bool).index_fill_(1,
-                                                                                  torch.tensor([4]), True)
+        padding = torch.zeros(3, 5, dtype=torch.bool)
+        padding[:, 4] = True
+        kwargs["key_padding_mask"] = padding
     elif case == "weights":
         kwargs = {"need_weights": True, "average_attn_weights": False,
                   "attn_mask": torch.randn(6, 5, 5)}

@@ -114,9 +114,11 @@ def quant_class(module: nn.Module) -> type[nn.Module] | str:
         own = {n for n, _ in module.named_parameters(recurse=False)} - {"weight", "bias"}
         if parametrize.is_parametrized(module) or own:
             return f"{kind}'s weight is computed (parametrization or weight_norm)"
-        if type(module).forward is not base.forward or (
-                getattr(type(module), "_conv_forward", None) is not getattr(base, "_conv_forward", None)):
-            return f"{kind} overrides the forward of {base.__name__}; its quantized form would drop that"
+        conv_forward = getattr(base, "_conv_forward", None)
+        if (type(module).forward is not base.forward
+                or getattr(type(module), "_conv_forward", None) is not conv_forward):
+            return (f"{kind} overrides the forward of {base.__name__}; its quantized form "
+                    "would drop that")
         if any(True for _ in module.children()):
             return f"{kind} has submodules a quantized {base.__name__} would drop"
         return quantized
