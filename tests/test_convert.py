@@ -253,7 +253,7 @@ def test_arbitrary_module_with_control_flow():
 # -- what is quantized: subclasses, Conv1d, attention, and the plan ---------------------------
 
 class Marked(nn.Linear):
-    """A Linear subclass that computes what nn.Linear does (like NonDynamicallyQuantizableLinear)."""
+    """A Linear subclass computing what nn.Linear does (as NonDynamicallyQuantizableLinear)."""
 
 
 class Scaled(nn.Linear):
