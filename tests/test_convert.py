@@ -132,7 +132,7 @@ def test_override_matching_nothing_is_a_config_error():
 
 
 def test_model_without_layers_is_a_config_error():
-    with pytest.raises(ConfigError, match="no nn.Conv2d or nn.Linear"):
+    with pytest.raises(ConfigError, match="no layer to quantize"):
         quantize_model(nn.Sequential(nn.ReLU()), QuantConfig())
 
 
@@ -273,3 +273,192 @@ def test_arbitrary_module_with_control_flow():
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         assert relative_error(qmodel.eval()(x), model(x)) < 0.05
+
+
+# -- what is quantized: subclasses, Conv1d, attention, and the plan ---------------------------
+
+class Marked(nn.Linear):
+    """A Linear subclass computing what nn.Linear does (as NonDynamicallyQuantizableLinear)."""
+
+
+class Scaled(nn.Linear):
+    """A Linear subclass that changes the computation: quantizing it as nn.Linear would be wrong."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = nn.Conv1d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose1d(8, 8, 2, stride=2)
+        self.marked = Marked(16, 16)
+        self.scaled = Scaled(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.up(torch.relu(self.conv1d(x)))           # (B, 8, 16)
+        return self.head(self.scaled(self.marked(x)).mean(1))
+
+
+def test_subclasses_and_conv1d_are_quantized_and_the_rest_reported():
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    qmodel = quantize_model(model, QuantConfig(w_bits=4, a_bits=4))
+    plan = qmodel.quant_plan
+    assert [(r.name, r.w_bits) for r in plan.quantized] == [("conv1d", 8), ("marked", 4),
+                                                             ("head", 8)]
+    assert type(qmodel.marked) is QuantLinear and type(qmodel.conv1d).__name__ == "QuantConv1d"
+    reasons = {r.name: r.reason for r in plan.float}
+    assert set(reasons) == {"up", "scaled"}
+    assert "transposed" in reasons["up"] and "overrides the forward" in reasons["scaled"]
+    assert type(qmodel.scaled) is Scaled
+    text = str(plan)
+    for name in ("conv1d", "marked", "head", "up", "scaled"):
+        assert f"  {name}  " in text
+    x = torch.randn(8, 3, 8)
+    calibrate(qmodel, [x])
+    with torch.no_grad():
+        assert relative_error(qmodel.eval()(x), model(x)) < 0.1
+
+
+def test_no_layer_at_the_inner_bits_is_a_warning_in_the_plan():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 3, 5, 5))
+    with pytest.warns(UserWarning, match="no layer is quantized at the inner bit width w4a4"):
+        qmodel = quantize_model(model, QuantConfig())
+    assert "warning: no layer" in qmodel.quant_plan.summary()
+    assert quantize_model(build_model("resnet8"), QuantConfig()).quant_plan.warnings == []
+
+
+class ReadsWeight(nn.Module):
+    """Hands its child's weight to a function, as torchvision's Swin attention does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.out.weight.dtype              # reading metadata is fine
+        return self.out(nn.functional.linear(x, self.qkv.weight, self.qkv.bias).to(dtype))
+
+
+def test_a_weight_read_by_the_parent_is_refused_by_name_with_the_skip_option():
+    model = nn.Sequential(nn.Linear(8, 8), ReadsWeight(), nn.Linear(8, 2))
+    with pytest.raises(ConfigError, match=r"1\.qkv \(ReadsWeight\.forward reads self\.qkv\.weight\)"
+                       r".*--skip '1\.qkv' \(quant\.skip\)"):
+        quantize_model(model, QuantConfig())
+    qmodel = quantize_model(model, QuantConfig(skip=["1.qkv"]))
+    assert [r.name for r in qmodel.quant_plan.quantized] == ["0", "1.out", "2"]
+    assert [(r.name, r.reason) for r in qmodel.quant_plan.float] == [
+        ("1.qkv", "skipped by quant.skip '1.qkv'")]
+    calibrate(qmodel, [torch.randn(4, 8)])
+
+
+def test_skip_covers_everything_inside_a_module_and_unknown_patterns_are_errors():
+    rows = quantize_model(build_model("resnet8"), QuantConfig(skip=["stages.1"])).quant_plan
+    skipped = [r.name for r in rows.float if r.reason.startswith("skipped")]
+    assert skipped and all(n.startswith("stages.1.") for n in skipped)
+    assert not any(r.name.startswith("stages.1.") for r in rows.quantized)
+    with pytest.raises(ConfigError, match=r"\['layer9'\] match no layer"):
+        quantize_model(build_model("resnet8"), QuantConfig(skip=["layer9"]))
+
+
+def test_skip_is_a_cli_flag():
+    from flatq.cli import build_parser
+    from flatq.cli.options import build_run_config
+    args = build_parser().parse_args(["qat", "--from", "fp", "--out", "q",
+                                      "--skip", "stages.1.*,linear"])
+    assert build_run_config(args, "lsq", quantized=True).quant.skip == ["stages.1.*", "linear"]
+
+
+class SecondOnly(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self[1](x)                        # self[0] never runs
+
+
+def test_calibrate_names_layers_that_never_ran():
+    model = SecondOnly(nn.Linear(4, 4), nn.Linear(4, 4))
+    qmodel = quantize_model(model, QuantConfig(w_bits=8, a_bits=8))
+    with pytest.raises(ConfigError, match=r"never ran.*\['0'\].*--skip"):
+        calibrate(qmodel, [torch.randn(2, 4)])
+
+
+# -- nn.MultiheadAttention ---------------------------------------------------------------------
+
+class Attend(nn.Module):
+    def __init__(self, batch_first: bool, **kwargs) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        x = self.embed(x)
+        return self.attn(x, *(args or (x, x)), **kwargs)
+
+
+def observing(model: nn.Module) -> nn.Module:
+    """Quantizers in calibration mode pass tensors through unchanged: the float computation."""
+    for _, q in quantizers(model):
+        q.start_observing()
+    return model
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("case", ["self", "cross", "masks", "weights", "unbatched"])
+def test_quantized_attention_computes_what_multihead_attention_does(batch_first, case):
+    torch.manual_seed(0)
+    model = Attend(batch_first).eval()
+    qmodel = observing(quantize_model(model, QuantConfig(w_bits=8, a_bits=8)))
+    assert type(qmodel.attn).__name__ == "QuantMultiheadAttention"
+    assert type(qmodel.attn.out_proj) is QuantLinear
+    shape = (3, 5, 6) if batch_first else (5, 3, 6)
+    x = torch.randn(*shape)
+    args, kwargs = (), {"need_weights": False}
+    if case == "cross":
+        memory = torch.randn(*((3, 7, 8) if batch_first else (7, 3, 8)))
+        args = (memory, memory)
+    elif case == "masks":
+        kwargs["attn_mask"] = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+        padding = torch.zeros(3, 5, dtype=torch.bool)
+        padding[:, 4] = True
+        kwargs["key_padding_mask"] = padding
+    elif case == "weights":
+        kwargs = {"need_weights": True, "average_attn_weights": False,
+                  "attn_mask": torch.randn(6, 5, 5)}
+    elif case == "unbatched":
+        x, kwargs = x[:, 0] if not batch_first else x[0], {}
+    with torch.no_grad():
+        out, weights = qmodel(x, *args, **kwargs)
+        ref, ref_weights = model(x, *args, **kwargs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (weights is None) == (ref_weights is None)
+    if weights is not None:
+        torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_attention_keeps_parameter_names_and_quantizes_at_8_bits_closely():
+    torch.manual_seed(0)
+    model = Attend(True).eval()
+    qmodel = quantize_model(model, QuantConfig(w_bits=8, a_bits=8))
+    assert set(model.state_dict()) <= set(qmodel.state_dict())
+    assert {"attn.in_proj_weight", "attn.out_proj.weight"} <= set(model.state_dict())
+    x = torch.randn(4, 5, 6)
+    calibrate(qmodel, [x])
+    with torch.no_grad():
+        assert relative_error(qmodel.eval()(x)[0], model(x)[0]) < 0.05
+    loss = qmodel.train()(x)[0].square().mean()
+    loss.backward()
+    assert qmodel.attn.in_proj_weight.grad.abs().sum() > 0
+    assert qmodel.attn.weight_quantizer.scale.grad.abs().sum() > 0
+
+
+def test_attention_options_not_reimplemented_stay_float_with_their_out_proj():
+    model = Attend(True, add_bias_kv=True)
+    plan = quantize_model(model, QuantConfig(edge_bits=None)).quant_plan
+    reasons = {r.name: r.reason for r in plan.float}
+    assert "add_bias_kv" in reasons["attn"]
+    assert "inside the float nn.MultiheadAttention" in reasons["attn.out_proj"]
+    assert [r.name for r in plan.quantized] == ["embed"]

@@ -293,14 +293,18 @@ def test_ptq_at_8_bits_keeps_a_trained_models_accuracy(fp_run):
 def test_cli_ptq_writes_a_loadable_run(fp_run, tmp_path, capsys):
     out = tmp_path / "ptq"
     assert main(["ptq", str(fp_run), "--bits", "w4a4", "--range-method", "percentile",
-                 "--percentile", "99.9", "--device", "cpu", "--out", str(out)]) == 0
+                 "--percentile", "99.9", "--device", "cpu", "--skip", "stages.1.0.shortcut.0",
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert "quantization plan: 9 layers quantized" in printed
+    assert "float: stages.1.0.shortcut.0: skipped by quant.skip" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert f"{summary['test_acc']:.2f}%" in printed and f"{summary['fp_test_acc']:.2f}%" in printed
     model, state = load_model(out)
     assert state["meta"]["quant"]["quantizer"] == "minmax"
     assert state["meta"]["quant"]["range_method"] == "percentile"
     assert [m.bits for _, m in quant_layers(model)][1] == (4, 4)
+    assert type(model.get_submodule("stages.1.0.shortcut.0")) is nn.Conv2d
     data = prepare_data(DataConfig.from_dict(state["meta"]["data"]))
     acc = evaluate(model, data.test, data.eval_pipeline, torch.device("cpu"))["acc"]
     assert acc == pytest.approx(summary["test_acc"])

@@ -244,6 +244,9 @@ class QuantConfig(Section):
                                "current weights' range every step: no step size to learn, so no "
                                "channel can die; see bench/step_sizes.py)",
                                choices=("learned", "minmax"))
+    skip: list[str] = option([], "modules to leave float: names or fnmatch patterns, comma "
+                             "separated (e.g. 'features.*.attn'); a pattern naming a module "
+                             "leaves every layer inside it float too")
     overrides: list[dict] = option([], "per-layer rules [{pattern: 'layer4.*', w_bits: 8, "
                                    "a_bits: 8} or {pattern: ..., skip: true}]", cli=False)
     calib_images: int = option(100, "training images used to calibrate ranges", low=1)

@@ -51,6 +51,18 @@ class InputGrid:
     hi: int
 
 
+EXPORTABLE_KINDS = ("conv1d", "conv2d", "linear")
+
+
+def check_exportable(layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse quantized layers no exporter writes (attention's fused in-projection)."""
+    others = [name for name, layer in layers if layer.kind not in EXPORTABLE_KINDS]
+    if others:
+        raise ConfigError(f"no integer export for the quantized layers {others[:3]} (only "
+                          f"{', '.join(EXPORTABLE_KINDS)}); quantize with --skip "
+                          f"'{','.join(others[:3])}' to export the rest")
+
+
 def integer_weight(layer: nn.Module) -> IntegerWeight:
     """The integers, scales and zero points of a quantized layer's weight.
 

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
-from ..quant import QuantConv2d, quant_layers, quantizers
-from .affine import InputGrid, IntegerWeight, input_grid, integer_weight
+from ..quant import quant_layers, quantizers
+from .affine import (InputGrid, IntegerWeight, check_exportable, input_grid,
+                     integer_weight)
 
 FORMAT, VERSION = "flatq-int", 1
 MANIFEST = "__manifest__"
@@ -89,7 +90,7 @@ class IntegerLayer:
     """One quantized layer as stored: its weight integers and its input quantizer's grid."""
 
     name: str
-    kind: str  # "conv2d" or "linear"
+    kind: str  # "conv1d", "conv2d" or "linear"
     weight: IntegerWeight
     input: InputGrid
 
@@ -150,6 +151,7 @@ def export_integer(model: nn.Module, path: str | Path,
     layers = quant_layers(model)
     if not layers:
         raise ConfigError("export_integer needs a quantized model (flatq.quantize_model)")
+    check_exportable(layers)
     blobs, entries, fp32_elements = _Blobs(), [], 0
     for name, layer in layers:
         weight, grid = integer_weight(layer), input_grid(layer)
@@ -159,7 +161,7 @@ def export_integer(model: nn.Module, path: str | Path,
         blobs.add(f"{name}.input_scale", np.array(grid.scale, dtype=np.float32))
         fp32_elements += weight.q.numel()
         entries.append({
-            "name": name, "kind": "conv2d" if isinstance(layer, QuantConv2d) else "linear",
+            "name": name, "kind": layer.kind,
             "shape": list(weight.q.shape), "bits": weight.bits, "signed": weight.signed,
             "input": {"bits": grid.bits, "signed": grid.signed, "zero_point": grid.zero_point,
                       "lo": grid.lo, "hi": grid.hi}})

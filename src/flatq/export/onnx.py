@@ -31,8 +31,8 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..quant import QuantConv2d, integer_range, quant_layers
-from .affine import input_grid, integer_weight
+from ..quant import integer_range, quant_layers
+from .affine import check_exportable, input_grid, integer_weight
 
 STORAGE_CHOICES = ("auto", "narrow", "int8")
 EXPORTER_OPSET = 20  # the newest opset of torch's TorchScript exporter
@@ -107,7 +107,7 @@ class _ExportLayer(nn.Module):
         self.register_buffer("input_scale", torch.tensor(grid.scale, dtype=torch.float32))
         self.register_buffer("input_zero_point", torch.tensor(grid.zero_point, dtype=a_dtype))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
-        self.op = layer._conv_forward if isinstance(layer, QuantConv2d) else nn.functional.linear
+        self.op = nn.functional.linear if layer.kind == "linear" else layer._conv_forward
         w_narrow = weight.bits in narrow_bits
         a_narrow = (grid.bits in narrow_bits
                     and (grid.lo, grid.hi) == integer_range(grid.bits, grid.signed))
@@ -233,6 +233,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
     layers = quant_layers(model)
     if not layers:
         raise ConfigError("export_onnx needs a quantized model (flatq.quantize_model)")
+    check_exportable(layers)
     narrow_bits = _narrow_bits(storage)
     export_model = copy.deepcopy(model).cpu().eval()
     narrow: dict[str, tuple[int, bool]] = {}

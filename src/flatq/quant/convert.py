@@ -7,7 +7,7 @@ included), keeps state_dict names, and keeps the float model untouched to serve 
 from __future__ import annotations
 
 import copy
-import fnmatch
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -15,12 +15,13 @@ from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import ConfigError
-from .layers import QUANT_LAYERS, quant_layers
+from .layers import is_quant_layer, quant_layers
+from .plan import plan_quantization, quant_class
 from .quantizers import (DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer,
                          MinMaxQuantizer, PACTQuantizer, Quantizer)
 
 
-def _make_quantizers(config: QuantConfig, layer: nn.Module, w_bits: int, a_bits: int,
+def _make_quantizers(config: QuantConfig, channels: int, w_bits: int, a_bits: int,
                      is_edge: bool = False) -> tuple[Quantizer, Quantizer]:
     """(weight quantizer, input quantizer) of one layer for the configured quantizer family.
 
@@ -37,7 +38,6 @@ def _make_quantizers(config: QuantConfig, layer: nn.Module, w_bits: int, a_bits:
     learned 8-bit per-channel step size is ~20x smaller than a 4-bit one for about the same
     LSQ gradient, and on short schedules it can grow past the weights and kill the channel.
     """
-    channels = layer.weight.shape[0]
     w_kw = dict(signed=config.symmetric_weights, per_channel=True, num_channels=channels,
                 init=config.init)
     a_kw = dict(signed=config.symmetric_inputs, init=config.init)
@@ -64,57 +64,37 @@ def _make_quantizers(config: QuantConfig, layer: nn.Module, w_bits: int, a_bits:
     return pair
 
 
-def _layer_bits(config: QuantConfig, name: str, is_edge: bool) -> tuple[int, int] | None:
-    """Bits of one layer after the first/last policy and the overrides; None skips it."""
-    bits = (config.w_bits, config.a_bits)
-    if is_edge and config.edge_bits is not None:
-        bits = (config.edge_bits, config.edge_bits)
-    for rule in config.overrides:
-        if fnmatch.fnmatchcase(name, rule["pattern"]):
-            if rule.get("skip"):
-                return None
-            bits = (rule.get("w_bits", bits[0]), rule.get("a_bits", bits[1]))
-    return bits
-
-
 def layer_plan(model: nn.Module,
                config: QuantConfig) -> list[tuple[str, nn.Module, tuple[int, int]]]:
-    """(name, float layer, (w_bits, a_bits)) of every layer `quantize_model` would swap.
-
-    Every nn.Conv2d and nn.Linear, in module order. The first and last of them (the stem and
-    the classifier of the bundled models) get `config.edge_bits`; `config.overrides` then
-    apply by fnmatch pattern on module names (skipped layers are left out). Methods that
-    prepare a float model for a bit width (DNQ) read the same plan.
-    """
-    layers = [(n, m) for n, m in model.named_modules() if type(m) in QUANT_LAYERS]
-    if not layers:
-        raise ConfigError("the model has no nn.Conv2d or nn.Linear layer to quantize")
-    unused = [r["pattern"] for r in config.overrides
-              if not any(fnmatch.fnmatchcase(n, r["pattern"]) for n, _ in layers)]
-    if unused:
-        raise ConfigError(f"quant.overrides: pattern(s) {unused} match no layer; layers are "
-                          f"named like {layers[0][0]!r}, {layers[-1][0]!r}")
-    edges = edge_layers(model)
-    plan = [(name, layer, _layer_bits(config, name, name in edges)) for name, layer in layers]
-    return [(name, layer, bits) for name, layer, bits in plan if bits is not None]
-
-
-def edge_layers(model: nn.Module) -> set[str]:
-    """Names of the first and last conv/linear layer (the stem and the classifier)."""
-    layers = [n for n, m in model.named_modules() if type(m) in QUANT_LAYERS]
-    return {layers[0], layers[-1]} if layers else set()
+    """(name, float layer, (w_bits, a_bits)) of every layer `quantize_model` would swap, in
+    module order (see `flatq.quant.plan`). Methods that prepare a float model for a bit width
+    (DNQ) read the same plan."""
+    return [(r.name, model.get_submodule(r.name), (r.w_bits, r.a_bits))
+            for r in plan_quantization(model, config).quantized]
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
-    """A fake-quantized copy of `model` (layers and bits by `layer_plan`); `model` itself is
-    left untouched. The copy must be calibrated (`calibrate`) before use."""
+    """A fake-quantized copy of `model`; `model` itself is left untouched. The copy must be
+    calibrated (`calibrate`) before use.
+
+    Which layers are swapped, at which bits, and why the other weight-bearing modules stay
+    float is the copy's `quant_plan` (a QuantPlan; print it). A plan with no layer at the
+    inner bit width is also reported as a warning.
+    """
     config = config or QuantConfig()
+    if any(is_quant_layer(m) for m in model.modules()):
+        raise ConfigError("quantize_model: the model is already quantized")
+    plan = plan_quantization(model, config)
     qmodel = copy.deepcopy(model)
-    edges = edge_layers(qmodel)
-    for name, layer, bits in layer_plan(qmodel, config):
-        weight_q, input_q = _make_quantizers(config, layer, *bits, name in edges)
-        qlayer = QUANT_LAYERS[type(layer)].from_float(layer, weight_q, input_q)
-        qmodel.set_submodule(name, qlayer)
+    for row in plan.quantized:
+        layer = qmodel.get_submodule(row.name)
+        weight = layer.in_proj_weight if isinstance(layer, nn.MultiheadAttention) else layer.weight
+        weight_q, input_q = _make_quantizers(config, weight.shape[0], row.w_bits, row.a_bits,
+                                             row.edge)
+        qmodel.set_submodule(row.name, quant_class(layer).from_float(layer, weight_q, input_q))
+    qmodel.quant_plan = plan
+    for message in plan.warnings:
+        warnings.warn(message, stacklevel=2)
     return qmodel
 
 
@@ -147,9 +127,13 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor],
             seen += 1
         if seen == 0:
             raise ConfigError("calibrate(): no calibration batches were given")
-        missed = [n for n, q in named if q.observer is None or not q.observer.seen]
+        missed = list(dict.fromkeys(n.rpartition(".")[0] for n, q in named
+                                    if q.observer is None or not q.observer.seen))
         if missed:
-            raise ConfigError(f"calibrate(): quantizers never ran during calibration: {missed[:5]}")
+            raise ConfigError(
+                f"calibrate(): layers never ran during calibration: {missed[:5]} (their parent "
+                "may use their weight itself, or they sit on an unused branch); leave them float "
+                "with --skip / quant.skip")
         for _, q in named:
             q.finish_observing()
     finally:

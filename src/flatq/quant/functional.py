@@ -63,6 +63,38 @@ def _mask_outside(values: Tensor, integers: Tensor, qmin: int, qmax: int,
     return hardtanh_backward.grad_input(values, integers, qmin - 0.5, qmax + 0.5, grad_input=out)
 
 
+def _forward(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int,
+             qmax: int) -> tuple[Tensor, bool]:
+    """(x_hat, whether the zero point was applied), in place on one new tensor."""
+    shift = _shift(zero_point)
+    out = grid_integers(x, scale, shift).clamp_(qmin, qmax)
+    if shift is not None:
+        out.sub_(shift)
+    return out.mul_(scale), shift is not None
+
+
+def _backward(grad_out: Tensor, x: Tensor, out: Tensor, scale: Tensor, zero_point: Tensor,
+              shifted: bool, qmin: int, qmax: int, factor: float,
+              needs: tuple[bool, bool]) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradients of x, scale and zero point (`needs`: whether scale's and zero's are wanted)."""
+    integers = grid_integers(x.detach(), scale.detach(), zero_point.detach() if shifted else None)
+    grad_x = _mask_outside(grad_out, integers, qmin, qmax)
+    grad_scale = grad_zero = None
+    if needs[0]:
+        x = x.to(out.dtype)
+        if torch.is_grad_enabled():  # double backward (Hessian analysis): no out= ops
+            ds_times_s = out - _mask_outside(x, integers, qmin, qmax)
+        else:
+            ds_times_s = torch.sub(out, _mask_outside(x, integers, qmin, qmax, out=integers),
+                                   out=integers)
+        grad_scale = _sum_of_products(ds_times_s, grad_out, scale.shape) / scale * factor
+    if needs[1]:
+        # d x_hat / d z: 0 inside the range, -s outside.
+        grad_zero = (_reduce_to(grad_out - grad_x, zero_point.shape)
+                     * scale.reshape(zero_point.shape) * -factor)
+    return grad_x, grad_scale, grad_zero
+
+
 class _FakeQuantize(torch.autograd.Function):
     """x_hat = (clamp(round(x/s) + z, qmin, qmax) - z) * s with LSQ/LSQ+ gradients.
 
@@ -76,36 +108,61 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                 factor: float) -> Tensor:
-        shift = _shift(zero_point)
-        out = grid_integers(x, scale, shift).clamp_(qmin, qmax)
-        if shift is not None:
-            out.sub_(shift)
-        out.mul_(scale)
+        out, shifted = _forward(x, scale, zero_point, qmin, qmax)
         ctx.save_for_backward(x, out, scale, zero_point)
-        ctx.qmin, ctx.qmax, ctx.factor, ctx.shifted = qmin, qmax, factor, shift is not None
+        ctx.qmin, ctx.qmax, ctx.factor, ctx.shifted = qmin, qmax, factor, shifted
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, out, scale, zero_point = ctx.saved_tensors
-        qmin, qmax = ctx.qmin, ctx.qmax
-        integers = grid_integers(x.detach(), scale.detach(),
-                                 zero_point.detach() if ctx.shifted else None)
-        grad_x = _mask_outside(grad_out, integers, qmin, qmax)
-        grad_scale = grad_zero = None
-        if ctx.needs_input_grad[1]:
-            x = x.to(out.dtype)
-            if torch.is_grad_enabled():  # double backward (Hessian analysis): no out= ops
-                ds_times_s = out - _mask_outside(x, integers, qmin, qmax)
-            else:
-                ds_times_s = torch.sub(out, _mask_outside(x, integers, qmin, qmax, out=integers),
-                                       out=integers)
-            grad_scale = _sum_of_products(ds_times_s, grad_out, scale.shape) / scale * ctx.factor
-        if ctx.needs_input_grad[2]:
-            # d x_hat / d z: 0 inside the range, -s outside.
-            grad_zero = (_reduce_to(grad_out - grad_x, zero_point.shape)
-                         * scale.reshape(zero_point.shape) * -ctx.factor)
+        grad_x, grad_scale, grad_zero = _backward(
+            grad_out, x, out, scale, zero_point, ctx.shifted, ctx.qmin, ctx.qmax, ctx.factor,
+            (ctx.needs_input_grad[1], ctx.needs_input_grad[2]))
         return grad_x if ctx.needs_input_grad[0] else None, grad_scale, grad_zero, None, None, None
+
+
+# The same kernel as opaque custom ops for torch.compile and torch.export: traced as one node
+# each, they keep the LSQ backward (export would otherwise trace the forward's round and clamp
+# and differentiate those), and the zero-point test inside runs on real data, not in a guard.
+@torch.library.custom_op("flatq::fake_quantize", mutates_args=())
+def _fake_quantize_op(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                      factor: float) -> Tensor:
+    return _forward(x, scale, zero_point, qmin, qmax)[0]
+
+
+@_fake_quantize_op.register_fake
+def _(x, scale, zero_point, qmin, qmax, factor):
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, scale.dtype))
+
+
+@torch.library.custom_op("flatq::fake_quantize_backward", mutates_args=())
+def _fake_quantize_backward_op(grad_out: Tensor, x: Tensor, out: Tensor, scale: Tensor,
+                               zero_point: Tensor, qmin: int, qmax: int,
+                               factor: float) -> tuple[Tensor, Tensor, Tensor]:
+    shifted = _shift(zero_point) is not None
+    return _backward(grad_out, x, out, scale, zero_point, shifted, qmin, qmax, factor,
+                     (True, True))
+
+
+@_fake_quantize_backward_op.register_fake
+def _(grad_out, x, out, scale, zero_point, qmin, qmax, factor):
+    return torch.empty_like(grad_out), torch.empty_like(scale), torch.empty_like(zero_point)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, scale, zero_point, ctx.qmin, ctx.qmax, ctx.factor = inputs
+    ctx.save_for_backward(x, output, scale, zero_point)
+
+
+def _op_backward(ctx, grad_out: Tensor):
+    x, out, scale, zero_point = ctx.saved_tensors
+    grads = _fake_quantize_backward_op(grad_out, x, out, scale, zero_point, ctx.qmin, ctx.qmax,
+                                       ctx.factor)
+    return *grads, None, None, None
+
+
+_fake_quantize_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
@@ -118,6 +175,8 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     caller. `grad_factor` scales the gradients of scale and zero point (LSQ's
     g = 1/sqrt(N * Qp)).
     """
+    if torch.compiler.is_compiling():
+        return _fake_quantize_op(x, scale, zero_point, qmin, qmax, grad_factor)
     return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_factor)
 
 

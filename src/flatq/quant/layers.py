@@ -1,4 +1,4 @@
-"""Quantized drop-in layers: QuantConv2d and QuantLinear.
+"""Quantized drop-in layers: QuantConv1d, QuantConv2d and QuantLinear.
 
 Each keeps its float weight (trained as usual), a weight quantizer and an input quantizer,
 and an `input_perturbation` point (an nn.Identity) applied to the quantized input just before
@@ -16,6 +16,7 @@ from .quantizers import Quantizer
 class _QuantLayer:
     """Shared wiring of the quantized layers; the op itself comes from the torch base class."""
 
+    kind: str  # what the exporters call the op: conv1d, conv2d, linear, ...
     weight: nn.Parameter
     weight_quantizer: Quantizer
     input_quantizer: Quantizer
@@ -38,12 +39,12 @@ class _QuantLayer:
         return self.weight_quantizer.bits, self.input_quantizer.bits
 
 
-class QuantConv2d(_QuantLayer, nn.Conv2d):
-    """nn.Conv2d whose forward sees the fake-quantized input and weight."""
+class _QuantConv(_QuantLayer):
+    """Shared conversion and forward of the quantized convolutions (any spatial rank)."""
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_quantizer: Quantizer,
-                   input_quantizer: Quantizer) -> "QuantConv2d":
+    def from_float(cls, conv: nn.Module, weight_quantizer: Quantizer,
+                   input_quantizer: Quantizer) -> nn.Module:
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                     conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
@@ -55,8 +56,22 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
+class QuantConv1d(_QuantConv, nn.Conv1d):
+    """nn.Conv1d whose forward sees the fake-quantized input and weight."""
+
+    kind = "conv1d"
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    """nn.Conv2d whose forward sees the fake-quantized input and weight."""
+
+    kind = "conv2d"
+
+
 class QuantLinear(_QuantLayer, nn.Linear):
     """nn.Linear whose forward sees the fake-quantized input and weight."""
+
+    kind = "linear"
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_quantizer: Quantizer,
@@ -71,7 +86,10 @@ class QuantLinear(_QuantLayer, nn.Linear):
         return nn.functional.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
+# Float base class -> its quantized layer. Subclasses of a base are swapped too, unless they
+# change what the layer computes (see flatq.quant.plan).
 QUANT_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
     nn.Linear: QuantLinear,
 }

@@ -102,6 +102,9 @@ class Quantizer(nn.Module, ABC):
         self.bits, self.signed, self.init = bits, signed, init
         self.per_channel, self.num_channels = per_channel, num_channels if per_channel else 1
         self.register_buffer("initialized", torch.tensor(False))
+        # The buffer as a Python bool, set at calibration and load time: forward reads it
+        # without a device sync or a data-dependent branch (torch.compile, torch.export).
+        self.calibrated = False
         self.observer: MinMaxObserver | None = None
 
     # -- integer grid ---------------------------------------------------------------------
@@ -147,6 +150,7 @@ class Quantizer(nn.Module, ABC):
         with torch.no_grad():
             self.init_from_observer(self.observer)
         self.initialized.fill_(True)
+        self.calibrated = True
         self.observer = None
 
     @abstractmethod
@@ -165,7 +169,7 @@ class Quantizer(nn.Module, ABC):
         if self.observer is not None:
             self.observer(x)
             return x
-        if not bool(self.initialized):
+        if not self.calibrated:
             raise RuntimeError(
                 f"{type(self).__name__} is not calibrated: call flatq.calibrate(model, batches) "
                 "before running a quantized model")
@@ -186,6 +190,10 @@ class Quantizer(nn.Module, ABC):
     # -- state ----------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
         return {"bits": self.bits, "signed": self.signed, "type": type(self).__name__}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.calibrated = bool(self.initialized)
 
     def set_extra_state(self, state: dict) -> None:
         if state.get("type") != type(self).__name__ or state.get("bits") != self.bits:

@@ -48,6 +48,7 @@ def ptq(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
     batches = calibration_batches(data.train, data.eval_pipeline, config.quant.calib_images,
                                   config.quant.calib_seed)
     qmodel = post_training_quantize(teacher, config.quant, batches, device=device)
+    print(qmodel.quant_plan.summary(), flush=True)
     batch_size = config.train.test_batch_size
     fp = evaluate(teacher, data.test, data.eval_pipeline, device, batch_size)
     quantized = evaluate(qmodel, data.test, data.eval_pipeline, device, batch_size)

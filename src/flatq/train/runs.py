@@ -305,6 +305,8 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
     teacher = teacher.to(device)
     check_model_fits(teacher, data, state["meta"]["model"], device)
     student = trainable(quantize_model(teacher, config.quant), teacher)
+    if is_main_process():
+        print(student.quant_plan.summary(), flush=True)
     batches = None if resume else calibration_batches(
         data.train, data.eval_pipeline, config.quant.calib_images, config.quant.calib_seed)
     meta = {"model": state["meta"]["model"], "num_classes": data.num_classes,
