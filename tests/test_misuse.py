@@ -195,7 +195,8 @@ def test_kill_between_epoch_record_and_checkpoint_logs_the_epoch_once(tmp_path, 
 # -- silently ignoring what was asked ------------------------------------------------------
 
 @pytest.mark.parametrize("argv, needles", [
-    (["pretrain", "--resume", "--lr", "0.5"], ["train.lr 0.01 -> 0.5", "may change"]),
+    (["pretrain", "--resume", "--momentum", "0.5"], ["train.momentum 0.9 -> 0.5",
+                                                     "may change"]),
     (["pretrain", "--resume", "--data", "digits"], ["data.name 'synthetic' -> 'digits'"]),
     (["pretrain", "--resume", "--batch-size", "8"], ["train.batch_size 16 -> 8"]),
     (["qat", "--resume", "--from", "{fp2}"], ["teacher", "other weights"]),
@@ -219,6 +220,21 @@ def test_resume_may_train_longer_and_ignores_a_damaged_config_yaml(made, tmp_pat
     (run / "config.yaml").unlink()
     assert cli(["pretrain", "--resume", "--epochs", "3", "--out", run], capsys)[0] == 0
     assert _summary(run)["epoch"] == 3
+
+
+def test_resume_with_a_new_learning_rate_applies_it(made, tmp_path, capsys):
+    """The documented fix for a diverged run: the schedule continues where it was, scaled."""
+    longer = ["--epochs", "3", "--lr", "0.1"]
+    reference = tmp_path / "whole"
+    assert flatq(["pretrain", "--model", "resnet8", *FAST, *longer, "--out", reference]) == 0
+    run = copy_run(made["fp"], tmp_path / "run")
+    code, out, _ = cli(["pretrain", "--resume", *longer, "--out", run], capsys)
+    assert code == 0 and "peak learning rate 0.01 -> 0.1" in out
+    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    whole = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert resumed[1]["epoch"] == 2 and resumed[1]["lr"] > 0.01     # mid-schedule, scaled up
+    assert resumed[1]["lr"] == pytest.approx(whole[1]["lr"])
+    assert load_checkpoint(run, CHECKPOINT_NAME)["config"]["train"]["lr"] == 0.1
 
 
 def test_eval_refuses_another_runs_export(made, tmp_path, capsys):

@@ -75,11 +75,12 @@ def meta_mismatch(saved: Any, meta: dict[str, Any]) -> str | None:
     return None
 
 
-# Options a resumed run may change: how far it trains (epochs), where and how it reports, and
-# where its data now lives. Anything else would silently not apply (the optimizer and schedule
+# Options a resumed run may change: how far it trains (epochs; the cosine schedule is recomputed
+# for the new length), its peak learning rate (the schedule continues at the same position,
+# scaled: the fix for a diverged run), where and how it reports, and where its data now lives. Anything else would silently not apply (the optimizer and schedule
 # state come from the checkpoint) or would train another run under this one's name.
-RESUMABLE_OPTIONS = ("train.epochs", "train.device", "train.progress", "train.test_batch_size",
-                     "train.checkpoint_every_steps", "data.root")
+RESUMABLE_OPTIONS = ("train.epochs", "train.lr", "train.device", "train.progress",
+                     "train.test_batch_size", "train.checkpoint_every_steps", "data.root")
 
 
 def _flat(config: dict[str, Any]) -> dict[str, Any]:
@@ -267,6 +268,7 @@ class Trainer:
                 f"{self.steps_per_epoch}; resume with the run's batch size and "
                 "max_steps_per_epoch")
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_schedule(state.get("config", {}).get("train", {}).get("lr"))
         self.objective.load_state_dict(state.get("objective", {}))
         self.epoch, self.step = state["epoch"], state["step"]
         self.epoch_step = state.get("epoch_step", 0)
@@ -277,6 +279,17 @@ class Trainer:
             self._set_rng_state(rngs[self.rank])
         else:
             self._reseed()
+
+    def _apply_schedule(self, saved_lr: float | None) -> None:
+        """This config's learning rate and length on the restored schedule position."""
+        lr = self.config.train.lr
+        if saved_lr is not None and saved_lr != lr and is_main_process():
+            print(f"--resume: peak learning rate {saved_lr:g} -> {lr:g}; the schedule continues "
+                  f"at step {self.step}", flush=True)
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(self.scheduler.last_epoch)
 
     # -- loop -----------------------------------------------------------------------------
     def _epoch_batches(self):
