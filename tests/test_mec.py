@@ -199,9 +199,11 @@ def test_objective_with_a_named_layer_and_bad_config():
         MECConfig(experts=2, gate_logits=[1.0])
     with pytest.raises(ConfigError, match="method.eps"):
         MECConfig(eps=0.0)
-    too_many = MEC(student, config=MECConfig(experts=10_000))
-    with pytest.raises(ConfigError, match="method.experts"):
-        too_many.losses(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))
+    with pytest.raises(ConfigError, match="method.experts: 10000 experts exceed the 64"):
+        MEC(student, config=MECConfig(experts=10_000))        # a Linear's input: known at once
+    too_many = MEC(student, config=MECConfig(layer="pool", experts=10_000))   # a conv map:
+    with pytest.raises(ConfigError, match="method.experts"):                  # known at the
+        too_many.losses(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))  # first batch
     too_many.close()
     with pytest.warns(UserWarning, match="Taylor series"):
         loose = MEC(student, config=MECConfig(eps=0.5))
