@@ -1,4 +1,4 @@
-"""Write the CR recipes: configs/<data>/<model>/<bits>_cr*.yaml, and their block of configs/README.md.
+"""Write the CR recipes, configs/<data>/<model>/<bits>_cr*.yaml, and their README block.
 
 None of these recipes is a setting or a table cell of the CR paper (arXiv 2402.13497): only its
 abstract and summary were readable to us, so its training schedule and its CR hyper-parameters
