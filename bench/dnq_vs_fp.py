@@ -2,8 +2,9 @@
 
 Plain FP training (cross-entropy) once, then PTQ at every bit width; DNQ training once per
 target bit width (its noise is that bit width's), then PTQ at that bit width. Same model,
-data, epochs, steps and seed for all runs; PTQ is the simple quantizer of the paper's claim
-(fixed min-max ranges, per-channel weights, 100 calibration images, first/last layer 8 bits).
+data, epochs, steps and seed for all runs (our settings, not the paper's); PTQ is our reading
+of the paper's "simple quantization" (fixed min-max ranges, per-channel weights, 100
+calibration images, first/last layer 8 bits).
 
     .venv/bin/python bench/dnq_vs_fp.py --epochs 1 --max-steps-per-epoch 100     # minutes
     .venv/bin/python bench/dnq_vs_fp.py --data cifar100 --model resnet18 --epochs 30 --device cuda

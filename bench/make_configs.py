@@ -279,13 +279,13 @@ def readme_block(all_recipes: list[Recipe]) -> str:
 def readme_text(block: str) -> str:
     """configs/README.md with the FPQ block replaced (or appended); other text is kept."""
     current = README.read_text() if README.is_file() else (
-        "# Recipes\n\nOne YAML per published table cell flatq reproduces, as "
-        "`configs/<data>/<model>/<bits>_<method>.yaml`; each file's header names its cell and "
-        "the command that runs it.\n\n")
+        "# Recipes\n\nRecipes as `configs/<data>/<model>/<bits>_<method>.yaml`; each file's "
+        "header says what it is and the command that runs it. The FPQ recipes reproduce "
+        "published cells of the FPQ paper's Tables 1-5.\n\n")
     if BEGIN in current and END in current:
         head, rest = current.split(BEGIN, 1)
         tail = rest.split(END, 1)[1].lstrip("\n")
-        return head + block + tail
+        return head + block + ("\n" + tail if tail else "")  # keep one blank line
     return current.rstrip("\n") + "\n\n" + block
 
 

@@ -102,3 +102,26 @@ def test_a_broken_recipe_is_refused_by_name(tmp_path, bad):
     path.write_text(bad)
     with pytest.raises(ConfigError, match="epochs|quantiser"):
         RunConfig.from_dict(load_yaml(path))
+
+
+def test_sibling_method_recipes_are_ours_and_claim_no_paper_cell():
+    """Only the FPQ recipes reproduce published cells (issue 26 item 6). A CR, DNQ or MEC recipe
+    must say in its header that it is ours, and the CR generator must match the files."""
+    spec = importlib.util.spec_from_file_location("make_cr_configs",
+                                                  ROOT / "bench" / "make_cr_configs.py")
+    make_cr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_cr)
+    assert make_cr.main(["--check"]) == 0
+    siblings = []
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        method = RunConfig.from_dict(load_yaml(path)).method.name
+        if method not in ("cr", "dnq", "mec"):
+            continue
+        siblings.append(path)
+        header = " ".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+        assert "our recipe, not a" in header.lower(), path
+        assert "(paper cell)" not in header.lower(), path
+    assert len(siblings) == 16                      # the CR recipes; there are no DNQ/MEC ones
+    readme = (CONFIGS / "README.md").read_text()
+    cr_block = readme.split(make_cr.BEGIN, 1)[1].split(make_cr.END, 1)[0]
+    assert "not the CR paper's cells" in cr_block

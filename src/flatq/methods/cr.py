@@ -38,19 +38,24 @@ class CRConfig(MethodConfig):
     (see docs/cr.md)."""
     name = "cr"
     ema_decay: float = option(0.999, "EMA decay a of the teacher: theta_T <- a theta_T + "
-                              "(1 - a) theta_S after every step", low=0.0, high=1.0)
-    temperature: float = option(1.0, "softmax temperature tau of the consistency KL", low=1e-3)
-    lambda_max: float = option(1.0, "final weight of the consistency term", low=0.0)
+                              "(1 - a) theta_S after every step (default ours)", low=0.0,
+                              high=1.0)
+    temperature: float = option(1.0, "softmax temperature tau of the consistency KL (default "
+                                "ours)", low=1e-3)
+    lambda_max: float = option(1.0, "final weight of the consistency term (default ours)",
+                               low=0.0)
     schedule: str = option("sigmoid", "ramp-up of the consistency weight: sigmoid "
-                           "(exp(-5 (1 - t/T_ramp)^2)), linear, cosine or constant",
+                           "(exp(-5 (1 - t/T_ramp)^2)), linear, cosine or constant "
+                           "(the paper studies several strengths; default ours)",
                            choices=SCHEDULES)
     ramp_fraction: float = option(0.3, "fraction of all training steps over which the "
-                                  "consistency weight ramps up to lambda_max", low=0.0, high=1.0)
+                                  "consistency weight ramps up to lambda_max (default ours)",
+                                  low=0.0, high=1.0)
     unlabeled: str = option("none", "unlabeled in-distribution images: none, split:F (hold out "
                             "the fraction F of the training set, labels dropped) or a folder "
                             "with another copy of the data set")
-    unlabeled_ratio: float = option(1.0, "unlabeled images per labeled image in each batch",
-                                    low=0.0)
+    unlabeled_ratio: float = option(1.0, "unlabeled images per labeled image in each batch "
+                                    "(default ours)", low=0.0)
     labeled_fraction: float = option(1.0, "keep labels for only this fraction of the (not "
                                      "held-out) training set; the rest is not used", low=0.0,
                                      high=1.0)

@@ -43,15 +43,16 @@ class DNQConfig(MethodConfig):
     """Options of DNQ; p = 0.5 and the EMA momentum are our defaults (the abstract gives none)."""
     name = "dnq"
     target_bits: str = option("w4a4", "bit widths the model is prepared for, wXaY: weight noise "
-                              "from the X-bit step, input noise from the Y-bit step")
+                              "from the X-bit step, input noise from the Y-bit step "
+                              "(default ours)")
     edge_bits: int | None = option(8, "bit width whose noise the first and last layer get "
-                                   "(none: the target bits)", low=2, high=8)
-    weight_noise: bool = option(True, "differential weight noise on/off")
-    act_noise: bool = option(True, "stochastic activation noise on/off")
+                                   "(none: the target bits; default 8 ours)", low=2, high=8)
+    weight_noise: bool = option(True, "differential weight noise on/off (the paper's TL;DR)")
+    act_noise: bool = option(True, "stochastic activation noise on/off (the paper's TL;DR)")
     act_noise_p: float = option(0.5, "probability that a layer's input is perturbed in a "
-                                "training forward pass", low=0.0, high=1.0)
+                                "training forward pass (default ours)", low=0.0, high=1.0)
     act_momentum: float = option(0.1, "momentum of the moving average of each layer's input "
-                                 "min/max", low=0.0, high=1.0)
+                                 "min/max (default ours)", low=0.0, high=1.0)
 
     def validate(self) -> None:
         super().validate()

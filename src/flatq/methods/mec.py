@@ -5,7 +5,10 @@ Loss: CE - beta * L(Z) / mu, where for a batch of m L2-normalized embeddings Z (
 is the minimal coding length at distortion eps (Maximum Entropy Coding, Liu et al. 2022), a
 tractable surrogate for the entropy; maximizing it spreads the representation that low-bit
 quantization biases. log det is taken by its order-n Taylor series, optionally split into K
-channel-group experts (our reading of the paper's mixture of experts; see docs/mec.md).
+channel-group experts. Z is one view of the student's own embedding: this single-view form is
+our simplification of MEC's cross-view loss (two views, EMA teacher, predictor), and the K
+fixed channel groups are our reading, not MEC-Quant's long-tail mixture of experts. Provenance
+of every formula and default: docs/mec.md.
 """
 
 from __future__ import annotations
@@ -29,22 +32,25 @@ from .hooks import FeatureCapture
 @register_method_config
 @dataclass
 class MECConfig(MethodConfig):
-    """Options of MEC-Quant. The paper's own beta, eps and gating are not known to us; the
-    defaults below are ours (docs/mec.md derives them)."""
+    """Options of MEC-Quant (single-view; our simplification of MEC's cross-view loss). The
+    paper's own beta, eps, layer and gating are not known to us; the defaults below are ours
+    (docs/mec.md derives them and gives each one's source)."""
     name = "mec"
-    beta: float = option(1.0, "weight beta of the coding-rate term: loss = CE - beta * L(Z)/mu "
+    beta: float = option(1.0, "weight beta of the coding-rate term, single-view (our "
+                         "simplification of MEC's cross-view loss): loss = CE - beta * L(Z)/mu "
                          "(ours; the paper's value is not known to us)", low=0.0)
-    eps: float | None = option(None, "distortion eps, lambda = d/(m eps^2); default (none): "
-                               "eps^2 = 2d, so ||lambda Z Z^T||_2 <= lambda m = 1/2 and the "
+    eps: float | None = option(None, "distortion eps, lambda = d/(m eps^2); default (none, "
+                               "ours): eps^2 = 2d, so ||lambda Z Z^T||_2 <= lambda m = 1/2 and the "
                                "Taylor series converges for every batch of unit rows")
-    order: int = option(4, "order n of the Taylor series of log det(I + C)", low=1, high=32)
+    order: int = option(4, "order n of the Taylor series of log det(I + C) (4 as in MEC's "
+                       "code)", low=1, high=32)
     experts: int = option(1, "mixture-of-experts groups K: the features are split into K "
-                          "channel groups, one coding length each (our reading of the paper; "
-                          "1 = the plain form)", low=1)
+                          "fixed channel groups, one coding length each (ours, not the "
+                          "paper's long-tail MoE; 1 = the plain form)", low=1)
     gate_logits: list[float] = option([], "fixed gate logits, one per expert; the weights are "
-                                      "their softmax (default: uniform 1/K; not learned)")
+                                      "their softmax (default: uniform 1/K; not learned; ours)")
     layer: str = option("", "module whose input is the representation (default: the last "
-                        "quantized layer, i.e. the penultimate embedding)")
+                        "quantized layer, i.e. the penultimate embedding; ours)")
 
     def validate(self) -> None:
         super().validate()
