@@ -25,6 +25,7 @@ import yaml
 
 import flatq.methods  # noqa: F401  (registers the method configs)
 from flatq.config import RunConfig, method_config
+from recipe_files import replace_block, write_or_check
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -282,11 +283,7 @@ def readme_text(block: str) -> str:
         "# Recipes\n\nRecipes as `configs/<data>/<model>/<bits>_<method>.yaml`; each file's "
         "header says what it is and the command that runs it. The FPQ recipes reproduce "
         "published cells of the FPQ paper's Tables 1-5.\n\n")
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        return head + block + ("\n" + tail if tail else "")  # keep one blank line
-    return current.rstrip("\n") + "\n\n" + block
+    return replace_block(current, BEGIN, END, block)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,14 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     all_recipes = recipes()
     files = {r.path: r.text() for r in all_recipes}
     files[README] = readme_text(readme_block(all_recipes))
-    stale = [p for p, text in files.items() if not p.is_file() or p.read_text() != text]
+    code, stale = write_or_check(files, args.check, ROOT)
     if args.check:
-        for path in stale:
-            print(f"out of date: {path.relative_to(ROOT)}")
-        return 1 if stale else 0
-    for path in stale:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(files[path])
+        return code
     print(f"{len(all_recipes)} recipes under {CONFIGS.relative_to(ROOT)}/, {len(stale)} written")
     return 0
 

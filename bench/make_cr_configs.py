@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from recipe_files import replace_block, write_or_check
+
 ROOT = Path(__file__).resolve().parent.parent / "configs"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- cr-recipes:begin (bench/make_cr_configs.py) -->", "<!-- cr-recipes:end -->"
@@ -106,11 +108,7 @@ def readme_block(paths: list[Path]) -> str:
 def readme_text(block: str) -> str:
     """configs/README.md with the CR block replaced (or appended); other text is kept."""
     current = README.read_text() if README.is_file() else "# Recipes\n\n"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        return head + block + ("\n" + tail if tail else "")  # keep one blank line
-    return current.rstrip("\n") + "\n\n" + block
+    return replace_block(current, BEGIN, END, block)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,14 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     files = recipes()
     files[README] = readme_text(readme_block(sorted(files)))
-    stale = [p for p, content in files.items() if not p.is_file() or p.read_text() != content]
+    code, stale = write_or_check(files, args.check, ROOT.parent)
     if args.check:
-        for path in stale:
-            print(f"out of date: {path.relative_to(ROOT.parent)}")
-        return 1 if stale else 0
-    for path in stale:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(files[path])
+        return code
     print(f"{len(files) - 1} CR recipes under configs/, {len(stale)} files written")
     return 0
 

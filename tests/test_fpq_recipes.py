@@ -4,6 +4,7 @@ and a recipe given to `flatq qat --config` merges with the teacher's data and wi
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,18 @@ SUFFIXES = {"lsq": ("lsq", "lsq"), "lsqplus": ("lsq", "lsq+"), "pact": ("lsq", "
             "kd": ("kd", "lsq"), "fpq": ("fpq", "lsq"), "sam": ("sam", "lsq")}
 
 
-def make_configs():
-    spec = importlib.util.spec_from_file_location("make_configs", ROOT / "bench" / "make_configs.py")
+def bench_script(name: str):
+    """A bench/ generator as a module (bench/ on the path, as when it runs as a script)."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def make_configs():
+    return bench_script("make_configs")
 
 
 def test_every_yaml_under_configs_loads():
@@ -107,10 +115,7 @@ def test_a_broken_recipe_is_refused_by_name(tmp_path, bad):
 def test_sibling_method_recipes_are_ours_and_claim_no_paper_cell():
     """Only the FPQ recipes reproduce published cells (issue 26 item 6). A CR, DNQ or MEC recipe
     must say in its header that it is ours, and the CR generator must match the files."""
-    spec = importlib.util.spec_from_file_location("make_cr_configs",
-                                                  ROOT / "bench" / "make_cr_configs.py")
-    make_cr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_cr)
+    make_cr = bench_script("make_cr_configs")
     assert make_cr.main(["--check"]) == 0
     siblings = []
     for path in sorted(CONFIGS.rglob("*.yaml")):
