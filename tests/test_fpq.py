@@ -22,7 +22,7 @@ from flatq.cli import main as flatq_main
 from flatq.config import QuantConfig
 from flatq.errors import ConfigError
 from flatq.methods import FPQ, KD, SAM, FPQConfig, KDConfig, SAMConfig, TaskObjective
-from flatq.methods.csd import csd_loss
+from flatq.methods.csd import channel_rows, csd_channel_errors, csd_loss
 from flatq.methods.kd import kd_loss
 from flatq.methods.sfp import NOISE_LEVELS, StochasticFeaturePerturbation, uniform_noise
 from flatq.models import build_model
@@ -260,10 +260,9 @@ def test_csd_loss_is_zero_for_identical_features_and_matches_a_manual_sum():
     teacher = [torch.randn(4, 6, 5, 5, generator=gen) * 3 + 1, torch.randn(4, 3, 2, 2, generator=gen)]
     # Zero up to float32 rounding of the closed form (its terms are about 1 per element).
     assert float(csd_loss(student, [t.clone() for t in student])) == pytest.approx(0.0, abs=1e-6)
-    # Standardization removes per-channel affine changes: those cost nothing either (the
-    # float32 variance E[z^2] - mu^2 errs by about 1e-7 mu^2 / var, here mu^2 / var = 8).
+    # Standardization removes per-channel affine changes: those cost nothing either.
     shifted = [2.5 * s + 7.0 for s in student]
-    assert float(csd_loss(shifted, student)) == pytest.approx(0.0, abs=1e-5)
+    assert float(csd_loss(shifted, student)) == pytest.approx(0.0, abs=1e-6)
 
     manual = sum(((F.batch_norm(t, None, None, training=True, eps=1e-5)
                    - F.batch_norm(s, None, None, training=True, eps=1e-5)) ** 2).sum() / s.numel()
@@ -311,6 +310,83 @@ def test_csd_gradient_matches_batch_norm_mse_and_finite_differences(shape):
     assert ours.grad.abs().max() > 1e-3
     assert torch.autograd.gradcheck(lambda z: csd_loss([z], [teacher]),
                                     (student.clone().requires_grad_(),))
+
+
+def plain_csd(student, teacher, eps=1e-5, channel_dim=1):
+    """CSD written plainly in float64: per channel (z - mean) / sqrt(var + eps), var biased
+    (torch.var), over every axis but `channel_dim`; squared difference averaged per layer."""
+    def norm(z):
+        z = z.double()
+        axes = [d for d in range(z.dim()) if d != channel_dim % z.dim()]
+        var = torch.var(z, axes, unbiased=False, keepdim=True)
+        return (z - z.mean(axes, keepdim=True)) / torch.sqrt(var + eps)
+    return sum(((norm(t) - norm(s)) ** 2).mean() for s, t in zip(student, teacher))
+
+
+def _value_and_grad(loss_fn, z):
+    z = z.detach().clone().requires_grad_()
+    loss = loss_fn(z)
+    loss.backward()
+    return loss.detach(), z.grad
+
+
+def offset_channels(ratio, shape=(8, 4, 6, 6), seed=3):
+    """float32 student maps whose channel means are `ratio` times their deviations (deviations
+    from 0.01 to 10), and a teacher correlated with them around mean 0."""
+    gen = torch.Generator().manual_seed(seed)
+    std = torch.tensor([1.0, 0.01, 10.0, 0.5]).view(1, -1, 1, 1)
+    noise = torch.randn(shape, generator=gen)
+    student = (ratio * std + std * noise).float()
+    teacher = (noise + 0.7 * torch.randn(shape, generator=gen)) * 3.0
+    return student, teacher
+
+
+@pytest.mark.parametrize("ratio", [1e3, 1e4])
+def test_csd_is_exact_for_channels_whose_mean_dwarfs_their_spread(ratio):
+    """float32 loss and gradient against the plain float64 formula on the same values (the
+    closed form E[z^2] - mu^2 erred by 4-9% in the gradient at mean/std 1e3)."""
+    student, teacher = offset_channels(ratio)
+    loss, grad = _value_and_grad(lambda z: csd_loss([z], [teacher]), student)
+    ref_loss, ref_grad = _value_and_grad(lambda z: plain_csd([z], [teacher]), student.double())
+    assert grad.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert float(ref_loss) > 0.1
+    for channel in range(student.shape[1]):             # each channel against its own scale
+        mine, ref = grad[:, channel].double(), ref_grad[:, channel]
+        assert float((mine - ref).abs().max()) <= 1e-4 * float(ref.abs().max()), channel
+
+
+def test_csd_gradient_passes_finite_differences_at_mean_over_std_1e4():
+    student, teacher = offset_channels(1e4, shape=(3, 4, 3, 2))
+    assert torch.autograd.gradcheck(lambda z: csd_loss([z], [teacher.double()]),
+                                    (student.double().requires_grad_(),))
+
+
+def test_csd_constant_student_channel_has_no_variance():
+    """A constant student channel standardizes to zeros: against a N(0, 1) teacher the loss is
+    the teacher's var / (var + eps), about 1 (the closed form made it 1.222)."""
+    gen = torch.Generator().manual_seed(4)
+    teacher = torch.randn(16, 3, 5, 5, generator=gen)
+    student = torch.full_like(teacher, 0.0).add_(torch.tensor([3.7, -1e3, 0.1]).view(1, -1, 1, 1))
+    loss, grad = _value_and_grad(lambda z: csd_loss([z], [teacher]), student)
+    ref_loss, ref_grad = _value_and_grad(lambda z: plain_csd([z], [teacher]), student.double())
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+    assert float(ref_loss) == pytest.approx(1.0, abs=1e-3)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5 * float(ref_grad.abs().max()))
+
+
+def test_csd_gives_a_clamped_channel_no_gradient():
+    """Rounding can take an identical pair's per-channel error below zero; the loss clamps it
+    to 0, and, as torch.clamp would, passes no gradient through it."""
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 256, 3, 3, generator=gen) * 2 + 1
+    x, y = channel_rows(z), channel_rows(z.clone())
+    raw = csd_channel_errors(x, y, 1e-5)
+    clamped = (raw < 0).flatten()
+    assert clamped.any() and not clamped.all()
+    _, grad = _value_and_grad(lambda v: csd_loss([v], [z]), z)
+    assert torch.all(grad[:, clamped] == 0)
+    assert torch.any(grad[:, ~clamped] != 0)
 
 
 def test_fpq_csd_is_zero_when_student_features_equal_the_teachers_and_positive_after_a_change():
