@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+import torchvision
 import yaml
 from torch import nn
 from torch.nn import functional as F
@@ -26,7 +27,8 @@ from flatq.methods.csd import channel_rows, csd_channel_errors, csd_loss
 from flatq.methods.kd import kd_loss
 from flatq.methods.sfp import NOISE_LEVELS, StochasticFeaturePerturbation, uniform_noise
 from flatq.models import build_model
-from flatq.quant import Quantizer, calibrate, quant_layers, quantize_model
+from flatq.models.vit import VisionTransformer
+from flatq.quant import QuantLinear, Quantizer, calibrate, quant_layers, quantize_model
 from flatq.train.runs import load_model
 
 CONVS = ["0", "2", "4", "6"]          # conv layers of `tiny_fp`; "9" is the Linear
@@ -218,7 +220,7 @@ def test_sfp_default_layers_exclude_the_first_and_last_quantized_layer():
     student = tiny_student(tiny_fp())
     assert StochasticFeaturePerturbation(student).names == INNER
     assert StochasticFeaturePerturbation(student, layers=["4"]).names == ["4"]
-    with pytest.raises(ValueError, match="match none"):
+    with pytest.raises(ConfigError, match=r"SFP layer patterns \['nope\*'\] match none"):
         StochasticFeaturePerturbation(student, layers=["nope*"])
     # On a real model the excluded layers are exactly the 8-bit edge layers.
     resnet = quantize_model(build_model("resnet8", num_classes=10, in_channels=3),
@@ -419,6 +421,120 @@ def test_csd_gradient_reaches_student_weights_and_step_sizes_never_the_teacher()
     for param in teacher.parameters():
         assert not param.requires_grad and param.grad is None
     assert all(p.requires_grad for p in student.parameters())
+
+
+class OutputRecorder:
+    """The output of each named module as the module returned it, by hooks that keep the
+    tensor itself (with its graph); only valid on models without in-place ops after them."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        modules = dict(model.named_modules())
+        self.outputs: dict[str, torch.Tensor] = {}
+        for name in names:
+            modules[name].register_forward_hook(
+                lambda m, i, o, name=name: self.outputs.__setitem__(name, o))
+
+
+def without_inplace(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose in-place ReLUs write new tensors instead."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return model
+
+
+def squeezenet_fp() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.squeezenet1_1(weights=None, num_classes=10)
+
+
+@pytest.mark.parametrize("build, size", [(lambda: without_inplace(tiny_fp()), 6),
+                                         (squeezenet_fp, 40)])
+def test_csd_compares_conv_outputs_even_where_an_inplace_relu_follows(build, size):
+    """The captured map is the conv's output, not what the in-place ReLU after it leaves
+    (torchvision's SqueezeNet): value and weight gradients equal the plain formula on the
+    outputs of the same networks with out-of-place ReLUs."""
+    teacher = build()
+    for module in teacher.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = True
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(6))
+    student = calibrate(quantize_model(teacher, QuantConfig(w_bits=4, a_bits=4)), [x])
+    objective = FPQ(student, teacher, FPQConfig(sfp=False)).train()
+    names = objective.student_features.names
+    torch.manual_seed(8)                       # the same dropout draws in both students
+    loss = objective.losses(x, labels(4))["csd"]
+    grads = torch.autograd.grad(loss, [m.weight for _, m in quant_layers(student)[:-1]])
+
+    ref_student, ref_teacher = without_inplace(student).train(), without_inplace(teacher).eval()
+    seen_s, seen_t = OutputRecorder(ref_student, names), OutputRecorder(ref_teacher, names)
+    torch.manual_seed(8)
+    ref_student(x)
+    with torch.no_grad():
+        ref_teacher(x)
+    ref = plain_csd([seen_s.outputs[n] for n in names], [seen_t.outputs[n] for n in names])
+    ref_grads = torch.autograd.grad(ref, [m.weight for _, m in quant_layers(ref_student)[:-1]])
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+    post_relu = plain_csd([F.relu(seen_s.outputs[n]) for n in names],
+                          [F.relu(seen_t.outputs[n]) for n in names])
+    assert abs(post_relu.item() - ref.item()) > 1e-2 * ref.item()   # the case is telling
+    for mine, want in zip(grads, ref_grads):
+        torch.testing.assert_close(mine.double(), want.double(), rtol=1e-3,
+                                   atol=1e-4 * float(want.abs().max()))
+
+
+def tiny_vits() -> list[tuple[str, nn.Module]]:
+    torch.manual_seed(0)
+    return [("flatq vit_tiny", VisionTransformer(num_classes=10, img_size=8, patch_size=4,
+                                                 dim=16, depth=2, heads=2)),
+            ("torchvision VisionTransformer", torchvision.models.VisionTransformer(
+                image_size=8, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16,
+                mlp_dim=32, num_classes=10))]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_csd_distills_a_transformers_linear_layers_over_batch_and_tokens(index):
+    """On a ViT, csd_linear=auto admits every quantized Linear but the classifier; each
+    Linear output (batch, tokens, C) is standardized per channel over batch and tokens."""
+    what, teacher = tiny_vits()[index]
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    student = calibrate(quantize_model(teacher, QuantConfig(w_bits=4, a_bits=4)), [x])
+    layers = quant_layers(student)
+    linears = [n for n, m in layers if isinstance(m, QuantLinear)]
+    objective = FPQ(student, teacher, FPQConfig(sfp=False)).train()
+    names = objective.student_features.names
+    assert names == [n for n, _ in layers[:-1]], what          # conv stem and inner Linears
+    assert set(linears) - set(names) == {layers[-1][0]}
+    loss = objective.losses(x, labels(6))["csd"]
+
+    seen_s, seen_t = OutputRecorder(student, names), OutputRecorder(teacher, names)
+    student(x)
+    with torch.no_grad():
+        teacher(x)
+    ref = sum(plain_csd([seen_s.outputs[n]], [seen_t.outputs[n]],
+                        channel_dim=1 if seen_s.outputs[n].dim() == 4 else -1) for n in names)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4), what
+    loss.backward()
+    first_linear = dict(layers)[names[1]]
+    assert first_linear.weight.grad is not None and first_linear.weight.grad.abs().sum() > 0
+    # The choices: convs only (the paper), every Linear, and patterns among the candidates.
+    choose = lambda **kw: FPQ(student, teacher, FPQConfig(sfp=False, **kw)).student_features.names
+    assert choose(csd_linear="none") == [layers[0][0]]
+    assert choose(csd_linear="all") == [n for n, _ in layers]
+    assert choose(csd_layers=[names[1]]) == [names[1]]
+    with pytest.raises(ConfigError, match="CSD layer patterns .* match none"):
+        choose(csd_linear="none", csd_layers=[names[1]])
+
+
+def test_csd_keeps_convs_only_on_a_cnn_by_default():
+    student = tiny_student(tiny_fp())
+    choose = lambda **kw: FPQ(student, tiny_fp(), FPQConfig(sfp=False, **kw)).student_features.names
+    assert choose() == choose(csd_linear="none") == CONVS
+    assert choose(csd_linear="all") == CONVS + ["9"]
+    assert choose(csd_linear="inner") == CONVS                   # "9" is the classifier
+    with pytest.raises(ConfigError, match=r"CSD layer patterns \['9'\] match none"):
+        choose(csd_layers=["9"])
 
 
 @pytest.mark.parametrize("config", [FPQConfig(), FPQConfig(p=1.0, sfp_site="before"),
