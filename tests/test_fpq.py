@@ -20,9 +20,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from flatq.cli import main as flatq_main
-from flatq.config import QuantConfig
+from flatq.config import QuantConfig, method_config
 from flatq.errors import ConfigError
-from flatq.methods import FPQ, KD, SAM, FPQConfig, KDConfig, SAMConfig, TaskObjective
+from flatq.methods import (FPQ, KD, SAM, FPQConfig, KDConfig, SAMConfig, TaskObjective,
+                           build_objective)
 from flatq.methods.csd import channel_rows, csd_channel_errors, csd_loss
 from flatq.methods.kd import kd_loss
 from flatq.methods.sfp import NOISE_LEVELS, StochasticFeaturePerturbation, uniform_noise
@@ -241,7 +242,7 @@ def test_teacher_is_never_perturbed(quantized_teacher):
     teacher.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
     objective = FPQ(student, teacher, FPQConfig(p=1.0)).train()
     objective.losses(images(), labels())
-    assert not teacher.training
+    assert not objective.teacher.training and teacher.training
     assert all(n > 0 for n in objective.sfp.fired.values())       # the student was perturbed
     with torch.no_grad():
         assert torch.equal(seen[0], reference(images()))
@@ -418,8 +419,9 @@ def test_csd_gradient_reaches_student_weights_and_step_sizes_never_the_teacher()
                             ("input step", layer.input_quantizer.scale)):
             assert param.grad is not None and param.grad.abs().sum() > 0, (name, what)
     assert layers["9"].weight.grad is None       # the classifier lies after every CSD layer
-    for param in teacher.parameters():
+    for param in objective.teacher.parameters():
         assert not param.requires_grad and param.grad is None
+    assert all(p.grad is None for p in teacher.parameters())
     assert all(p.requires_grad for p in student.parameters())
 
 
@@ -673,6 +675,62 @@ def test_fpq_ablation_switches_are_accepted_and_recorded(fp_run, tmp_path, flags
     assert {k: method[k] for k in recorded} == recorded
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert ("train_csd" in record) == recorded["csd"]
+
+
+# -- objectives leave the caller's float model as it was ----------------------------------
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+              "_forward_hooks_always_called", "_state_dict_hooks", "_state_dict_pre_hooks",
+              "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def hooks_of(model: nn.Module) -> dict:
+    return {(name, attr): dict(getattr(module, attr)) for name, module in model.named_modules()
+            for attr in HOOK_DICTS}
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything an objective could change on a model it was handed: values of parameters
+    and buffers, requires_grad flags, every module's training flag, every hook dictionary."""
+    return {"tensors": {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items()},
+            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+            "training": {n: m.training for n, m in model.named_modules()},
+            "hooks": hooks_of(model)}
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["training"] == before["training"]
+    assert after["hooks"] == before["hooks"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for name, value in before["tensors"].items():
+        assert torch.equal(after["tensors"][name], value), name
+
+
+@pytest.mark.parametrize("method", ["lsq", "kd", "sam", "fpq", "cr", "mec", "dnq"])
+def test_building_and_running_an_objective_leaves_the_float_model_untouched(method):
+    """The FP teacher handed to any objective keeps its values, flags, modes and hooks after
+    construction and steps and after close (the `with` block); close also removes every hook
+    the objective put on its student."""
+    teacher = build_model("resnet8", num_classes=10, in_channels=3).train()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    y = torch.arange(8) % 10
+    student = (copy.deepcopy(teacher) if method == "dnq" else
+               calibrate(quantize_model(teacher, QuantConfig(w_bits=4, a_bits=4)), [x]))
+    options = {"fpq": {"p": 1.0}}.get(method, {})
+    before, student_hooks = snapshot(teacher), hooks_of(student)
+    with build_objective(method_config(method, options), student, teacher, seed=0) as objective:
+        objective.train()
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
+        for _ in range(2):
+            losses = objective.step(x, y, optimizer)
+        assert all(torch.isfinite(v) for v in losses.values())
+        assert_same(before, snapshot(teacher))
+        if method in ("kd", "fpq"):
+            assert objective.teacher is not teacher and not objective.teacher.training
+    assert_same(before, snapshot(teacher))
+    assert hooks_of(student) == student_hooks
 
 
 def test_methods_with_a_teacher_refuse_to_start_without_one():
