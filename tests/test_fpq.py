@@ -537,6 +537,10 @@ def test_csd_keeps_convs_only_on_a_cnn_by_default():
     assert choose(csd_linear="inner") == CONVS                   # "9" is the classifier
     with pytest.raises(ConfigError, match=r"CSD layer patterns \['9'\] match none"):
         choose(csd_layers=["9"])
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(108, 16), nn.ReLU(), nn.Linear(16, 10))
+    mlp_student = calibrate(quantize_model(mlp, QuantConfig(w_bits=4, a_bits=4)), [images(8)])
+    with pytest.raises(ConfigError, match="CSD has no layer to distill"):
+        FPQ(mlp_student, mlp, FPQConfig(csd_linear="none"))
 
 
 @pytest.mark.parametrize("config", [FPQConfig(), FPQConfig(p=1.0, sfp_site="before"),
@@ -552,6 +556,9 @@ def test_fpq_step_runs_the_student_forward_once(config):
     losses = objective.step(images(), labels(), optimizer)
     assert calls == {"student": 1, "teacher": 1 if config.csd else 0}
     assert set(losses) == ({"ce", "csd"} if config.csd else {"ce"})
+    if config.csd:                # forward passes of others (evaluation) capture nothing
+        student.eval()(images())
+        assert objective.student_features.outputs == {}
 
 
 # -- KD -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MethodConfig, option, register_method_config
+from ..errors import ConfigError
 from ..quant import QuantConv2d, QuantLinear, quant_layers
 from .base import Objective
 from .csd import ChannelRows, channel_rows, csd_loss_from_rows
@@ -66,11 +67,11 @@ def csd_candidates(student: nn.Module, linear: str = "auto") -> dict[str, int]:
 class FPQ(Objective):
     """The FPQ objective for a quantized `student` and its frozen FP `teacher`.
 
-    Use it in your own loop::
+    Use it in your own loop (the block's end removes its hooks from the student)::
 
-        objective = FPQ(student, teacher, FPQConfig(p=0.1))
-        losses = objective.losses(images, labels)   # {'ce': ..., 'csd': ...}
-        sum(losses.values()).backward()
+        with FPQ(student, teacher, FPQConfig(p=0.1)) as objective:
+            losses = objective.losses(images, labels)   # {'ce': ..., 'csd': ...}
+            sum(losses.values()).backward()
     """
 
     needs_teacher = True
@@ -84,10 +85,15 @@ class FPQ(Objective):
         self.student_features = self.teacher_features = None
         if config.csd:
             candidates = csd_candidates(student, config.csd_linear)
+            if not candidates:
+                raise ConfigError(f"CSD has no layer to distill: the model has no quantized conv "
+                                  f"and csd_linear={config.csd_linear!r} admits no Linear layer "
+                                  "(try --csd-linear inner, or --no-csd)")
             names = select_layers(config.csd_layers, list(candidates), "CSD layer")
             self.channel_dims = {name: candidates[name] for name in names}
-            self.student_features = FeatureCapture(student, names, transform=self._rows)
-            self.teacher_features = FeatureCapture(self.teacher, names, transform=self._rows)
+            self.student_features = FeatureCapture(student, names, transform=self._rows, on=False)
+            self.teacher_features = FeatureCapture(self.teacher, names, transform=self._rows,
+                                                   on=False)
 
     def _rows(self, name: str, output: Tensor) -> ChannelRows:
         """What the capture hooks keep of a layer's output: CSD's shifted channel rows (a new
@@ -95,13 +101,15 @@ class FPQ(Objective):
         return channel_rows(output, self.channel_dims[name])
 
     def losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        out = {"ce": self.task_loss(self.student(images), labels)}
-        if self.student_features is not None:
+        if self.student_features is None:
+            return {"ce": self.task_loss(self.student(images), labels)}
+        with self.student_features.recording(), self.teacher_features.recording():
+            logits = self.student(images)
             with torch.no_grad():
                 self.teacher(images)
-            out["csd"] = self.config.csd_weight * csd_loss_from_rows(
-                self.student_features.take(), self.teacher_features.take(), self.config.csd_eps)
-        return out
+        csd = csd_loss_from_rows(self.student_features.take(), self.teacher_features.take(),
+                                 self.config.csd_eps)
+        return {"ce": self.task_loss(logits, labels), "csd": self.config.csd_weight * csd}
 
     def state_dict(self) -> dict[str, Any]:
         return {"sfp_generator": self.sfp.generator.get_state()} if self.sfp else {}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
@@ -32,17 +33,19 @@ class FeatureCapture:
     Used for distillation: the student's tensors keep their graph (the loss flows back
     through them), the teacher's are produced under no_grad. `take()` after each use so
     nothing outlives its step. `transform(name, tensor)`, when given, is what is kept: it runs
-    inside the hook, before any later (in-place) op can change the tensor.
+    inside the hook, before any later (in-place) op can change the tensor. Built with
+    `on=False`, it keeps nothing outside `recording()` blocks, so forward passes that are not
+    the method's own (evaluation, BatchNorm re-estimation) cost nothing.
     """
 
     def __init__(self, model: nn.Module, names: list[str], inputs: bool = False,
-                 transform: Callable[[str, Tensor], Any] | None = None) -> None:
+                 transform: Callable[[str, Tensor], Any] | None = None, on: bool = True) -> None:
         modules = dict(model.named_modules())
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"no module named {missing[0]!r} in the model")
         self.names = names
-        self.transform = transform
+        self.transform, self.on = transform, on
         self.outputs: dict[str, Any] = {}
         self._handles = [modules[n].register_forward_pre_hook(self._pre_hook(n)) if inputs
                          else modules[n].register_forward_hook(self._hook(n)) for n in names]
@@ -58,7 +61,17 @@ class FeatureCapture:
         return store
 
     def _keep(self, name: str, tensor: Tensor) -> None:
-        self.outputs[name] = tensor if self.transform is None else self.transform(name, tensor)
+        if self.on:
+            self.outputs[name] = tensor if self.transform is None else self.transform(name, tensor)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Capture inside the block (whatever `on` was before, it is restored after)."""
+        previous, self.on = self.on, True
+        try:
+            yield
+        finally:
+            self.on = previous
 
     def take(self) -> list[Any]:
         """The captured outputs (or what `transform` made of them) in `names` order; the
