@@ -68,6 +68,8 @@ def settle_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> None:
 class TeacherForward(TaskObjective):
     """LSQ's loss plus an unused teacher forward (no grad): what running the teacher costs."""
 
+    needs_teacher = True
+
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
         super().__init__(student, teacher)
 

@@ -14,19 +14,22 @@ import math
 
 import pytest
 import torch
+import torchvision
 import yaml
 from torch import nn
 from torch.nn import functional as F
 
 from flatq.cli import main as flatq_main
-from flatq.config import QuantConfig
+from flatq.config import QuantConfig, method_config
 from flatq.errors import ConfigError
-from flatq.methods import FPQ, KD, SAM, FPQConfig, KDConfig, SAMConfig, TaskObjective
-from flatq.methods.csd import csd_loss
+from flatq.methods import (FPQ, KD, SAM, FPQConfig, KDConfig, SAMConfig, TaskObjective,
+                           build_objective)
+from flatq.methods.csd import channel_rows, csd_channel_errors, csd_loss
 from flatq.methods.kd import kd_loss
 from flatq.methods.sfp import NOISE_LEVELS, StochasticFeaturePerturbation, uniform_noise
 from flatq.models import build_model
-from flatq.quant import Quantizer, calibrate, quant_layers, quantize_model
+from flatq.models.vit import VisionTransformer
+from flatq.quant import QuantLinear, Quantizer, calibrate, quant_layers, quantize_model
 from flatq.train.runs import load_model
 
 CONVS = ["0", "2", "4", "6"]          # conv layers of `tiny_fp`; "9" is the Linear
@@ -218,7 +221,7 @@ def test_sfp_default_layers_exclude_the_first_and_last_quantized_layer():
     student = tiny_student(tiny_fp())
     assert StochasticFeaturePerturbation(student).names == INNER
     assert StochasticFeaturePerturbation(student, layers=["4"]).names == ["4"]
-    with pytest.raises(ConfigError, match="match no layer"):
+    with pytest.raises(ConfigError, match=r"SFP layer patterns \['nope\*'\] match none"):
         StochasticFeaturePerturbation(student, layers=["nope*"])
     # On a real model the excluded layers are exactly the 8-bit edge layers.
     resnet = quantize_model(build_model("resnet8", num_classes=10, in_channels=3),
@@ -239,7 +242,7 @@ def test_teacher_is_never_perturbed(quantized_teacher):
     teacher.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
     objective = FPQ(student, teacher, FPQConfig(p=1.0)).train()
     objective.losses(images(), labels())
-    assert not teacher.training
+    assert not objective.teacher.training and teacher.training
     assert all(n > 0 for n in objective.sfp.fired.values())       # the student was perturbed
     with torch.no_grad():
         assert torch.equal(seen[0], reference(images()))
@@ -260,10 +263,9 @@ def test_csd_loss_is_zero_for_identical_features_and_matches_a_manual_sum():
     teacher = [torch.randn(4, 6, 5, 5, generator=gen) * 3 + 1, torch.randn(4, 3, 2, 2, generator=gen)]
     # Zero up to float32 rounding of the closed form (its terms are about 1 per element).
     assert float(csd_loss(student, [t.clone() for t in student])) == pytest.approx(0.0, abs=1e-6)
-    # Standardization removes per-channel affine changes: those cost nothing either (the
-    # float32 variance E[z^2] - mu^2 errs by about 1e-7 mu^2 / var, here mu^2 / var = 8).
+    # Standardization removes per-channel affine changes: those cost nothing either.
     shifted = [2.5 * s + 7.0 for s in student]
-    assert float(csd_loss(shifted, student)) == pytest.approx(0.0, abs=1e-5)
+    assert float(csd_loss(shifted, student)) == pytest.approx(0.0, abs=1e-6)
 
     manual = sum(((F.batch_norm(t, None, None, training=True, eps=1e-5)
                    - F.batch_norm(s, None, None, training=True, eps=1e-5)) ** 2).sum() / s.numel()
@@ -313,6 +315,83 @@ def test_csd_gradient_matches_batch_norm_mse_and_finite_differences(shape):
                                     (student.clone().requires_grad_(),))
 
 
+def plain_csd(student, teacher, eps=1e-5, channel_dim=1):
+    """CSD written plainly in float64: per channel (z - mean) / sqrt(var + eps), var biased
+    (torch.var), over every axis but `channel_dim`; squared difference averaged per layer."""
+    def norm(z):
+        z = z.double()
+        axes = [d for d in range(z.dim()) if d != channel_dim % z.dim()]
+        var = torch.var(z, axes, unbiased=False, keepdim=True)
+        return (z - z.mean(axes, keepdim=True)) / torch.sqrt(var + eps)
+    return sum(((norm(t) - norm(s)) ** 2).mean() for s, t in zip(student, teacher))
+
+
+def _value_and_grad(loss_fn, z):
+    z = z.detach().clone().requires_grad_()
+    loss = loss_fn(z)
+    loss.backward()
+    return loss.detach(), z.grad
+
+
+def offset_channels(ratio, shape=(8, 4, 6, 6), seed=3):
+    """float32 student maps whose channel means are `ratio` times their deviations (deviations
+    from 0.01 to 10), and a teacher correlated with them around mean 0."""
+    gen = torch.Generator().manual_seed(seed)
+    std = torch.tensor([1.0, 0.01, 10.0, 0.5]).view(1, -1, 1, 1)
+    noise = torch.randn(shape, generator=gen)
+    student = (ratio * std + std * noise).float()
+    teacher = (noise + 0.7 * torch.randn(shape, generator=gen)) * 3.0
+    return student, teacher
+
+
+@pytest.mark.parametrize("ratio", [1e3, 1e4])
+def test_csd_is_exact_for_channels_whose_mean_dwarfs_their_spread(ratio):
+    """float32 loss and gradient against the plain float64 formula on the same values (the
+    closed form E[z^2] - mu^2 erred by 4-9% in the gradient at mean/std 1e3)."""
+    student, teacher = offset_channels(ratio)
+    loss, grad = _value_and_grad(lambda z: csd_loss([z], [teacher]), student)
+    ref_loss, ref_grad = _value_and_grad(lambda z: plain_csd([z], [teacher]), student.double())
+    assert grad.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert float(ref_loss) > 0.1
+    for channel in range(student.shape[1]):             # each channel against its own scale
+        mine, ref = grad[:, channel].double(), ref_grad[:, channel]
+        assert float((mine - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), channel
+
+
+def test_csd_gradient_passes_finite_differences_at_mean_over_std_1e4():
+    student, teacher = offset_channels(1e4, shape=(3, 4, 3, 2))
+    assert torch.autograd.gradcheck(lambda z: csd_loss([z], [teacher.double()]),
+                                    (student.double().requires_grad_(),))
+
+
+def test_csd_constant_student_channel_has_no_variance():
+    """A constant student channel standardizes to zeros: against a N(0, 1) teacher the loss is
+    the teacher's var / (var + eps), about 1 (the closed form made it 1.222)."""
+    gen = torch.Generator().manual_seed(4)
+    teacher = torch.randn(16, 3, 5, 5, generator=gen)
+    student = torch.full_like(teacher, 0.0).add_(torch.tensor([3.7, -1e3, 0.1]).view(1, -1, 1, 1))
+    loss, grad = _value_and_grad(lambda z: csd_loss([z], [teacher]), student)
+    ref_loss, ref_grad = _value_and_grad(lambda z: plain_csd([z], [teacher]), student.double())
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+    assert float(ref_loss) == pytest.approx(1.0, abs=1e-3)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5 * float(ref_grad.abs().max()))
+
+
+def test_csd_gives_a_clamped_channel_no_gradient():
+    """Rounding can take an identical pair's per-channel error below zero; the loss clamps it
+    to 0, and, as torch.clamp would, passes no gradient through it."""
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 256, 3, 3, generator=gen) * 2 + 1
+    x, y = channel_rows(z), channel_rows(z.clone())
+    raw = csd_channel_errors(x, y, 1e-5)
+    clamped = (raw < 0).flatten()
+    assert clamped.any() and not clamped.all()
+    _, grad = _value_and_grad(lambda v: csd_loss([v], [z]), z)
+    assert torch.all(grad[:, clamped] == 0)
+    assert torch.any(grad[:, ~clamped] != 0)
+
+
 def test_fpq_csd_is_zero_when_student_features_equal_the_teachers_and_positive_after_a_change():
     student = tiny_student(tiny_fp())
     teacher = copy.deepcopy(student)          # same network, so the same conv outputs
@@ -340,9 +419,128 @@ def test_csd_gradient_reaches_student_weights_and_step_sizes_never_the_teacher()
                             ("input step", layer.input_quantizer.scale)):
             assert param.grad is not None and param.grad.abs().sum() > 0, (name, what)
     assert layers["9"].weight.grad is None       # the classifier lies after every CSD layer
-    for param in teacher.parameters():
+    for param in objective.teacher.parameters():
         assert not param.requires_grad and param.grad is None
+    assert all(p.grad is None for p in teacher.parameters())
     assert all(p.requires_grad for p in student.parameters())
+
+
+class OutputRecorder:
+    """The output of each named module as the module returned it, by hooks that keep the
+    tensor itself (with its graph); only valid on models without in-place ops after them."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        modules = dict(model.named_modules())
+        self.outputs: dict[str, torch.Tensor] = {}
+        for name in names:
+            modules[name].register_forward_hook(
+                lambda m, i, o, name=name: self.outputs.__setitem__(name, o))
+
+
+def without_inplace(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose in-place ReLUs write new tensors instead."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return model
+
+
+def squeezenet_fp() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.squeezenet1_1(weights=None, num_classes=10)
+
+
+@pytest.mark.parametrize("build, size", [(lambda: without_inplace(tiny_fp()), 6),
+                                         (squeezenet_fp, 40)])
+def test_csd_compares_conv_outputs_even_where_an_inplace_relu_follows(build, size):
+    """The captured map is the conv's output, not what the in-place ReLU after it leaves
+    (torchvision's SqueezeNet): value and weight gradients equal the plain formula on the
+    outputs of the same networks with out-of-place ReLUs."""
+    teacher = build()
+    for module in teacher.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = True
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(6))
+    student = calibrate(quantize_model(teacher, QuantConfig(w_bits=4, a_bits=4)), [x])
+    objective = FPQ(student, teacher, FPQConfig(sfp=False)).train()
+    names = objective.student_features.names
+    torch.manual_seed(8)                       # the same dropout draws in both students
+    loss = objective.losses(x, labels(4))["csd"]
+    grads = torch.autograd.grad(loss, [m.weight for _, m in quant_layers(student)[:-1]])
+
+    ref_student, ref_teacher = without_inplace(student).train(), without_inplace(teacher).eval()
+    seen_s, seen_t = OutputRecorder(ref_student, names), OutputRecorder(ref_teacher, names)
+    torch.manual_seed(8)
+    ref_student(x)
+    with torch.no_grad():
+        ref_teacher(x)
+    ref = plain_csd([seen_s.outputs[n] for n in names], [seen_t.outputs[n] for n in names])
+    ref_grads = torch.autograd.grad(ref, [m.weight for _, m in quant_layers(ref_student)[:-1]])
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+    post_relu = plain_csd([F.relu(seen_s.outputs[n]) for n in names],
+                          [F.relu(seen_t.outputs[n]) for n in names])
+    assert abs(post_relu.item() - ref.item()) > 1e-2 * ref.item()   # the case is telling
+    for mine, want in zip(grads, ref_grads):
+        torch.testing.assert_close(mine.double(), want.double(), rtol=1e-3,
+                                   atol=1e-4 * float(want.abs().max()))
+
+
+def tiny_vits() -> list[tuple[str, nn.Module]]:
+    torch.manual_seed(0)
+    return [("flatq vit_tiny", VisionTransformer(num_classes=10, img_size=8, patch_size=4,
+                                                 dim=16, depth=2, heads=2)),
+            ("torchvision VisionTransformer", torchvision.models.VisionTransformer(
+                image_size=8, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16,
+                mlp_dim=32, num_classes=10))]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_csd_distills_a_transformers_linear_layers_over_batch_and_tokens(index):
+    """On a ViT, csd_linear=auto admits every quantized Linear but the classifier; each
+    Linear output (batch, tokens, C) is standardized per channel over batch and tokens."""
+    what, teacher = tiny_vits()[index]
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    student = calibrate(quantize_model(teacher, QuantConfig(w_bits=4, a_bits=4)), [x])
+    layers = quant_layers(student)
+    linears = [n for n, m in layers if isinstance(m, QuantLinear)]
+    objective = FPQ(student, teacher, FPQConfig(sfp=False)).train()
+    names = objective.student_features.names
+    assert names == [n for n, _ in layers[:-1]], what          # conv stem and inner Linears
+    assert set(linears) - set(names) == {layers[-1][0]}
+    loss = objective.losses(x, labels(6))["csd"]
+
+    seen_s, seen_t = OutputRecorder(student, names), OutputRecorder(teacher, names)
+    student(x)
+    with torch.no_grad():
+        teacher(x)
+    ref = sum(plain_csd([seen_s.outputs[n]], [seen_t.outputs[n]],
+                        channel_dim=1 if seen_s.outputs[n].dim() == 4 else -1) for n in names)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4), what
+    loss.backward()
+    first_linear = dict(layers)[names[1]]
+    assert first_linear.weight.grad is not None and first_linear.weight.grad.abs().sum() > 0
+    # The choices: convs only (the paper), every Linear, and patterns among the candidates.
+    choose = lambda **kw: FPQ(student, teacher, FPQConfig(sfp=False, **kw)).student_features.names
+    assert choose(csd_linear="none") == [layers[0][0]]
+    assert choose(csd_linear="all") == [n for n, _ in layers]
+    assert choose(csd_layers=[names[1]]) == [names[1]]
+    with pytest.raises(ConfigError, match="CSD layer patterns .* match none"):
+        choose(csd_linear="none", csd_layers=[names[1]])
+
+
+def test_csd_keeps_convs_only_on_a_cnn_by_default():
+    student = tiny_student(tiny_fp())
+    choose = lambda **kw: FPQ(student, tiny_fp(), FPQConfig(sfp=False, **kw)).student_features.names
+    assert choose() == choose(csd_linear="none") == CONVS
+    assert choose(csd_linear="all") == CONVS + ["9"]
+    assert choose(csd_linear="inner") == CONVS                   # "9" is the classifier
+    with pytest.raises(ConfigError, match=r"CSD layer patterns \['9'\] match none"):
+        choose(csd_layers=["9"])
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(108, 16), nn.ReLU(), nn.Linear(16, 10))
+    mlp_student = calibrate(quantize_model(mlp, QuantConfig(w_bits=4, a_bits=4)), [images(8)])
+    with pytest.raises(ConfigError, match="CSD has no layer to distill"):
+        FPQ(mlp_student, mlp, FPQConfig(csd_linear="none"))
 
 
 @pytest.mark.parametrize("config", [FPQConfig(), FPQConfig(p=1.0, sfp_site="before"),
@@ -358,6 +556,9 @@ def test_fpq_step_runs_the_student_forward_once(config):
     losses = objective.step(images(), labels(), optimizer)
     assert calls == {"student": 1, "teacher": 1 if config.csd else 0}
     assert set(losses) == ({"ce", "csd"} if config.csd else {"ce"})
+    if config.csd:                # forward passes of others (evaluation) capture nothing
+        student.eval()(images())
+        assert objective.student_features.outputs == {}
 
 
 # -- KD -------------------------------------------------------------------------------------
@@ -481,6 +682,62 @@ def test_fpq_ablation_switches_are_accepted_and_recorded(fp_run, tmp_path, flags
     assert {k: method[k] for k in recorded} == recorded
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert ("train_csd" in record) == recorded["csd"]
+
+
+# -- objectives leave the caller's float model as it was ----------------------------------
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+              "_forward_hooks_always_called", "_state_dict_hooks", "_state_dict_pre_hooks",
+              "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def hooks_of(model: nn.Module) -> dict:
+    return {(name, attr): dict(getattr(module, attr)) for name, module in model.named_modules()
+            for attr in HOOK_DICTS}
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything an objective could change on a model it was handed: values of parameters
+    and buffers, requires_grad flags, every module's training flag, every hook dictionary."""
+    return {"tensors": {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items()},
+            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+            "training": {n: m.training for n, m in model.named_modules()},
+            "hooks": hooks_of(model)}
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["training"] == before["training"]
+    assert after["hooks"] == before["hooks"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for name, value in before["tensors"].items():
+        assert torch.equal(after["tensors"][name], value), name
+
+
+@pytest.mark.parametrize("method", ["lsq", "kd", "sam", "fpq", "cr", "mec", "dnq"])
+def test_building_and_running_an_objective_leaves_the_float_model_untouched(method):
+    """The FP teacher handed to any objective keeps its values, flags, modes and hooks after
+    construction and steps and after close (the `with` block); close also removes every hook
+    the objective put on its student."""
+    teacher = build_model("resnet8", num_classes=10, in_channels=3).train()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    y = torch.arange(8) % 10
+    student = (copy.deepcopy(teacher) if method == "dnq" else
+               calibrate(quantize_model(teacher, QuantConfig(w_bits=4, a_bits=4)), [x]))
+    options = {"fpq": {"p": 1.0}}.get(method, {})
+    before, student_hooks = snapshot(teacher), hooks_of(student)
+    with build_objective(method_config(method, options), student, teacher, seed=0) as objective:
+        objective.train()
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
+        for _ in range(2):
+            losses = objective.step(x, y, optimizer)
+        assert all(torch.isfinite(v) for v in losses.values())
+        assert_same(before, snapshot(teacher))
+        if method in ("kd", "fpq"):
+            assert objective.teacher is not teacher and not objective.teacher.training
+    assert_same(before, snapshot(teacher))
+    assert hooks_of(student) == student_hooks
 
 
 def test_methods_with_a_teacher_refuse_to_start_without_one():

@@ -99,12 +99,20 @@ def test_teacher_file_untouched_by_qat(runs):
         assert torch.equal(value, runs["teacher"].state_dict()[key]), key
 
 
-def test_a_second_qat_from_the_same_teacher_object_trains_its_weights(runs):
-    """The first qat froze the teacher in place (as every objective does); a second run in the
-    same process must still train the student's weights, not only its quantizers."""
+def test_qat_leaves_the_teacher_object_as_it_was_and_a_second_run_trains_its_weights(runs):
+    """Objectives freeze a copy of the teacher, never the teacher itself: after a qat run
+    (lsq in the fixture, then fpq, which hooks and freezes its teacher) the object keeps its
+    requires_grad flags, mode and hooks, and a second run from it trains the student's weights,
+    not only its quantizers."""
     teacher = runs["teacher"]
-    assert not any(p.requires_grad for p in teacher.parameters())
-    qat(qat_config(), teacher, runs["state"], runs["root"] / "q2")
+    flags = [p.requires_grad for p in teacher.parameters()]
+    assert all(flags)
+    mode = teacher.training
+    config = dataclasses.replace(qat_config(), method=method_config("fpq"))
+    qat(config, teacher, runs["state"], runs["root"] / "q2")
+    assert [p.requires_grad for p in teacher.parameters()] == flags
+    assert teacher.training == mode
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())
     student, _ = load_model(runs["root"] / "q2")
     trained, start = student.state_dict(), teacher.state_dict()
     for name in ("stem.0.weight", "stages.1.0.residual.0.0.weight", "linear.weight"):

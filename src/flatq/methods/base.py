@@ -2,11 +2,15 @@
 
 One trainer runs every method. A method adds loss terms and may attach hooks (SFP noise,
 feature capture); it does not own the loop. A user with their own loop can call
-`objective.losses(images, labels)` and back-propagate the sum, or call `objective.step`.
+`objective.losses(images, labels)` and back-propagate the sum, or call `objective.step`;
+`with build_objective(...) as objective:` removes the hooks from the student at the end.
+The caller's float model is never changed: a method that needs a teacher works on a frozen
+copy of it.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,12 +32,21 @@ def total_loss(losses: dict[str, Tensor]) -> Tensor:
     return total
 
 
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """`model` copied in eval mode without gradients: the teacher an objective freezes and
+    hooks, so that the caller's model keeps its mode, its requires_grad flags and its hooks."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
 class Objective:
     """Plain task loss (cross-entropy); the base every method extends.
 
-    `needs_teacher` says whether the method wants the frozen full-precision model. Subclasses
-    override `losses` (adding terms) and, when they keep state across steps (an EMA teacher,
-    a noise generator), `state_dict` / `load_state_dict` so checkpoints carry it.
+    `needs_teacher` says whether the method wants the frozen full-precision model; it then
+    keeps a frozen copy as `teacher` (the model passed in is left as it was, at the cost of
+    one copy of its weights), and methods that do not need one ignore it. Subclasses override
+    `losses` (adding terms) and, when they keep state across steps (an EMA teacher, a noise
+    generator), `state_dict` / `load_state_dict` so checkpoints carry it. An objective is a
+    context manager: leaving the `with` block calls `close()`.
     """
 
     needs_teacher = False
@@ -47,9 +60,8 @@ class Objective:
         methods that need it read it, the others ignore it."""
         if self.needs_teacher and teacher is None:
             raise ConfigError(f"{type(self).__name__} needs a teacher model")
-        self.student, self.teacher, self.config = student, teacher, config
-        if teacher is not None:
-            teacher.eval().requires_grad_(False)
+        self.student, self.config = student, config
+        self.teacher = frozen_copy(teacher) if self.needs_teacher else None
         self.autocast_dtype: torch.dtype | None = None
 
     def train(self, mode: bool = True) -> "Objective":
@@ -111,4 +123,10 @@ class Objective:
         return []
 
     def close(self) -> None:
-        """Remove hooks this objective attached to the models."""
+        """Remove the hooks this objective attached to the student."""
+
+    def __enter__(self) -> "Objective":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -140,9 +140,9 @@ class MEC(Objective):
     layer), captured by a forward pre-hook, flattened per sample and L2-normalized. Any
     quantizer works: this is only a loss. In your own loop::
 
-        objective = MEC(student, config=MECConfig(beta=1.0))
-        losses = objective.losses(images, labels)   # {'ce': ..., 'mec': -beta * L(Z)/mu}
-        sum(losses.values()).backward()
+        with MEC(student, config=MECConfig(beta=1.0)) as objective:
+            losses = objective.losses(images, labels)   # {'ce': ..., 'mec': -beta * L(Z)/mu}
+            sum(losses.values()).backward()
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,

@@ -58,7 +58,7 @@ class StochasticFeaturePerturbation:
         if not named:
             raise ValueError("SFP needs a quantized model (quantize_model first)")
         inner = list(named)[1:-1] if len(named) > 2 else list(named)
-        self.names = select_layers(model, layers or [], inner if not layers else list(named))
+        self.names = select_layers(layers or [], inner if not layers else list(named), "SFP layer")
         self.p, self.site = p, site
         self.generator = torch.Generator().manual_seed(seed)
         self.calls = dict.fromkeys(self.names, 0)

@@ -197,16 +197,17 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False,
     model = build_model(config.model, num_classes=data.num_classes,
                         in_channels=data.channels).to(device)
     check_model_fits(model, data, config.model, device)
-    objective = _objective(config, model, None, data, device)
     meta = {"model": config.model, "num_classes": data.num_classes,
             "in_channels": data.channels, "data": config.data.to_dict(), "quant": None}
-    trainer = Trainer(objective, data.train, data.test, data.train_pipeline, data.eval_pipeline,
-                      config, Path(run_dir), meta,
-                      tracking_callbacks(config.train) + list(callbacks or []), device)
-    if resume:
-        trainer.resume()
-    with claimed_run_folder(run_dir, resume, overwrite):
-        return _finish(trainer, _train(trainer), {"kind": "pretrain"})
+    with _objective(config, model, None, data, device) as objective:
+        trainer = Trainer(objective, data.train, data.test, data.train_pipeline,
+                          data.eval_pipeline, config, Path(run_dir), meta,
+                          tracking_callbacks(config.train) + list(callbacks or []), device)
+        if resume:
+            trainer.resume()
+        with claimed_run_folder(run_dir, resume, overwrite):
+            result = _train(trainer)
+            return _finish(trainer, result, {"kind": "pretrain"})
 
 
 def _calibrate_on_main(student: nn.Module, batches: list, device: torch.device) -> None:
@@ -222,19 +223,6 @@ def _calibrate_on_main(student: nn.Module, batches: list, device: torch.device) 
     if not is_main_process():
         for name, q in quantizers(student):
             q.load_state_dict(states[name])
-
-
-def trainable(student: nn.Module, teacher: nn.Module) -> nn.Module:
-    """Make the student's copies of the teacher's parameters trainable again.
-
-    Objectives freeze their teacher in place, so a teacher reused for a second run in one
-    process (a grid, a notebook) would hand frozen weights to `quantize_model`'s copy, and that
-    student would train its quantizers only.
-    """
-    copied = dict(student.named_parameters())
-    for name, _ in teacher.named_parameters():
-        copied[name].requires_grad_(True)
-    return student
 
 
 def _reestimate_batchnorm(trainer: Trainer, data: DataBundle, config: RunConfig,
@@ -283,7 +271,8 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
         callbacks: list | None = None) -> dict[str, Any]:
     """Quantize `teacher` (from `load_teacher`), calibrate it, train it with the configured method.
 
-    The FP model stays as the frozen teacher; the student starts as its quantized copy.
+    The FP model is left as it was: the student starts as its quantized copy, and a method
+    that distills from it freezes a copy of its own.
     """
     if config.quant is None:
         raise ConfigError("qat needs a quantization config (e.g. --bits w4a4)")
@@ -304,7 +293,7 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
                           f"{len(data.train)} training images of {config.data.name}")
     teacher = teacher.to(device)
     check_model_fits(teacher, data, state["meta"]["model"], device)
-    student = trainable(quantize_model(teacher, config.quant), teacher)
+    student = quantize_model(teacher, config.quant)
     if is_main_process():
         print(student.quant_plan.summary(), flush=True)
     batches = None if resume else calibration_batches(
@@ -317,19 +306,20 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
                   distributed=True)
     if batches is not None:
         _calibrate_on_main(student, batches, device)
-    objective = _objective(config, student, teacher, data, device)
-    trainer = Trainer(objective, data.train, data.test, data.train_pipeline, data.eval_pipeline,
-                      config, Path(run_dir), meta,
-                      tracking_callbacks(config.train) + list(callbacks or []), device)
-    if resume:
-        trainer.resume()
-    with claimed_run_folder(run_dir, resume, overwrite):
-        if is_main_process():
-            print(f"full-precision teacher: test acc {fp['acc']:.2f}%", flush=True)
-        result = _train(trainer)
-        objective.close()
-        if config.quant.bn_images:
-            result = _reestimate_batchnorm(trainer, data, config, result, device)
-        return _finish(trainer, result, {"kind": "qat", "fp_test_acc": fp["acc"],
-                                         "bits": config.quant.bits,
-                                         "method": config.method.name if config.method else "lsq"})
+    with _objective(config, student, teacher, data, device) as objective:
+        trainer = Trainer(objective, data.train, data.test, data.train_pipeline,
+                          data.eval_pipeline, config, Path(run_dir), meta,
+                          tracking_callbacks(config.train) + list(callbacks or []), device)
+        if resume:
+            trainer.resume()
+        with claimed_run_folder(run_dir, resume, overwrite):
+            if is_main_process():
+                print(f"full-precision teacher: test acc {fp['acc']:.2f}%", flush=True)
+            result = _train(trainer)
+            objective.close()   # before BatchNorm re-estimation: no SFP noise there
+            if config.quant.bn_images:
+                result = _reestimate_batchnorm(trainer, data, config, result, device)
+            return _finish(trainer, result, {"kind": "qat", "fp_test_acc": fp["acc"],
+                                             "bits": config.quant.bits,
+                                             "method": config.method.name if config.method
+                                             else "lsq"})
