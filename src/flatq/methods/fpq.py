@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..config import MethodConfig, option, register_method_config
 from ..errors import ConfigError
-from ..quant import QuantConv2d, QuantLinear, quant_layers
+from ..quant import QuantConv2d, QuantLinear, QuantMultiheadAttention, quant_layers
 from .base import Objective
 from .csd import ChannelRows, channel_rows, csd_loss_from_rows
 from .hooks import FeatureCapture, select_layers
@@ -55,7 +55,11 @@ def csd_candidates(student: nn.Module, linear: str = "auto") -> dict[str, int]:
         raise ValueError(f"csd_linear must be one of {CSD_LINEAR}, got {linear!r}")
     layers = quant_layers(student)
     convs = {n for n, m in layers if isinstance(m, QuantConv2d)}
-    linears = {n for n, m in layers if isinstance(m, QuantLinear)}
+    # An attention block's out_proj runs as a module in the student only: the float teacher's
+    # nn.MultiheadAttention reads its weight directly, so there is no teacher output to match.
+    attention = [n + "." for n, m in layers if isinstance(m, QuantMultiheadAttention)]
+    linears = {n for n, m in layers if isinstance(m, QuantLinear)
+               and not any(n.startswith(prefix) for prefix in attention)}
     if linear == "auto":
         linear = "inner" if len(linears) > len(convs) else "none"
     admitted = {"none": set(), "all": linears,
