@@ -22,7 +22,7 @@ from ..config import DataConfig, QuantConfig, RunConfig, save_yaml
 from ..data import BatchPipeline, ImageTensorDataset, calibration_batches, load_dataset, pipeline_for
 from ..atomic import write_text_atomic
 from ..errors import CheckpointError, ConfigError
-from ..methods import build_objective
+from ..methods import Objective, build_objective
 from ..models import build_model, check_model_name
 from ..quant import calibrate, quant_layers, quantize_model, quantizers
 from .batchnorm import reestimate_batchnorm
@@ -171,9 +171,24 @@ def _objective(config: RunConfig, student: nn.Module, teacher: nn.Module | None,
     return objective
 
 
+@contextmanager
+def _claimed_trainer(objective: Objective, data: DataBundle, config: RunConfig,
+                     run_dir: str | Path, meta: dict[str, Any], callbacks: list | None,
+                     device: torch.device, resume: bool, overwrite: bool) -> Iterator[Trainer]:
+    """The run's trainer, resumed if asked, inside its claimed run folder. The resume loads
+    (and refuses a mismatched checkpoint) before the folder is claimed, so a refused resume
+    leaves the folder as it was."""
+    trainer = Trainer(objective, data.train, data.test, data.train_pipeline, data.eval_pipeline,
+                      config, Path(run_dir), meta,
+                      tracking_callbacks(config.train) + list(callbacks or []), device)
+    if resume:
+        trainer.resume()
+    with claimed_run_folder(run_dir, resume, overwrite):
+        yield trainer
+
+
 def _train(trainer: Trainer) -> dict[str, Any]:
-    """Record the config and train (resumed or not: `Trainer.resume` ran before the folder
-    was claimed, so a refused resume leaves the folder as it was)."""
+    """Record the config and train."""
     if is_main_process():
         save_yaml(trainer.config, trainer.run_dir / CONFIG_NAME)
     return trainer.fit()
@@ -199,15 +214,10 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False,
     check_model_fits(model, data, config.model, device)
     meta = {"model": config.model, "num_classes": data.num_classes,
             "in_channels": data.channels, "data": config.data.to_dict(), "quant": None}
-    with _objective(config, model, None, data, device) as objective:
-        trainer = Trainer(objective, data.train, data.test, data.train_pipeline,
-                          data.eval_pipeline, config, Path(run_dir), meta,
-                          tracking_callbacks(config.train) + list(callbacks or []), device)
-        if resume:
-            trainer.resume()
-        with claimed_run_folder(run_dir, resume, overwrite):
-            result = _train(trainer)
-            return _finish(trainer, result, {"kind": "pretrain"})
+    with _objective(config, model, None, data, device) as objective, _claimed_trainer(
+            objective, data, config, run_dir, meta, callbacks, device, resume,
+            overwrite) as trainer:
+        return _finish(trainer, _train(trainer), {"kind": "pretrain"})
 
 
 def _calibrate_on_main(student: nn.Module, batches: list, device: torch.device) -> None:
@@ -306,20 +316,16 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
                   distributed=True)
     if batches is not None:
         _calibrate_on_main(student, batches, device)
-    with _objective(config, student, teacher, data, device) as objective:
-        trainer = Trainer(objective, data.train, data.test, data.train_pipeline,
-                          data.eval_pipeline, config, Path(run_dir), meta,
-                          tracking_callbacks(config.train) + list(callbacks or []), device)
-        if resume:
-            trainer.resume()
-        with claimed_run_folder(run_dir, resume, overwrite):
-            if is_main_process():
-                print(f"full-precision teacher: test acc {fp['acc']:.2f}%", flush=True)
-            result = _train(trainer)
-            objective.close()   # before BatchNorm re-estimation: no SFP noise there
-            if config.quant.bn_images:
-                result = _reestimate_batchnorm(trainer, data, config, result, device)
-            return _finish(trainer, result, {"kind": "qat", "fp_test_acc": fp["acc"],
-                                             "bits": config.quant.bits,
-                                             "method": config.method.name if config.method
-                                             else "lsq"})
+    with _objective(config, student, teacher, data, device) as objective, _claimed_trainer(
+            objective, data, config, run_dir, meta, callbacks, device, resume,
+            overwrite) as trainer:
+        if is_main_process():
+            print(f"full-precision teacher: test acc {fp['acc']:.2f}%", flush=True)
+        result = _train(trainer)
+        objective.close()   # before BatchNorm re-estimation: no SFP noise there
+        if config.quant.bn_images:
+            result = _reestimate_batchnorm(trainer, data, config, result, device)
+        return _finish(trainer, result, {"kind": "qat", "fp_test_acc": fp["acc"],
+                                         "bits": config.quant.bits,
+                                         "method": config.method.name if config.method
+                                         else "lsq"})
