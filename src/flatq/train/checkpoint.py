@@ -40,7 +40,8 @@ def state_fingerprint(state: dict[str, Any]) -> str:
         value = state[name]
         if isinstance(value, torch.Tensor):
             digest.update(name.encode())
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            digest.update(raw.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

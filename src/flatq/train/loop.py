@@ -77,8 +77,9 @@ def meta_mismatch(saved: Any, meta: dict[str, Any]) -> str | None:
 
 # Options a resumed run may change: how far it trains (epochs; the cosine schedule is recomputed
 # for the new length), its peak learning rate (the schedule continues at the same position,
-# scaled: the fix for a diverged run), where and how it reports, and where its data now lives. Anything else would silently not apply (the optimizer and schedule
-# state come from the checkpoint) or would train another run under this one's name.
+# scaled: the fix for a diverged run), where and how it reports, and where its data now lives.
+# Anything else would silently not apply (the optimizer state comes from the checkpoint) or
+# would train another run under this one's name.
 RESUMABLE_OPTIONS = ("train.epochs", "train.lr", "train.device", "train.progress",
                      "train.test_batch_size", "train.checkpoint_every_steps", "data.root")
 
