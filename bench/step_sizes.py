@@ -1,8 +1,8 @@
 """The largest learned weight step size of each layer in finished QAT runs.
 
-A weight step size larger than the layer's largest |weight| quantizes a whole channel to its
-zero point: the channel is dead. On the short Fashion-MNIST schedule the runs that collapsed
-share this in their 8-bit stem (README, Results; bench/csd_stability.py shows why).
+A weight step size larger than twice a channel's largest |weight| quantizes the whole channel
+to its zero point: the channel is dead (flatq.quant.health; docs/soundness.md says how the 8-bit
+stem gets there).
 
     .venv/bin/python bench/step_sizes.py runs/accuracy/resnet8/w4a4/*/seed* --out results/accuracy/step_sizes.json
 """
@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from flatq.quant import quant_layers
+from flatq.quant.health import dead_channels
 from flatq.train.runs import load_model
 from machine import save_report
 
@@ -20,6 +21,7 @@ from machine import save_report
 def layer_step_sizes(run: str) -> list[dict]:
     """Per quantized layer: largest weight step size, largest |weight|, dead channels."""
     model, _ = load_model(run)
+    dead = dead_channels(model)
     rows = []
     for name, layer in quant_layers(model):
         quantizer = layer.weight_quantizer
@@ -30,7 +32,7 @@ def layer_step_sizes(run: str) -> list[dict]:
         scale = scale.detach().flatten().expand_as(weight)
         rows.append({"layer": name, "max_step": scale.max().item(),
                      "max_abs_weight": weight.max().item(),
-                     "dead_channels": int((scale > 2 * weight).sum())})
+                     "dead_channels": len(dead.get(name, []))})
     return rows
 
 

@@ -190,6 +190,12 @@ class TrainConfig(Section):
     weight_decay: float = option(5e-4, "weight decay of weights (not of step sizes or zero "
                                  "points; PACT's alpha gets it as its L2 penalty)", low=0.0)
     nesterov: bool = option(False, "use Nesterov momentum")
+    bn_freeze: float = option(0.0, "fraction of training at its end during which every "
+                              "BatchNorm normalizes with, and keeps, its running statistics "
+                              "(eval mode), so the last steps train the network that is "
+                              "evaluated (torch.ao's QAT recipe)", low=0.0, high=1.0)
+    quantizer_lr: float = option(1.0, "learning rate of the quantizers' step sizes, offsets and "
+                                 "clipping values, as a multiple of --lr", low=0.0)
     warmup_epochs: int = option(0, "linear learning-rate warm-up before the cosine decay", low=0)
     seed: int = option(0, "random seed (data order, augmentation, noise, initialization)", low=0,
                        high=2**32 - 1)
@@ -244,6 +250,9 @@ class QuantConfig(Section):
                                "current weights' range every step: no step size to learn, so no "
                                "channel can die; see bench/step_sizes.py)",
                                choices=("learned", "minmax"))
+    edge_init: str | None = option(None, "initial step size of the first and last layer's "
+                                   "weights: minmax or lsq (none: as --init)",
+                                   choices=("minmax", "lsq"))
     skip: list[str] = option([], "modules to leave float: names or fnmatch patterns, comma "
                              "separated (e.g. 'features.*.attn'); a pattern naming a module "
                              "leaves every layer inside it float too")

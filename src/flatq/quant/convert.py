@@ -38,8 +38,9 @@ def _make_quantizers(config: QuantConfig, channels: int, w_bits: int, a_bits: in
     learned 8-bit per-channel step size is ~20x smaller than a 4-bit one for about the same
     LSQ gradient, and on short schedules it can grow past the weights and kill the channel.
     """
+    w_init = config.edge_init if is_edge and config.edge_init else config.init
     w_kw = dict(signed=config.symmetric_weights, per_channel=True, num_channels=channels,
-                init=config.init)
+                init=w_init)
     a_kw = dict(signed=config.symmetric_inputs, init=config.init)
     w_range = "mse" if config.range_method == "mse" else "minmax"
     kind = config.quantizer

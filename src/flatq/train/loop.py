@@ -32,6 +32,8 @@ from ..config import RunConfig
 from ..data import BatchPipeline, ImageTensorDataset, collate_batch
 from ..errors import CheckpointError, NonFiniteLossError
 from ..methods.base import Objective
+from ..quant.health import count_dead, dead_channels, describe_dead
+from .batchnorm import freeze_batchnorm
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from .distributed import (all_gather, all_reduce_sum, broadcast_buffers, check_global_batch,
                           is_main_process, rank, resolve_device, world_size)
@@ -173,6 +175,8 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, train.max_steps_per_epoch)
         self.optimizer = build_optimizer(self.model, train)
         self.total_steps = train.epochs * self.steps_per_epoch
+        self.bn_freeze_step = round((1.0 - train.bn_freeze) * self.total_steps)
+        self.dead = 0                            # dead weight channels at the last epoch's end
         self.scheduler = build_scheduler(self.optimizer, self.total_steps,
                                          train.warmup_epochs * self.steps_per_epoch)
         if train.amp and self.device.type == "cuda":
@@ -275,6 +279,7 @@ class Trainer:
         self.epoch_step = state.get("epoch_step", 0)
         self.epoch_sums = dict(state.get("epoch_sums", {}))
         self.result = dict(state.get("result", {}))
+        self.dead = self.result.get("dead_channels", 0)
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rngs) == self.world:
             self._set_rng_state(rngs[self.rank])
@@ -287,10 +292,12 @@ class Trainer:
         if saved_lr is not None and saved_lr != lr and is_main_process():
             print(f"--resume: peak learning rate {saved_lr:g} -> {lr:g}; the schedule continues "
                   f"at step {self.step}", flush=True)
-        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
-        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
-            group["initial_lr"] = lr
-            group["lr"] = lr * factor(self.scheduler.last_epoch)
+        groups = self.optimizer.param_groups
+        self.scheduler.base_lrs = [lr * group.get("lr_scale", 1.0) for group in groups]
+        for group, base, factor in zip(groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(self.scheduler.last_epoch)
 
     # -- loop -----------------------------------------------------------------------------
     def _epoch_batches(self):
@@ -310,6 +317,8 @@ class Trainer:
             images, labels, extra = self.objective.prepare(
                 images.to(self.device), labels.to(self.device), self.train_pipeline, aug)
             self.objective.progress = self.step / self.total_steps
+            if self.step >= self.bn_freeze_step and train.bn_freeze:
+                freeze_batchnorm(self.model)
             try:
                 losses = self.objective.step(images, labels, self.optimizer, **extra)
             except NonFiniteLossError as exc:
@@ -340,6 +349,20 @@ class Trainer:
         if record and is_main_process():
             self.metrics.write({"step": self.step, "epoch": self.epoch + 1, **record})
 
+    def _dead_channels(self) -> dict[str, Any]:
+        """The epoch record's dead weight channels (quantized models only), with a warning when
+        more channels are dead than at the last epoch's end."""
+        if not self.meta.get("quant"):
+            return {}
+        dead = dead_channels(self._bare_model())
+        count = count_dead(dead)
+        if count > self.dead and is_main_process():
+            print(f"warning: {count} weight channel(s) dead (every weight quantizes to 0, the "
+                  f"channel outputs a constant): {describe_dead(dead)}; see docs/soundness.md",
+                  file=sys.stderr, flush=True)
+        self.dead = count
+        return {"dead_channels": count, "dead_channel_layers": dead}
+
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to the last epoch; returns the final evaluation."""
         if resume:
@@ -360,7 +383,7 @@ class Trainer:
                             train.test_batch_size, distributed=True)
             result = {"epoch": self.epoch, "step": self.step, **record, "test_acc": test["acc"],
                       "test_loss": test["loss"], "lr": self.optimizer.param_groups[0]["lr"],
-                      "seconds": time.perf_counter() - start}
+                      **self._dead_channels(), "seconds": time.perf_counter() - start}
             self.result = result
             if is_main_process():
                 self.metrics.write(result)

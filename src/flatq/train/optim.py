@@ -15,17 +15,25 @@ _NO_DECAY = ("scale", "offset")
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    decay, no_decay = [], []
+    """SGD with one group per (weight decay, learning-rate multiple): quantizer parameters
+    that are ranges get no decay (PACT's alpha keeps it as its L2 penalty), and all quantizer
+    parameters learn at `config.quantizer_lr` times the rate of the weights. Each group keeps
+    its multiple as `lr_scale`, so a resume can re-apply the schedule. The weights' group
+    comes first (the logged learning rate is its); at multiple 1 the groups are the two of
+    earlier versions, so their checkpoints resume."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for module in model.modules():
+        in_quantizer = isinstance(module, Quantizer)
         for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            skip = isinstance(module, Quantizer) and name in _NO_DECAY
-            (no_decay if skip else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr,
-                           momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+            if param.requires_grad:
+                key = (in_quantizer and name in _NO_DECAY,
+                       config.quantizer_lr if in_quantizer else 1.0)
+                groups.setdefault(key, []).append(param)
+    order = sorted(groups, key=lambda key: (key[0], key[1] != 1.0))
+    param_groups = [{"params": groups[key], "lr": config.lr * key[1], "lr_scale": key[1],
+                     "weight_decay": 0.0 if key[0] else config.weight_decay} for key in order]
+    return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum,
+                           nesterov=config.nesterov and config.momentum > 0)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
