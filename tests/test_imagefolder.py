@@ -85,6 +85,10 @@ def test_folder_trains_and_quantizes_end_to_end(folder, tmp_path, capsys):
     assert json.loads((q / "summary.json").read_text())["kind"] == "qat"
     code, out, err = cli(["eval", q], capsys)
     assert code == 0 and "imagefolder" in out, (out, err)
+    code, _, err = cli(["qat", "--from", fp, "--method", "cr", "--bits", "w4a4", "--batch-size",
+                        "8", "--calib-images", "8", "--device", "cpu", "--out", tmp_path / "cr"],
+                       capsys)
+    assert_one_line(code, err, "qat", ["CR draws its two augmented views"])
 
 
 class Interrupted(Exception):
@@ -167,3 +171,12 @@ def test_malformed_folder_is_refused_in_one_line(folder, tmp_path, capsys, case,
                         "--out", tmp_path / "run"], capsys)
     assert_one_line(code, err, "pretrain", needles)
     assert not (tmp_path / "run").exists()
+
+
+def test_image_that_cannot_be_decoded_is_one_line_from_a_worker(folder, tmp_path, capsys):
+    root = _broken(folder, tmp_path, "corrupt")
+    (root / "train" / "dog" / "3.png").write_bytes(b"not a png")
+    code, _, err = cli(["pretrain", "--model", "resnet8", *FOLDER, "--data-root", root,
+                        "--batch-size", "8", "--workers", "1", "--out", tmp_path / "run"],
+                       capsys)
+    assert_one_line(code, err, "pretrain", ["dog/3.png: cannot decode the image"])
