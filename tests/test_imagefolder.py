@@ -141,6 +141,27 @@ def test_two_gloo_ranks_train_what_one_process_trains(folder, tmp_path):
     assert [r["step"] for r in _records(tmp_path / "two")] == [3, 6]
 
 
+def test_imagenet_recipes_are_up_to_date_and_run_on_a_folder(folder, tmp_path, capsys):
+    """The generated recipes match their generator; one runs (shortened, small images) with a
+    local weights file as the teacher."""
+    sys.path.insert(0, str(HERE.parent / "bench"))
+    try:
+        import make_imagenet_configs
+    finally:
+        sys.path.remove(str(HERE.parent / "bench"))
+    assert make_imagenet_configs.main(["--check"]) == 0, capsys.readouterr().out
+    from torchvision.models import resnet18
+    weights = tmp_path / "resnet18.pth"
+    torch.save(resnet18(num_classes=3).state_dict(), weights)
+    recipe = HERE.parent / "configs" / "imagenet" / "resnet18" / "w2a4_fpq.yaml"
+    code, out, err = cli(["qat", "--config", recipe, "--pretrained", weights, "--data-root",
+                          folder, "--image-size", "32", "--epochs", "1", "--max-steps-per-epoch",
+                          "1", "--batch-size", "8", "--workers", "0", "--calib-images", "8",
+                          "--device", "cpu", "--no-progress", "--out", tmp_path / "q"], capsys)
+    assert code == 0, err
+    assert "torchvision:resnet18 w2a4 fpq" in out
+
+
 def _broken(folder: Path, tmp_path: Path, case: str) -> Path:
     root = tmp_path / case
     if case == "missing folder":
