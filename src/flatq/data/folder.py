@@ -98,7 +98,9 @@ class ImageFolderSet(torch.utils.data.Dataset):
         if not self.train:
             return self._decode(index, self.transform), int(self.labels[index])
         with torch.random.fork_rng(devices=[]):   # the caller's stream stays untouched
-            torch.manual_seed(_sample_seed(self.seed, self.epoch, index))
+            # the CPU generator alone: torch.manual_seed would also queue a CUDA seeding
+            # with a formatted stack trace, costing more than the crop
+            torch.default_generator.manual_seed(_sample_seed(self.seed, self.epoch, index))
             image = self._decode(index, self.transform)
         return image, int(self.labels[index])
 

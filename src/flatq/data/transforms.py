@@ -82,7 +82,7 @@ class BatchPipeline:
             x = random_flip(x, generator)
         mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(-1, 1, 1)
-        return (x.float() / 255 - mean) / std
+        return x.float().div_(255).sub_(mean).div_(std)   # in place: (x / 255 - mean) / std
 
 
 def _uniform_ints(high: int, n: int, generator: torch.Generator | None,
