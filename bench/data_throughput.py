@@ -104,8 +104,10 @@ def main() -> None:
                          "ratio_flatq_over_plain": round(ratio, 3)})
             print(f"{workers} worker(s): plain {best['plain']:7.1f} img/s  flatq "
                   f"{best['flatq']:7.1f} img/s  flatq/plain {ratio:.2f}x", flush=True)
-    machine = {**machine_info(), "cpus_available": cpus}
-    print(f"machine: {machine['cpu']}, {cpus} CPUs available")
+    # the load other processes put on the CPUs while this ran (the rates share them)
+    machine = {**machine_info(), "cpus_available": cpus, "load_average_1min": os.getloadavg()[0]}
+    print(f"machine: {machine['cpu']}, {cpus} CPUs available, load average "
+          f"{machine['load_average_1min']:.1f}")
     save_report({"benchmark": "image-folder pipeline throughput (JPEG decode + "
                               "RandomResizedCrop(224) + flip + normalize)",
                  "images": args.images, "batch_size": args.batch_size,
