@@ -28,6 +28,8 @@ FASHION_MNIST_DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 class ImageTensorDataset(torch.utils.data.Dataset):
     """Images as a uint8 (N, C, H, W) tensor and labels as an int64 (N,) tensor."""
 
+    workers = 0   # DataLoader worker processes: none, batches are one indexing op in memory
+
     def __init__(self, images: Tensor, labels: Tensor, num_classes: int, name: str) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} "
@@ -56,8 +58,6 @@ class ImageTensorDataset(torch.utils.data.Dataset):
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
         return tuple(self.images.shape[1:])
-
-    workers = 0           # DataLoader worker processes: none, the images are in memory
 
     def __repr__(self) -> str:
         return (f"ImageTensorDataset({self.name!r}, {len(self)} images of "

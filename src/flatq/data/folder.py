@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,7 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
-def image_transform(size: int, train: bool):
+def image_transform(size: int, train: bool) -> Callable[..., Tensor]:
     """torchvision's ImageNet transforms to a uint8 (3, size, size) tensor (no normalization)."""
     from torchvision import transforms as T
 
@@ -83,7 +83,7 @@ class ImageFolderSet(torch.utils.data.Dataset):
         """Seed the augmentation of the coming epoch (before its iterator is created)."""
         self.seed, self.epoch = seed, epoch
 
-    def _decode(self, index: int, transform) -> Tensor:
+    def _decode(self, index: int, transform: Callable[..., Tensor]) -> Tensor:
         from PIL import Image, UnidentifiedImageError
 
         path = self.root / os.fsdecode(self.files[index])

@@ -116,15 +116,16 @@ def build_external(name: str, num_classes: int, in_channels: int) -> nn.Module:
 
 
 def native_input_size(name: str) -> int | None:
-    """The square input size a model is made for: a torchvision model's ImageNet crop size
-    (299 for inception_v3, 224 for most), None for registry models and users' factories."""
+    """The square input size a model is made for: the smallest ImageNet crop size of a
+    torchvision model's published weights (299 for inception_v3, 224 for most; the smallest,
+    as a ViT built without weights takes 224 where its SWAG weights take 384 or 518), None
+    for registry models and users' factories."""
     if not name.startswith(TORCHVISION):
         return None
     from torchvision import models
-    weights = models.get_model_weights(_torchvision_name(name))
-    transforms = next(iter(weights)).transforms() if len(weights) else None
-    crop = getattr(transforms, "crop_size", None)
-    return int(crop[0]) if crop else IMAGENET_SIZE
+    crops = [int(w.transforms().crop_size[0])
+             for w in models.get_model_weights(_torchvision_name(name))]
+    return min(crops, default=IMAGENET_SIZE)
 
 
 def check_weights_file(path: str | Path) -> Path:

@@ -106,9 +106,8 @@ def resume_changes(saved: dict[str, Any], config: RunConfig) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: ImageTensorDataset | ImageFolderSet,
-             pipeline: BatchPipeline,
-             device: torch.device, batch_size: int = 512, progress: bool = False,
-             distributed: bool = False) -> dict[str, float]:
+             pipeline: BatchPipeline, device: torch.device, batch_size: int = 512,
+             progress: bool = False, distributed: bool = False) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy of `model` on `dataset`, in eval mode.
 
     `distributed`: every rank evaluates its share of the images (every `world`-th) and the
