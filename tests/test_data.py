@@ -233,7 +233,8 @@ def test_synthetic_determinism():
 
 
 def test_registry():
-    assert available_datasets() == ["cifar10", "cifar100", "fashion_mnist", "digits", "synthetic"]
+    assert available_datasets() == ["cifar10", "cifar100", "fashion_mnist", "digits", "synthetic",
+                                    "imagefolder"]
     with pytest.raises(ConfigError, match="cifar10.*synthetic"):
         load_dataset("imagenet")
     with pytest.raises(ConfigError, match="available"):

@@ -169,15 +169,23 @@ def check_device(name: str) -> str:
 class DataConfig(Section):
     section: ClassVar[str] = "data"
     name: str = option("fashion_mnist", "data set: cifar10, cifar100, fashion_mnist, digits, "
-                       "synthetic", flag="--data")
+                       "synthetic, imagefolder (DIR/train/CLASS/*.jpg and DIR/val/CLASS/..., "
+                       "read from disk as it trains)", flag="--data")
     root: str | None = option(None, "folder holding the data set (CIFAR: the folder containing "
-                              "cifar-10-batches-py; Fashion-MNIST: the idx files; default: "
-                              "FLATQ_DATA or the Debian package's folder)", flag="--data-root")
+                              "cifar-10-batches-py; Fashion-MNIST: the idx files; imagefolder: "
+                              "the folder holding train/ and val/; default: FLATQ_DATA or the "
+                              "Debian package's folder)", flag="--data-root")
     image_size: int | None = option(None, "pad images to this square size (e.g. 32 for the "
-                                    "CIFAR models on 28x28 Fashion-MNIST)", low=8, high=1024)
+                                    "CIFAR models on 28x28 Fashion-MNIST); imagefolder: the "
+                                    "crop size (default: the model's ImageNet input size, "
+                                    "else 224)", low=8, high=1024)
     channels: int | None = option(None, "repeat a gray channel to this many (3 for CIFAR models)",
                                   choices=(1, 3))
-    augment: bool = option(True, "random crop with padding and (where sensible) horizontal flip")
+    augment: bool = option(True, "random crop with padding and (where sensible) horizontal "
+                           "flip; imagefolder: RandomResizedCrop and flip")
+    workers: int | None = option(None, "imagefolder: DataLoader worker processes per rank that "
+                                 "decode images (default: min(8, CPUs per rank)); in-memory "
+                                 "data sets need none", low=0, high=256)
 
 
 @dataclass
@@ -313,6 +321,9 @@ class RunConfig:
     """Everything one run needs; what `config.yaml` in a run folder holds."""
     model: str = "resnet8"
     data: DataConfig = field(default_factory=DataConfig)
+    # A local weights file (state_dict) the model starts from: pretrain's initialization,
+    # or qat's teacher when no --from run is given.
+    pretrained: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: QuantConfig | None = None
     method: MethodConfig | None = None
@@ -320,6 +331,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "data": self.data.to_dict(),
                                "train": self.train.to_dict()}
+        if self.pretrained is not None:
+            out["pretrained"] = self.pretrained
         if self.quant is not None:
             out["quant"] = self.quant.to_dict()
         if self.method is not None:
@@ -330,12 +343,13 @@ class RunConfig:
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
         if not isinstance(values, dict):
             raise ConfigError(f"a config must be a mapping of sections, got {type(values).__name__}")
-        allowed = ("model", "data", "train", "quant", "method")
+        allowed = ("model", "pretrained", "data", "train", "quant", "method")
         unknown = sorted(set(values) - set(allowed))
         if unknown:
             raise ConfigError(f"unknown top-level key(s) {', '.join(map(repr, unknown))}; "
                               f"allowed: {', '.join(allowed)}")
         model = coerce(values.get("model", cls.model), str, "model")
+        pretrained = coerce(values.get("pretrained"), str | None, "pretrained")
         sections = {}
         for key in ("data", "train", "quant"):
             raw = values.get(key)
@@ -354,7 +368,7 @@ class RunConfig:
                 raise ConfigError("method: expected a mapping with a 'name' key")
             method = dict(method)
             method = method_config(method.pop("name"), method)
-        return cls(model=model, method=method, **sections)
+        return cls(model=model, pretrained=pretrained, method=method, **sections)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import DataConfig
-from ..data import BatchPipeline, ImageTensorDataset
+from ..data import BatchPipeline, ImageFolderSet, ImageTensorDataset
 from ..errors import ConfigError
 from ..train.runs import DataBundle, load_model, prepare_data
 
@@ -43,11 +43,12 @@ def open_run(path: str | Path, device: torch.device, data_root: str | None = Non
     data_cfg = DataConfig.from_dict(state["meta"]["data"])
     if data_root:
         data_cfg = DataConfig.from_dict({"root": data_root}, base=data_cfg)
-    return Run(label or run_label(path), model.to(device), state["meta"], prepare_data(data_cfg))
+    return Run(label or run_label(path), model.to(device), state["meta"],
+               prepare_data(data_cfg, state["meta"]["model"]))
 
 
-def fixed_batches(dataset: ImageTensorDataset, pipeline: BatchPipeline, count: int,
-                  batch_size: int, seed: int, device: torch.device
+def fixed_batches(dataset: ImageTensorDataset | ImageFolderSet, pipeline: BatchPipeline,
+                  count: int, batch_size: int, seed: int, device: torch.device
                   ) -> list[tuple[Tensor, Tensor]]:
     """`count` batches of `batch_size` images drawn without replacement by `seed`, passed
     through `pipeline` without augmentation (train=False)."""
@@ -59,16 +60,15 @@ def fixed_batches(dataset: ImageTensorDataset, pipeline: BatchPipeline, count: i
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     batches = []
     for i in range(count):
-        index = order[i * batch_size:(i + 1) * batch_size]
-        batches.append((pipeline(dataset.images[index].to(device), train=False),
-                        dataset.labels[index].to(device)))
+        images, labels = dataset.take(order[i * batch_size:(i + 1) * batch_size])
+        batches.append((pipeline(images.to(device), train=False), labels.to(device)))
     return batches
 
 
-def first_images(dataset: ImageTensorDataset, pipeline: BatchPipeline, count: int,
-                 device: torch.device) -> tuple[Tensor, Tensor]:
+def first_images(dataset: ImageTensorDataset | ImageFolderSet, pipeline: BatchPipeline,
+                 count: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """The first `count` images of `dataset` (all of them if fewer), normalized."""
     if count < 1:
         raise ConfigError(f"need at least 1 image, got {count}")
-    images = dataset.images[:count].to(device)
-    return pipeline(images, train=False), dataset.labels[:count].to(device)
+    images, labels = dataset.take(range(min(count, len(dataset))))
+    return pipeline(images.to(device), train=False), labels.to(device)

@@ -42,7 +42,7 @@ def run_data(state: dict[str, Any], data_root: str | None) -> tuple[DataConfig, 
     data_cfg = DataConfig.from_dict(state["meta"]["data"])
     if data_root:
         data_cfg = DataConfig.from_dict({"root": data_root}, base=data_cfg)
-    return data_cfg, prepare_data(data_cfg)
+    return data_cfg, prepare_data(data_cfg, state["meta"]["model"])
 
 
 def describe_agreement(agreement: Agreement) -> str:
@@ -76,7 +76,7 @@ def run_export(args: argparse.Namespace) -> None:
     if args.check_images < 0:
         raise ConfigError(f"--check-images must be >= 0, got {args.check_images}")
     _, data = run_data(state, args.data_root)
-    example = data.eval_pipeline(data.test.images[:1], train=False)
+    example = data.eval_pipeline(data.test.take([0])[0], train=False)
     written = export_onnx(model, args.output, example, storage=args.storage,
                           metadata={WEIGHTS_KEY: state_fingerprint(state["model"])})
     print(f"wrote {written.path}: opset {written.opset}, {len(written.layers)} quantized layers; "

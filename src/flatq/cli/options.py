@@ -106,8 +106,9 @@ def build_run_config(args: argparse.Namespace, default_method: str,
         except ConfigError as exc:
             raise ConfigError(f"{args.config}: {exc}") from None
     given = vars(args)
-    if "model" in given and given["model"] is not None:
-        raw["model"] = given["model"]
+    for key in ("model", "pretrained"):
+        if given.get(key) is not None:
+            raw[key] = given[key]
     method = raw.get("method") or {"name": default_method}
     method = {"name": method} if isinstance(method, str) else dict(method)
     if "method" in given:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+
+from ..config import RunConfig
 from ..errors import ConfigError
 from ..methods import PRETRAIN_METHODS, QAT_METHODS
 from ..models import available_models
 from ..train.distributed import is_main_process
 from ..train.runs import load_teacher, pretrain, qat, resume_state
 from .options import add_common_flags, add_method_flags, add_section_flags, build_run_config
+
+
+MODEL_HELP = (f"architecture: {', '.join(available_models())}; torchvision:NAME (any "
+              "torchvision classification model, weights=None); or package.module:factory (your "
+              "own: called with num_classes and in_channels where it takes them)")
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -26,8 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a full-precision model from scratch (the teacher and "
                        "starting point of QAT). Example: flatq pretrain --model resnet8 --data "
                        "fashion_mnist --epochs 10 --lr 0.1 --out runs/fp")
-    p.add_argument("--model", default=None, help=f"architecture: {', '.join(available_models())} "
-                   "[default: resnet8]")
+    p.add_argument("--model", default=None, help=f"{MODEL_HELP} [default: resnet8]")
+    p.add_argument("--pretrained", default=None, metavar="FILE", help="start from the weights "
+                   "in FILE (a state_dict saved with torch.save, e.g. torchvision's .pth); its "
+                   "keys and shapes must fit the model")
     _add_run_flags(p)
     add_method_flags(p, PRETRAIN_METHODS, "ce")
     add_section_flags(p, ["data", "train"])
@@ -39,6 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--from", dest="source", metavar="RUN",
                    help="full-precision run folder or model.pt: initialization and teacher "
                    "(with --resume: the run's own teacher unless given)")
+    q.add_argument("--pretrained", default=None, metavar="FILE", help="instead of --from: the "
+                   "teacher is --model with the weights in FILE (a state_dict, e.g. torchvision's "
+                   "ImageNet .pth), trained on the data given")
+    q.add_argument("--model", default=None, help=f"with --pretrained: {MODEL_HELP}")
     _add_run_flags(q)
     add_method_flags(q, QAT_METHODS, "lsq")
     add_section_flags(q, ["data", "train", "quant"])
@@ -57,15 +70,30 @@ def run_qat(args: argparse.Namespace) -> None:
     """With --resume the run's own config (and teacher, unless --from names one) is the base
     the flags apply to; a fresh run starts from the teacher's data config."""
     saved = resume_state(args.out) if args.resume else None
+    if args.source and (args.pretrained or args.model):
+        raise ConfigError("--from RUN brings its own model and weights; give either --from or "
+                          "--model with --pretrained FILE")
+    if args.pretrained or (saved and saved["config"].get("pretrained") and not args.source):
+        config = build_run_config(args, "lsq", base=saved["config"] if saved else {},
+                                  quantized=True)
+        summary = qat(config, None, None, args.out, resume=args.resume,
+                      overwrite=args.overwrite)
+        _print_qat(config, summary, args.out)
+        return
     source = args.source or (saved["meta"].get("source") if saved else None)
     if source is None:
-        raise ConfigError("--from is required: the full-precision run to quantize")
+        raise ConfigError("--from is required: the full-precision run to quantize (or --model "
+                          "and --pretrained FILE)")
     teacher, state = load_teacher(source)
     base = {"data": state["meta"]["data"], **(saved["config"] if saved else {})}
     config = build_run_config(args, "lsq", base=base, quantized=True)
     config.model = state["meta"]["model"]
     summary = qat(config, teacher, state, args.out, resume=args.resume, overwrite=args.overwrite)
+    _print_qat(config, summary, args.out)
+
+
+def _print_qat(config: RunConfig, summary: dict, out: str) -> None:
     if is_main_process():
         print(f"{config.model} {config.quant.bits} {summary['method']}: test acc "
               f"{summary['test_acc']:.2f}% (full precision {summary['fp_test_acc']:.2f}%)  "
-              f"-> {args.out}")
+              f"-> {out}")

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..config import MethodConfig, option, register_method_config
 from ..data import BatchPipeline, ImageTensorDataset
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .base import Objective
 from .ema import EMATeacher
 from .kd import kd_loss
@@ -108,6 +108,10 @@ class CR(Objective):
 
     def training_set(self, dataset: ImageTensorDataset) -> ImageTensorDataset:
         """The labeled part of `dataset`; the unlabeled images are kept for `prepare`."""
+        if not isinstance(dataset, ImageTensorDataset):
+            raise ConfigError("CR draws its two augmented views of every image from the "
+                              "in-memory batch; an image folder is augmented once per image as "
+                              "it is decoded, so CR runs on the in-memory data sets only")
         cfg = self.config
         fraction = self.source.fraction if self.source.kind == "split" else 0.0
         labeled, self.unlabeled_images = split_training_set(dataset, fraction,

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..config import RunConfig
-from ..data import BatchPipeline, ImageTensorDataset, collate_batch
+from ..data import (BatchPipeline, ImageFolderSet, ImageTensorDataset, ResumableSampler,
+                    make_loader)
 from ..errors import CheckpointError, NonFiniteLossError
 from ..methods.base import Objective
 from ..quant.health import count_dead, dead_channels, describe_dead
@@ -83,7 +83,8 @@ def meta_mismatch(saved: Any, meta: dict[str, Any]) -> str | None:
 # Anything else would silently not apply (the optimizer state comes from the checkpoint) or
 # would train another run under this one's name.
 RESUMABLE_OPTIONS = ("train.epochs", "train.lr", "train.device", "train.progress",
-                     "train.test_batch_size", "train.checkpoint_every_steps", "data.root")
+                     "train.test_batch_size", "train.checkpoint_every_steps", "data.root",
+                     "data.workers")
 
 
 def _flat(config: dict[str, Any]) -> dict[str, Any]:
@@ -106,9 +107,9 @@ def resume_changes(saved: dict[str, Any], config: RunConfig) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: ImageTensorDataset, pipeline: BatchPipeline,
-             device: torch.device, batch_size: int = 512, progress: bool = False,
-             distributed: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, dataset: ImageTensorDataset | ImageFolderSet,
+             pipeline: BatchPipeline, device: torch.device, batch_size: int = 512,
+             progress: bool = False, distributed: bool = False) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy of `model` on `dataset`, in eval mode.
 
     `distributed`: every rank evaluates its share of the images (every `world`-th) and the
@@ -117,7 +118,7 @@ def evaluate(model: nn.Module, dataset: ImageTensorDataset, pipeline: BatchPipel
     was_training = model.training
     model.eval()
     shard = range(rank(), len(dataset), world_size()) if distributed else range(len(dataset))
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=shard, collate_fn=collate_batch)
+    loader = make_loader(dataset, batch_size, shard, device=device)
     correct, loss, count = 0, 0.0, 0
     for images, labels in tqdm(loader, desc="eval", leave=False, disable=not show_progress(progress)):
         images, labels = pipeline(images.to(device), train=False), labels.to(device)
@@ -142,8 +143,8 @@ class Trainer:
     """
 
     objective: Objective
-    train_set: ImageTensorDataset
-    test_set: ImageTensorDataset
+    train_set: ImageTensorDataset | ImageFolderSet
+    test_set: ImageTensorDataset | ImageFolderSet
     train_pipeline: BatchPipeline
     eval_pipeline: BatchPipeline
     config: RunConfig
@@ -161,15 +162,13 @@ class Trainer:
         check_global_batch(train.batch_size)
         # One permutation of the training set per (seed, epoch), rank r taking every
         # world-th index: the union of the ranks' batches is the single-process batch.
-        self.sampler = DistributedSampler(self.train_set, num_replicas=self.world,
-                                          rank=self.rank, seed=train.seed, drop_last=True)
-        self.loader = DataLoader(self.train_set, batch_size=train.batch_size // self.world,
-                                 sampler=self.sampler,
-                                 drop_last=len(self.train_set) >= train.batch_size,
-                                 collate_fn=collate_batch,
-                                 # each epoch's iterator draws a seed from this, not from the
-                                 # global RNG (SFP noise), which a mid-epoch resume restores
-                                 generator=torch.Generator())
+        self.sampler = ResumableSampler(self.train_set, num_replicas=self.world,
+                                        rank=self.rank, seed=train.seed, drop_last=True)
+        self.loader = make_loader(self.train_set, train.batch_size // self.world, self.sampler,
+                                  drop_last=len(self.train_set) >= train.batch_size,
+                                  # each epoch's iterator draws a seed from this, not from the
+                                  # global RNG (SFP noise), which a mid-epoch resume restores
+                                  generator=torch.Generator(), device=self.device)
         self.steps_per_epoch = len(self.loader)
         if train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, train.max_steps_per_epoch)
@@ -301,9 +300,12 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------
     def _epoch_batches(self):
-        """This epoch's batches not yet done, in an order fixed by (seed, epoch)."""
-        self.sampler.set_epoch(self.epoch)
-        return itertools.islice(self.loader, self.epoch_step, self.steps_per_epoch)
+        """This epoch's batches not yet done, in an order fixed by (seed, epoch): the sampler
+        starts after the images of the done steps, so none of them is read again."""
+        self.sampler.set_epoch(self.epoch, start=self.epoch_step * self.loader.batch_size)
+        if isinstance(self.train_set, ImageFolderSet):   # crops drawn per (seed, epoch, image)
+            self.train_set.set_epoch(self.epoch, self.config.train.seed)
+        return itertools.islice(self.loader, self.steps_per_epoch - self.epoch_step)
 
     def train_epoch(self) -> dict[str, float]:
         train = self.config.train

@@ -36,7 +36,7 @@ def ptq(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
     check_run_folder(run_dir, resume=False, overwrite=overwrite)
     config = dataclasses.replace(config, quant=ptq_config(config.quant))
     meta_in = teacher_state["meta"]
-    data = prepare_data(config.data)
+    data = prepare_data(config.data, meta_in["model"])
     if data.channels != meta_in["in_channels"] or data.num_classes != meta_in["num_classes"]:
         raise ConfigError(
             f"data {config.data.name} gives {data.channels} channels / {data.num_classes} classes, "

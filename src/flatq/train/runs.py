@@ -19,11 +19,14 @@ from torch import nn
 
 from ..analysis.tracking import tracking_callbacks
 from ..config import DataConfig, QuantConfig, RunConfig, save_yaml
-from ..data import BatchPipeline, ImageTensorDataset, calibration_batches, load_dataset, pipeline_for
+from ..data import (BatchPipeline, ImageFolderSet, ImageTensorDataset, calibration_batches,
+                    load_dataset, pipeline_for)
+from ..data.datasets import canonical_name
 from ..atomic import write_text_atomic
 from ..errors import CheckpointError, ConfigError
 from ..methods import Objective, build_objective
-from ..models import build_model, check_model_name
+from ..models import build_model, check_model_name, load_weights, native_input_size
+from ..models.external import IMAGENET_SIZE, check_weights_file
 from ..quant import calibrate, quant_layers, quantize_model, quantizers
 from .batchnorm import reestimate_batchnorm
 from .checkpoint import (CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_atomic,
@@ -38,28 +41,32 @@ from .run_folder import (CONFIG_NAME, SUMMARY_NAME, RunFolderLock, check_run_fol
 @dataclass
 class DataBundle:
     """The data sets of a run and the batch pipelines that feed them to the model."""
-    train: ImageTensorDataset
-    test: ImageTensorDataset
+    train: ImageTensorDataset | ImageFolderSet
+    test: ImageTensorDataset | ImageFolderSet
     train_pipeline: BatchPipeline
     eval_pipeline: BatchPipeline
 
     @property
     def channels(self) -> int:
-        return self.eval_pipeline.output_shape(self.train.images.shape[1:])[0]
+        return self.eval_pipeline.output_shape(self.train.sample_shape)[0]
 
     @property
     def num_classes(self) -> int:
         return self.train.num_classes
 
 
-def prepare_data(config: DataConfig) -> DataBundle:
-    train, test = load_dataset(config.name, config.root)
+def prepare_data(config: DataConfig, model: str | None = None) -> DataBundle:
+    """The data sets `config` names and their pipelines. An image folder is decoded at
+    `config.image_size`, else at the input size `model` is made for, else 224."""
+    size, options = config.image_size, {}
+    if canonical_name(config.name) == "imagefolder":
+        size = size or (native_input_size(model) if model else None) or IMAGENET_SIZE
+        options = {"size": size, "augment": config.augment, "workers": config.workers}
+    train, test = load_dataset(config.name, config.root, **options)
     return DataBundle(
         train, test,
-        pipeline_for(config.name, size=config.image_size, channels=config.channels,
-                     augment=config.augment),
-        pipeline_for(config.name, size=config.image_size, channels=config.channels,
-                     augment=False))
+        pipeline_for(config.name, size=size, channels=config.channels, augment=config.augment),
+        pipeline_for(config.name, size=size, channels=config.channels, augment=False))
 
 
 META_KEYS = ("model", "num_classes", "in_channels")
@@ -113,7 +120,7 @@ def claimed_run_folder(run_dir: str | Path, resume: bool, overwrite: bool) -> It
 def check_model_fits(model: nn.Module, data: DataBundle, name: str, device: torch.device) -> None:
     """Run one test image through `model`, so that a model that cannot take the data's images
     (a ViT's patch grid on 28x28 inputs) is refused before anything is written."""
-    image = data.eval_pipeline(data.test.images[:1].to(device), train=False)
+    image = data.eval_pipeline(data.test.take([0])[0].to(device), train=False)
     was_training = model.training
     try:
         with torch.no_grad():
@@ -206,11 +213,15 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False,
     check_global_batch(config.train.batch_size)
     check_run_folder(run_dir, resume, overwrite)
     check_model_name(config.model)
+    if config.pretrained and not resume:
+        check_weights_file(config.pretrained)
     _seed(config)
-    data = prepare_data(config.data)
+    data = prepare_data(config.data, config.model)
     check_sizes(config, data)
-    model = build_model(config.model, num_classes=data.num_classes,
-                        in_channels=data.channels).to(device)
+    model = build_model(config.model, num_classes=data.num_classes, in_channels=data.channels)
+    if config.pretrained and not resume:   # a resumed run's weights come from its checkpoint
+        load_weights(model, config.pretrained, config.model)
+    model = model.to(device)
     check_model_fits(model, data, config.model, device)
     meta = {"model": config.model, "num_classes": data.num_classes,
             "in_channels": data.channels, "data": config.data.to_dict(), "quant": None}
@@ -276,22 +287,42 @@ def load_teacher(source: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, state
 
 
-def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
+def pretrained_teacher(config: RunConfig, data: DataBundle) -> tuple[nn.Module, dict[str, Any]]:
+    """Model `config.model` with the weights of the file `config.pretrained`, and the state
+    `load_teacher` would return for it."""
+    model = build_model(config.model, num_classes=data.num_classes, in_channels=data.channels)
+    load_weights(model, config.pretrained, config.model)
+    meta = {"model": config.model, "num_classes": data.num_classes, "in_channels": data.channels,
+            "data": config.data.to_dict(), "quant": None}
+    return model, {"meta": meta, "model": model.state_dict(), "path": config.pretrained}
+
+
+def qat(config: RunConfig, teacher: nn.Module | None, teacher_state: dict[str, Any] | None,
         run_dir: str | Path, resume: bool = False, overwrite: bool = False,
         callbacks: list | None = None) -> dict[str, Any]:
     """Quantize `teacher` (from `load_teacher`), calibrate it, train it with the configured method.
 
-    The FP model is left as it was: the student starts as its quantized copy, and a method
-    that distills from it freezes a copy of its own.
+    Without a teacher, the teacher is `config.model` with the weights of the file
+    `config.pretrained` (e.g. torchvision's ImageNet weights). The FP model is left as it was:
+    the student starts as its quantized copy, and a method that distills from it freezes a
+    copy of its own.
     """
     if config.quant is None:
         raise ConfigError("qat needs a quantization config (e.g. --bits w4a4)")
+    if teacher is None and not config.pretrained:
+        raise ConfigError("qat needs a teacher: --from RUN, or --model and --pretrained FILE")
     device = setup(config.train.device)
     check_global_batch(config.train.batch_size)
     check_run_folder(run_dir, resume, overwrite)
+    if teacher is None:
+        check_model_name(config.model)
+        check_weights_file(config.pretrained)
     _seed(config)
+    data = prepare_data(config.data, config.model if teacher is None
+                        else teacher_state["meta"]["model"])
+    if teacher is None:
+        teacher, teacher_state = pretrained_teacher(config, data)
     state, source = teacher_state, teacher_state.get("path", "the teacher")
-    data = prepare_data(config.data)
     check_sizes(config, data)
     if data.channels != state["meta"]["in_channels"] or data.num_classes != state["meta"]["num_classes"]:
         raise ConfigError(
