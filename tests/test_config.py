@@ -204,3 +204,14 @@ def test_qat_without_quant_flags_uses_default_bits():
     config = build_run_config(args, "lsq", quantized=True)
     assert config.quant == QuantConfig() and config.quant.bits == "w4a4"
     assert config.method == method_config("lsq")
+
+
+def test_method_configs_known_after_plain_import():
+    # A fresh interpreter: only `import flatq`, no import of flatq.methods by hand.
+    import subprocess
+    import sys
+    code = ("import flatq\nfrom flatq.config import RunConfig\n"
+            "c = RunConfig.from_dict({'method': {'name': 'fpq'}})\nprint(c.method.name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "fpq"

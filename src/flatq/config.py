@@ -3,7 +3,8 @@
 Every field carries its help text and its allowed values in `field(metadata=...)`; the same
 metadata drives validation (errors name the field and what is allowed), YAML loading (unknown
 keys are refused) and the command-line flags (one flag per field, generated in the CLI).
-Method-specific configs live beside their methods and register here by name.
+Method-specific configs live beside their methods and register here by name; `import flatq`
+imports the methods, so every method is known once any part of flatq is imported.
 """
 
 from __future__ import annotations
