@@ -53,7 +53,7 @@ from flatq.analysis.sources import fixed_batches
 from flatq.config import DataConfig, QuantConfig, parse_bits
 from flatq.models import available_models, build_model
 from flatq.quant import calibrate, quantize_model
-from flatq.train.runs import load_model, prepare_data
+from flatq.runs import load_model, prepare_data
 
 from machine import machine_info, save_report
 

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from flatq.quant import quant_layers
-from flatq.train.runs import load_model
+from flatq.runs import load_model
 from machine import save_report
 
 

@@ -430,7 +430,7 @@ def test_tracking_callbacks_follow_the_config():
 def test_python_runs_track_what_their_config_asks_for(tmp_path):
     """pretrain() called from Python logs the trajectories train.track names, as the CLI does."""
     from flatq.config import DataConfig, RunConfig, method_config
-    from flatq.train.runs import pretrain
+    from flatq.runs import pretrain
     config = RunConfig(model="resnet8", data=DataConfig(name="synthetic"), method=method_config("ce"),
                        train=TrainConfig(epochs=1, batch_size=32, max_steps_per_epoch=2, lr=0.05,
                                          device="cpu", progress=False, track=["gradnorm"],

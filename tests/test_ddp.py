@@ -33,7 +33,7 @@ from flatq.quant.quantizers import LSQQuantizer
 from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.train.checkpoint import load_checkpoint
 from flatq.train.loop import evaluate
-from flatq.train.runs import load_model, prepare_data
+from flatq.runs import load_model, prepare_data
 
 HERE = Path(__file__).parent
 CLI = str(HERE / "tiny_model_cli.py")

@@ -24,7 +24,7 @@ from flatq.quant.ptq import post_training_quantize
 from flatq.quant.quantizers import range_to_affine
 from flatq.train.checkpoint import load_checkpoint
 from flatq.train.loop import evaluate
-from flatq.train.runs import load_model, prepare_data
+from flatq.runs import load_model, prepare_data
 
 
 def float_layers(model):

@@ -31,7 +31,7 @@ from flatq.models import build_model
 from flatq.models.vit import VisionTransformer
 from flatq.quant import (QuantConv2d, QuantLinear, QuantMultiheadAttention, Quantizer, calibrate,
                          quant_layers, quantize_model)
-from flatq.train.runs import load_model
+from flatq.runs import load_model
 
 CONVS = ["0", "2", "4", "6"]          # conv layers of `tiny_fp`; "9" is the Linear
 INNER = ["2", "4", "6"]               # every quantized layer but the first and the last

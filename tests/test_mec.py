@@ -16,7 +16,7 @@ from flatq.methods.mec import (MEC, MECConfig, coding_length_exact, coding_lengt
                                coding_length_taylor, distortion_lambda, power_traces)
 from flatq.models import build_model
 from flatq.quant import calibrate, quant_layers, quantize_model
-from flatq.train.runs import load_teacher, pretrain, qat
+from flatq.runs import load_teacher, pretrain, qat
 
 
 def unit_rows(m: int, d: int, seed: int = 0, nonnegative: bool = True) -> torch.Tensor:

@@ -24,7 +24,7 @@ from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method
 from flatq.errors import CheckpointError, FlatqError
 from flatq.methods.task import TaskObjective
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
-from flatq.train.runs import build_from_meta, load_model, load_teacher, pretrain, qat
+from flatq.runs import build_from_meta, load_model, load_teacher, pretrain, qat
 
 # 2 epochs of 3 steps on the synthetic set, with augmentation (so its draws must be replayed).
 BASE = ["pretrain", "--model", "resnet8", "--data", "synthetic", "--epochs", "2", "--lr", "0.1",

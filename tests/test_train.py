@@ -14,7 +14,7 @@ from flatq.data import calibration_batches
 from flatq.errors import CheckpointError, ConfigError, FlatqError
 from flatq.train.checkpoint import load_checkpoint
 from flatq.train.loop import evaluate
-from flatq.train.runs import load_model, load_teacher, prepare_data, pretrain, qat
+from flatq.runs import load_model, load_teacher, prepare_data, pretrain, qat
 
 DATA = DataConfig(name="synthetic")
 CPU = torch.device("cpu")

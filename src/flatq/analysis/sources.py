@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from ..config import DataConfig
 from ..data import BatchPipeline, ImageTensorDataset
 from ..errors import ConfigError
-from ..train.runs import DataBundle, load_model, prepare_data
+from ..data import DataBundle, prepare_data
+from ..train.run_io import load_model
 
 
 @dataclass

@@ -13,7 +13,7 @@ from ..config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_con
 from ..methods import QAT_METHODS
 from ..models import check_model_name
 from ..train.run_folder import check_run_folder
-from ..train.runs import load_teacher, pretrain, qat
+from ..runs import load_teacher, pretrain, qat
 
 
 def register(sub: argparse._SubParsersAction) -> None:

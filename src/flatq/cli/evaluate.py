@@ -8,7 +8,7 @@ import json
 from ..export import OnnxModel, compare
 from ..train.checkpoint import state_fingerprint
 from ..train.loop import evaluate, resolve_device
-from ..train.runs import load_model
+from ..runs import load_model
 from .export import describe_agreement, run_data
 
 

@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ..export import (STORAGE_CHOICES, WEIGHTS_KEY, Agreement, OnnxModel, compare,
                       export_integer, export_onnx)
 from ..train.checkpoint import state_fingerprint
-from ..train.runs import DataBundle, load_model, prepare_data
+from ..runs import DataBundle, load_model, prepare_data
 
 
 def register(sub: argparse._SubParsersAction) -> None:

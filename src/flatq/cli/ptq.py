@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..train.ptq import ptq
-from ..train.runs import load_teacher
+from ..runs import ptq
+from ..runs import load_teacher
 from .options import add_common_flags, add_section_flags, build_run_config
 
 

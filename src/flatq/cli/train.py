@@ -7,7 +7,7 @@ from ..errors import ConfigError
 from ..methods import PRETRAIN_METHODS, QAT_METHODS
 from ..models import available_models
 from ..train.distributed import is_main_process
-from ..train.runs import load_teacher, pretrain, qat, resume_state
+from ..runs import load_teacher, pretrain, qat, resume_state
 from .options import add_common_flags, add_method_flags, add_section_flags, build_run_config
 
 

@@ -1,5 +1,6 @@
 """Data: in-memory uint8 data sets, batch-level augmentation, calibration subsets."""
 
+from .bundle import DataBundle, prepare_data
 from .calibration import calibration_batches
 from .datasets import (ImageTensorDataset, available_datasets, collate_batch, load_cifar,
                        load_dataset, load_digits, load_fashion_mnist, make_synthetic)
@@ -7,4 +8,4 @@ from .transforms import BatchPipeline, pipeline_for
 
 __all__ = ["ImageTensorDataset", "collate_batch", "load_dataset", "available_datasets",
            "BatchPipeline", "pipeline_for", "calibration_batches", "load_cifar",
-           "load_fashion_mnist", "load_digits", "make_synthetic"]
+           "load_fashion_mnist", "load_digits", "make_synthetic", "DataBundle", "prepare_data"]

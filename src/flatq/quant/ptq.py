@@ -23,7 +23,7 @@ def ptq_config(config: QuantConfig, range_method: str | None = None,
                percentile: float | None = None) -> QuantConfig:
     """`config` with the fixed min-max quantizer family and, when given, the range method.
 
-    This is the config a PTQ model is rebuilt from (`flatq.train.runs.load_model`).
+    This is the config a PTQ model is rebuilt from (`flatq.train.run_io.load_model`).
     """
     changes: dict = {"quantizer": "minmax"}
     if range_method is not None:

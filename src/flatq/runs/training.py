@@ -1,16 +1,13 @@
-"""Whole runs, start to finish: the walk data -> model -> quantize -> objective -> trainer.
+"""Training runs, start to finish: the walk data -> model -> quantize -> objective -> trainer.
 
-A run folder holds `config.yaml`, `metrics.jsonl`, `checkpoint.pt` (the full training state,
-every epoch) and, once finished, `model.pt` (weights plus the metadata to rebuild the model)
-and `summary.json`. `load_model` rebuilds any finished run, full-precision or quantized.
+`pretrain` trains a full-precision model, `qat` a quantized student of one; both write a run
+folder (see `flatq.train.run_io` for its files and `load_model`, which reads them back).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,96 +15,19 @@ import torch
 from torch import nn
 
 from ..analysis.tracking import tracking_callbacks
-from ..config import DataConfig, QuantConfig, RunConfig, save_yaml
-from ..data import BatchPipeline, ImageTensorDataset, calibration_batches, load_dataset, pipeline_for
-from ..atomic import write_text_atomic
-from ..errors import CheckpointError, ConfigError
+from ..config import RunConfig
+from ..data import DataBundle, calibration_batches, prepare_data
+from ..errors import ConfigError
 from ..methods import Objective, build_objective
 from ..models import build_model, check_model_name
 from ..quant import calibrate, quant_layers, quantize_model, quantizers
-from .batchnorm import reestimate_batchnorm
-from .checkpoint import (CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_atomic,
-                         state_fingerprint)
-from .distributed import (check_global_batch, is_main_process, main_first, rank, setup, world_size,
-                          wrap)
-from .loop import Trainer, evaluate
-from .run_folder import (CONFIG_NAME, SUMMARY_NAME, RunFolderLock, check_run_folder,
-                         claim_run_folder)
-
-
-@dataclass
-class DataBundle:
-    """The data sets of a run and the batch pipelines that feed them to the model."""
-    train: ImageTensorDataset
-    test: ImageTensorDataset
-    train_pipeline: BatchPipeline
-    eval_pipeline: BatchPipeline
-
-    @property
-    def channels(self) -> int:
-        return self.eval_pipeline.output_shape(self.train.images.shape[1:])[0]
-
-    @property
-    def num_classes(self) -> int:
-        return self.train.num_classes
-
-
-def prepare_data(config: DataConfig) -> DataBundle:
-    train, test = load_dataset(config.name, config.root)
-    return DataBundle(
-        train, test,
-        pipeline_for(config.name, size=config.image_size, channels=config.channels,
-                     augment=config.augment),
-        pipeline_for(config.name, size=config.image_size, channels=config.channels,
-                     augment=False))
-
-
-META_KEYS = ("model", "num_classes", "in_channels")
-
-
-def build_from_meta(meta: dict[str, Any]) -> nn.Module:
-    """The model a checkpoint's metadata describes (quantized when it records a QuantConfig)."""
-    missing = [key for key in META_KEYS if key not in meta]
-    if missing:
-        raise CheckpointError(f"the checkpoint's metadata lacks {', '.join(missing)}; it was "
-                              "not written by flatq or is damaged")
-    model = build_model(meta["model"], num_classes=meta["num_classes"],
-                        in_channels=meta["in_channels"])
-    if meta.get("quant") is not None:
-        model = quantize_model(model, QuantConfig.from_dict(meta["quant"]))
-    return model
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a run folder or checkpoint file: (model in eval mode, checkpoint)."""
-    state = load_checkpoint(path)
-    meta = state.get("meta")
-    if not isinstance(meta, dict) or "model" not in meta:
-        raise CheckpointError(f"{path}: the checkpoint has no model metadata")
-    try:
-        model = build_from_meta(meta)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, ValueError) as exc:
-        detail = " ".join(str(exc).split())    # names the missing and unexpected keys
-        raise CheckpointError(f"{path}: weights do not fit model {meta['model']}: "
-                              f"{detail[:400]}") from None
-    return model.eval(), state
-
-
-@contextmanager
-def claimed_run_folder(run_dir: str | Path, resume: bool, overwrite: bool) -> Iterator[Path]:
-    """The run folder, created, locked and (with `overwrite`) cleared by rank 0 for the
-    duration of the block. Enter it only once the whole run has validated."""
-    locks: list[RunFolderLock] = []
-    main_first(lambda: locks.append(claim_run_folder(run_dir, resume, overwrite)))
-    try:
-        yield Path(run_dir)
-    finally:
-        for lock in locks:
-            lock.release()
+from ..train.batchnorm import reestimate_batchnorm
+from ..train.checkpoint import state_fingerprint
+from ..train.distributed import (check_global_batch, is_main_process, main_first, rank, setup,
+                                 world_size, wrap)
+from ..train.loop import Trainer, evaluate
+from ..train.run_folder import check_run_folder, claimed_run_folder
+from ..train.run_io import write_config, write_result
 
 
 def check_model_fits(model: nn.Module, data: DataBundle, name: str, device: torch.device) -> None:
@@ -141,11 +61,8 @@ def check_sizes(config: RunConfig, data: DataBundle) -> None:
 def _finish(trainer: Trainer, result: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     summary = {**result, **extra}
     if is_main_process():
-        model = trainer._bare_model()
-        save_atomic({"meta": trainer.meta, "config": trainer.config.to_dict(),
-                     "model": model.state_dict(), "summary": summary},
-                    trainer.run_dir / MODEL_NAME)
-        write_text_atomic(trainer.run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+        write_result(trainer.run_dir, trainer.meta, trainer.config,
+                     trainer._bare_model().state_dict(), summary)
     return summary
 
 
@@ -190,7 +107,7 @@ def _claimed_trainer(objective: Objective, data: DataBundle, config: RunConfig,
 def _train(trainer: Trainer) -> dict[str, Any]:
     """Record the config and train."""
     if is_main_process():
-        save_yaml(trainer.config, trainer.run_dir / CONFIG_NAME)
+        write_config(trainer.config, trainer.run_dir)
     return trainer.fit()
 
 
@@ -251,29 +168,6 @@ def _reestimate_batchnorm(trainer: Trainer, data: DataBundle, config: RunConfig,
     return {**result, "test_acc_before_bn": result["test_acc"],
             "test_loss_before_bn": result["test_loss"], "test_acc": after["acc"],
             "test_loss": after["loss"], "bn_images": config.quant.bn_images}
-
-
-def resume_state(run_dir: str | Path) -> dict[str, Any]:
-    """The checkpoint a `--resume` continues from (its config is the run's own, whatever
-    became of config.yaml, the human-readable copy)."""
-    check_run_folder(run_dir, resume=True, overwrite=False)
-    state = load_checkpoint(run_dir, CHECKPOINT_NAME)
-    if not isinstance(state.get("meta"), dict):
-        raise CheckpointError(f"{Path(run_dir) / CHECKPOINT_NAME} holds no run metadata; it "
-                              "was not written by flatq or is damaged")
-    if not isinstance(state.get("config"), dict):
-        state["config"] = {}
-    return state
-
-
-def load_teacher(source: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The full-precision model a QAT run starts from (`--from`)."""
-    model, state = load_model(source)
-    state["path"] = str(source)
-    if state["meta"].get("quant") is not None:
-        raise ConfigError(f"--from {source}: expected a full-precision run, got a quantized "
-                          f"({QuantConfig.from_dict(state['meta']['quant']).bits}) one")
-    return model, state
 
 
 def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
