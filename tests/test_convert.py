@@ -462,3 +462,47 @@ def test_attention_options_not_reimplemented_stay_float_with_their_out_proj():
     assert "add_bias_kv" in reasons["attn"]
     assert "inside the float nn.MultiheadAttention" in reasons["attn.out_proj"]
     assert [r.name for r in plan.quantized] == ["embed"]
+
+
+def test_weights_and_inputs_pick_their_quantizers_independently(resnet8):
+    # LSQ weights with PACT inputs: each side from its own registered family, and it trains.
+    config = QuantConfig(weight_quantizer="lsq", input_quantizer="pact", edge_bits=None)
+    qmodel = calibrate(quantize_model(resnet8, config), calibration_data())
+    for _, layer in quant_layers(qmodel):
+        assert type(layer.weight_quantizer) is LSQQuantizer
+        assert type(layer.input_quantizer) is PACTQuantizer
+    from flatq.config import TrainConfig
+    from flatq.train.optim import build_optimizer
+    optimizer = build_optimizer(qmodel.train(), TrainConfig(weight_decay=1e-3))
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    layer = quant_layers(qmodel)[1][1]
+    assert id(layer.weight_quantizer.scale) in no_decay      # LSQ step sizes: no decay
+    assert id(layer.input_quantizer.alpha) not in no_decay   # PACT's alpha: its L2 penalty
+    loss = nn.functional.cross_entropy(qmodel(calibration_data(1)[0]), torch.zeros(16).long())
+    optimizer.zero_grad()
+    loss.backward()
+    assert layer.weight_quantizer.scale.grad is not None
+    assert layer.input_quantizer.alpha.grad is not None
+    optimizer.step()
+    # The unset side falls back to `quantizer`.
+    default = QuantConfig(quantizer="pact", weight_quantizer="lsq")
+    assert (default.weight_family, default.input_family) == ("lsq", "pact")
+
+
+def test_a_registered_quantizer_is_a_config_choice_and_builds(resnet8):
+    from flatq.config import QUANTIZER_NAMES
+    from flatq.quant.quantizers import QUANTIZERS, register_quantizer
+
+    @register_quantizer("test-lsq")
+    class TestQuantizer(LSQQuantizer):
+        pass
+
+    try:
+        qmodel = quantize_model(resnet8, QuantConfig(input_quantizer="test-lsq"))
+        assert all(type(layer.input_quantizer) is TestQuantizer
+                   for _, layer in quant_layers(qmodel))
+    finally:
+        del QUANTIZERS["test-lsq"]
+        QUANTIZER_NAMES.remove("test-lsq")
+    with pytest.raises(ConfigError, match="test-lsq"):
+        QuantConfig(input_quantizer="test-lsq")

@@ -213,14 +213,25 @@ class TrainConfig(Section):
         check_device(self.device)
 
 
+# Names of the registered quantizer families, filled by `flatq.quant.quantizers` (which
+# `import flatq` imports): the choices of quant.quantizer / weight_quantizer / input_quantizer.
+QUANTIZER_NAMES: list[str] = []
+
+
 @dataclass
 class QuantConfig(Section):
     section: ClassVar[str] = "quant"
     w_bits: int = option(4, "weight bit width of the inner layers", low=2, high=8)
     a_bits: int = option(4, "input (activation) bit width of the inner layers", low=2, high=8)
-    quantizer: str = option("lsq", "lsq (learned step), lsq+ (learned step and offset), "
-                            "pact (learned clipping; min-max weights), minmax (fixed ranges)",
-                            choices=("lsq", "lsq+", "pact", "minmax"))
+    quantizer: str = option("lsq", "quantizer family of weights and inputs: lsq (learned "
+                            "step), lsq+ (learned step and offset; LSQ weights), pact (learned "
+                            "clipping; min-max weights), minmax (fixed ranges)",
+                            choices=QUANTIZER_NAMES)
+    weight_quantizer: str | None = option(None, "the weights' quantizer family when it differs "
+                                          "from --quantizer (e.g. lsq weights with pact inputs)",
+                                          choices=QUANTIZER_NAMES)
+    input_quantizer: str | None = option(None, "the inputs' quantizer family when it differs "
+                                         "from --quantizer", choices=QUANTIZER_NAMES)
     lsqplus_offset: str = option("integer", "LSQ+'s learned offset beta in the forward pass: "
                                  "integer (as the zero point round(-beta / s), exportable) or "
                                  "continuous (beta itself, as the LSQ+ paper; with its min-max "
@@ -277,6 +288,16 @@ class QuantConfig(Section):
     @property
     def bits(self) -> str:
         return f"w{self.w_bits}a{self.a_bits}"
+
+    @property
+    def weight_family(self) -> str:
+        """The weights' quantizer family: `weight_quantizer`, or `quantizer` when unset."""
+        return self.weight_quantizer or self.quantizer
+
+    @property
+    def input_family(self) -> str:
+        """The inputs' quantizer family: `input_quantizer`, or `quantizer` when unset."""
+        return self.input_quantizer or self.quantizer
 
 
 @dataclass

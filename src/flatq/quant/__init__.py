@@ -7,12 +7,14 @@ from .layers import QuantConv1d, QuantConv2d, QuantLinear, is_quant_layer, quant
 from .plan import QuantPlan, plan_quantization
 from .ptq import post_training_quantize
 from .quantizers import (QUANTIZERS, DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer,
-                         MinMaxQuantizer, PACTQuantizer, Quantizer)
+                         MinMaxQuantizer, PACTQuantizer, Quantizer, quantizer_family,
+                         register_quantizer)
 
 __all__ = [
     "calibrate", "describe", "layer_plan", "quantize_model", "quantizers", "fake_quantize",
     "grid_integers", "integer_range", "QuantConv1d", "QuantConv2d", "QuantLinear",
     "QuantMultiheadAttention", "is_quant_layer", "quant_layers", "QuantPlan", "plan_quantization",
     "QUANTIZERS", "DoReFaWeightQuantizer", "LSQPlusQuantizer", "LSQQuantizer", "MinMaxQuantizer",
-    "PACTQuantizer", "Quantizer", "post_training_quantize",
+    "PACTQuantizer", "Quantizer", "post_training_quantize", "quantizer_family",
+    "register_quantizer",
 ]

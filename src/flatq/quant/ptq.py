@@ -25,7 +25,7 @@ def ptq_config(config: QuantConfig, range_method: str | None = None,
 
     This is the config a PTQ model is rebuilt from (`flatq.train.run_io.load_model`).
     """
-    changes: dict = {"quantizer": "minmax"}
+    changes: dict = {"quantizer": "minmax", "weight_quantizer": None, "input_quantizer": None}
     if range_method is not None:
         changes["range_method"] = range_method
     if percentile is not None:
@@ -38,7 +38,7 @@ def post_training_quantize(model: nn.Module, config: QuantConfig, batches: Itera
                            device: torch.device | str | None = None) -> nn.Module:
     """A calibrated quantized copy of `model` in eval mode; `model` is left untouched.
 
-    `config.quantizer` is replaced by 'minmax' (PTQ has nothing to learn a step size with);
+    `config.quantizer` (weights' and inputs' alike) is replaced by 'minmax' (PTQ has nothing to learn a step size with);
     `range_method` / `percentile` override the config's when given. `batches` are float input
     batches (e.g. `flatq.data.calibration_batches`).
     """

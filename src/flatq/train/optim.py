@@ -8,19 +8,19 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..quant.quantizers import Quantizer
-
-# Step sizes and offsets are ranges, not weights: decaying them would shrink the grid.
-_NO_DECAY = ("scale", "offset")
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """SGD over `model`'s trainable parameters in two groups: with `config.weight_decay`, and
+    without it for the parameters a module lists in its `no_weight_decay` (a quantizer's step
+    sizes and offsets: ranges, not weights; see `flatq.quant.Quantizer`)."""
     decay, no_decay = [], []
     for module in model.modules():
+        exempt = getattr(module, "no_weight_decay", ())
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            skip = isinstance(module, Quantizer) and name in _NO_DECAY
+            skip = name in exempt
             (no_decay if skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
