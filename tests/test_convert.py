@@ -474,7 +474,8 @@ def test_weights_and_inputs_pick_their_quantizers_independently(resnet8):
     from flatq.config import TrainConfig
     from flatq.train.optim import build_optimizer
     optimizer = build_optimizer(qmodel.train(), TrainConfig(weight_decay=1e-3))
-    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0
+                for p in g["params"]}
     layer = quant_layers(qmodel)[1][1]
     assert id(layer.weight_quantizer.scale) in no_decay      # LSQ step sizes: no decay
     assert id(layer.input_quantizer.alpha) not in no_decay   # PACT's alpha: its L2 penalty

@@ -38,8 +38,8 @@ def post_training_quantize(model: nn.Module, config: QuantConfig, batches: Itera
                            device: torch.device | str | None = None) -> nn.Module:
     """A calibrated quantized copy of `model` in eval mode; `model` is left untouched.
 
-    `config.quantizer` (weights' and inputs' alike) is replaced by 'minmax' (PTQ has nothing to learn a step size with);
-    `range_method` / `percentile` override the config's when given. `batches` are float input
+    `config.quantizer` (weights' and inputs' alike) is replaced by 'minmax' (PTQ has nothing
+    to learn a step size with); `range_method` / `percentile` override the config's when given. `batches` are float input
     batches (e.g. `flatq.data.calibration_batches`).
     """
     config = ptq_config(config, range_method, percentile)

@@ -412,7 +412,8 @@ class PACTQuantizer(Quantizer):
     def init_from_observer(self, observer: MinMaxObserver) -> None:
         lo, hi = observer.range()
         self.signed = bool(lo.min() < 0)
-        self.alpha.copy_(torch.maximum(hi, -lo).clamp_min(EPS) if self.signed else hi.clamp_min(EPS))
+        self.alpha.copy_(torch.maximum(hi, -lo).clamp_min(EPS) if self.signed
+                         else hi.clamp_min(EPS))
 
     def quantize(self, x: Tensor) -> Tensor:
         alpha = positive_ste(self.alpha)
@@ -422,8 +423,8 @@ class PACTQuantizer(Quantizer):
         return y + (torch.round(y / step) * step - y).detach()
 
     def scale_and_zero_point(self) -> tuple[Tensor, Tensor]:
-        return (self.alpha.detach().clamp_min(EPS) / self.qmax), torch.zeros(1,
-                                                                             device=self.alpha.device)
+        return (self.alpha.detach().clamp_min(EPS) / self.qmax,
+                torch.zeros(1, device=self.alpha.device))
 
     def integer_grid(self) -> tuple[Tensor, Tensor, int, int]:
         scale, zero_point, lo, hi = super().integer_grid()

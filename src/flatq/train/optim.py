@@ -25,7 +25,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr,
-                           momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+                           momentum=config.momentum,
+                           nesterov=config.nesterov and config.momentum > 0)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
