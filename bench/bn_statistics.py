@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from flatq.cli.export import run_data
+from flatq.train.run_io import run_data
 from flatq.data import calibration_batches
 from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.train.loop import evaluate

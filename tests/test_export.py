@@ -293,3 +293,25 @@ def test_cli_export_int_and_errors(tiny_run, tmp_path, capsys):
     assert main(["eval", str(tiny_run), "--onnx", str(tmp_path / "none.onnx")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "none.onnx: no such ONNX file" in err
+
+
+def test_a_registered_export_format_is_a_cli_choice(tiny_run, tmp_path, capsys):
+    from flatq.export import EXPORT_FORMATS, ExportFormat, register_format
+
+    def write_names(model, state, output, options):
+        output.write_text("\n".join(name for name, _ in quant_layers(model)))
+        return [f"wrote {output}"]
+
+    register_format(ExportFormat("names", ".txt", "the quantized layers' names", write_names))
+    try:
+        path = tmp_path / "layers.txt"
+        assert main(["export", str(tiny_run), "--format", "names", "-o", str(path)]) == 0
+        assert capsys.readouterr().out.strip() == f"wrote {path}"
+        assert path.read_text().splitlines()[0] == "stem.0"
+        assert main(["export", str(tiny_run), "--format", "names", "-o", "x.onnx"]) == 2
+        assert "writes a .txt file" in capsys.readouterr().err
+    finally:
+        del EXPORT_FORMATS["names"]
+    with pytest.raises(SystemExit):
+        main(["export", str(tiny_run), "--format", "names", "-o", "x.txt"])
+    assert "invalid choice: 'names'" in capsys.readouterr().err

@@ -9,11 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import DataConfig
-from ..data import BatchPipeline, ImageTensorDataset
+from ..data import BatchPipeline, DataBundle, ImageTensorDataset
 from ..errors import ConfigError
-from ..data import DataBundle, prepare_data
-from ..train.run_io import load_model
+from ..train.run_io import load_model, run_data
 
 
 @dataclass
@@ -41,10 +39,8 @@ def open_run(path: str | Path, device: torch.device, data_root: str | None = Non
     """Load a run folder or model.pt with the data set it was trained on (or under
     `data_root`); the model comes back on `device`, in eval mode."""
     model, state = load_model(path)
-    data_cfg = DataConfig.from_dict(state["meta"]["data"])
-    if data_root:
-        data_cfg = DataConfig.from_dict({"root": data_root}, base=data_cfg)
-    return Run(label or run_label(path), model.to(device), state["meta"], prepare_data(data_cfg))
+    _, data = run_data(state, data_root)
+    return Run(label or run_label(path), model.to(device), state["meta"], data)
 
 
 def fixed_batches(dataset: ImageTensorDataset, pipeline: BatchPipeline, count: int,

@@ -73,6 +73,13 @@ class Agreement:
     def onnx_acc(self) -> float:
         return 100.0 * self.onnx_correct / max(self.count, 1)
 
+    def describe(self) -> str:
+        """One line: both accuracies, differing predictions and the largest logit difference."""
+        return (f"onnxruntime {self.onnx_acc:.2f}% vs PyTorch fake-quant "
+                f"{self.torch_acc:.2f}% on {self.count} test images, "
+                f"{self.differing} predictions differ, max |logit diff| "
+                f"{self.max_abs_diff:.3g} (logits up to {self.max_abs_logit:.3g})")
+
 
 @torch.no_grad()
 def compare(onnx_model: OnnxModel, model: nn.Module, dataset: ImageTensorDataset,

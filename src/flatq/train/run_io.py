@@ -16,7 +16,8 @@ from typing import Any
 from torch import nn
 
 from ..atomic import write_text_atomic
-from ..config import QuantConfig, RunConfig, save_yaml
+from ..config import DataConfig, QuantConfig, RunConfig, save_yaml
+from ..data import DataBundle, prepare_data
 from ..errors import CheckpointError, ConfigError
 from ..models import build_model
 from ..quant import quantize_model
@@ -67,6 +68,20 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise CheckpointError(f"{path}: weights do not fit model {meta['model']}: "
                               f"{detail[:400]}") from None
     return model.eval(), state
+
+
+def run_data(state: dict[str, Any], data_root: str | None = None
+             ) -> tuple[DataConfig, DataBundle]:
+    """The data set a run (its checkpoint `state`, from `load_model`) was trained on,
+    optionally found under another `data_root`: (its DataConfig, the loaded data).
+
+    Raises:
+        ConfigError, DataError: as `flatq.data.prepare_data`.
+    """
+    data_cfg = DataConfig.from_dict(state["meta"]["data"])
+    if data_root:
+        data_cfg = DataConfig.from_dict({"root": data_root}, base=data_cfg)
+    return data_cfg, prepare_data(data_cfg)
 
 
 def load_teacher(source: str | Path) -> tuple[nn.Module, dict[str, Any]]:
