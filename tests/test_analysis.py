@@ -438,3 +438,23 @@ def test_python_runs_track_what_their_config_asks_for(tmp_path):
     pretrain(config, tmp_path / "fp")
     records = [json.loads(line) for line in (tmp_path / "fp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "grad_norm" in r] == [1, 2]
+
+
+def test_library_writes_the_file_the_cli_writes(tmp_path):
+    """flatq.analysis.reports makes the same plottable JSON as `flatq analyze noise`."""
+    from flatq.analysis.reports import noise_entry, open_runs, report, write_report
+    from flatq.config import DataConfig, RunConfig, method_config
+    from flatq.runs import pretrain
+    config = RunConfig(model="resnet8", data=DataConfig(name="synthetic"),
+                       method=method_config("ce"),
+                       train=TrainConfig(epochs=1, batch_size=32, max_steps_per_epoch=1,
+                                         device="cpu", progress=False))
+    pretrain(config, tmp_path / "fp")
+    args = ["--sigmas", "0,0.2", "--repeats", "2", "--images", "8", "--device", "cpu"]
+    assert main(["analyze", "noise", str(tmp_path / "fp"), *args,
+                 "--out", str(tmp_path / "cli.json")]) == 0
+    entries = [noise_entry(run, [0.0, 0.2], repeats=2, images=8)
+               for run in open_runs([str(tmp_path / "fp")], torch.device("cpu"))]
+    path = write_report(report("noise", entries, output="logits", repeats=2, seed=0),
+                        tmp_path / "lib.json")
+    assert json.loads(path.read_text()) == json.loads((tmp_path / "cli.json").read_text())

@@ -6,6 +6,7 @@ that are written as JSON and drawn by `plots`.
 - noise: output variance under Gaussian input noise
 - features: per-channel statistics of one layer's output
 - tracking: step callbacks that log hessian_trace / grad_norm during training
+- sources, reports: finished runs opened for analysis, and the JSON files `flatq plot` draws
 """
 
 from .features import feature_layers, feature_statistics

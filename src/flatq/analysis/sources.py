@@ -16,11 +16,13 @@ from ..train.run_io import load_model, run_data
 
 @dataclass
 class Run:
-    """A finished run opened for analysis: its label, model (on `device`), metadata, data."""
+    """A finished run opened for analysis: its label, model (on `device`), metadata, data,
+    and the path it was opened from."""
     label: str
     model: nn.Module
     meta: dict[str, Any]
     data: DataBundle
+    path: str = ""
 
     @property
     def bits(self) -> str:
@@ -40,7 +42,7 @@ def open_run(path: str | Path, device: torch.device, data_root: str | None = Non
     `data_root`); the model comes back on `device`, in eval mode."""
     model, state = load_model(path)
     _, data = run_data(state, data_root)
-    return Run(label or run_label(path), model.to(device), state["meta"], data)
+    return Run(label or run_label(path), model.to(device), state["meta"], data, str(path))
 
 
 def fixed_batches(dataset: ImageTensorDataset, pipeline: BatchPipeline, count: int,
