@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from ..errors import ConfigError
+
 from ..methods import PRETRAIN_METHODS, QAT_METHODS
 from ..models import available_models
 from ..train.distributed import is_main_process
-from ..runs import load_teacher, pretrain, qat, resume_state
+from ..runs import pretrain, pretrain_base, qat, qat_start
 from .options import add_common_flags, add_method_flags, add_section_flags, build_run_config
 
 
@@ -46,22 +46,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> None:
-    base = resume_state(args.out)["config"] if args.resume else {}
-    config = build_run_config(args, "ce", base=base)
+    config = build_run_config(args, "ce", base=pretrain_base(args.out, args.resume))
     summary = pretrain(config, args.out, resume=args.resume, overwrite=args.overwrite)
     if is_main_process():
         print(f"full-precision {config.model}: test acc {summary['test_acc']:.2f}%  -> {args.out}")
 
 
 def run_qat(args: argparse.Namespace) -> None:
-    """With --resume the run's own config (and teacher, unless --from names one) is the base
-    the flags apply to; a fresh run starts from the teacher's data config."""
-    saved = resume_state(args.out) if args.resume else None
-    source = args.source or (saved["meta"].get("source") if saved else None)
-    if source is None:
-        raise ConfigError("--from is required: the full-precision run to quantize")
-    teacher, state = load_teacher(source)
-    base = {"data": state["meta"]["data"], **(saved["config"] if saved else {})}
+    """The flags apply to the base `qat_start` gives (the run's own config with --resume)."""
+    teacher, state, base = qat_start(args.out, args.source, args.resume)
     config = build_run_config(args, "lsq", base=base, quantized=True)
     config.model = state["meta"]["model"]
     summary = qat(config, teacher, state, args.out, resume=args.resume, overwrite=args.overwrite)

@@ -27,7 +27,7 @@ from ..train.distributed import (check_global_batch, is_main_process, main_first
                                  world_size, wrap)
 from ..train.loop import Trainer, evaluate
 from ..train.run_folder import check_run_folder, claimed_run_folder
-from ..train.run_io import write_config, write_result
+from ..train.run_io import load_teacher, resume_state, write_config, write_result
 
 
 def check_model_fits(model: nn.Module, data: DataBundle, name: str, device: torch.device) -> None:
@@ -223,3 +223,34 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
                                          "bits": config.quant.bits,
                                          "method": config.method.name if config.method
                                          else "lsq"})
+
+
+def pretrain_base(run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """The config (as a mapping) a pretrain's options apply to: with `resume`, the run's
+    own config from its checkpoint; otherwise nothing (the defaults).
+
+    Raises:
+        CheckpointError: `resume` and no usable checkpoint in `run_dir`.
+    """
+    return resume_state(run_dir)["config"] if resume else {}
+
+
+def qat_start(run_dir: str | Path, source: str | Path | None = None, resume: bool = False
+              ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """What a qat run starts from: (teacher, teacher checkpoint, base config mapping).
+
+    With `resume` the run's own config is the base its options apply to, and its own
+    teacher is used unless `source` names one; a fresh run starts from the teacher's data
+    config.
+
+    Raises:
+        ConfigError: no `source` and nothing to resume.
+        CheckpointError: no usable checkpoint to resume or teacher to load.
+    """
+    saved = resume_state(run_dir) if resume else None
+    source = source or (saved["meta"].get("source") if saved else None)
+    if source is None:
+        raise ConfigError("--from is required: the full-precision run to quantize")
+    teacher, state = load_teacher(source)
+    base = {"data": state["meta"]["data"], **(saved["config"] if saved else {})}
+    return teacher, state, base
