@@ -215,3 +215,18 @@ def test_method_configs_known_after_plain_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "fpq"
+
+
+def test_load_recipe_merges_sections_over_a_base(tmp_path):
+    from flatq.config import load_recipe, merge_sections
+    path = tmp_path / "r.yaml"
+    path.write_text("train: {epochs: 3}\nquant: {w_bits: 2}\n")
+    base = {"data": {"name": "synthetic"}, "train": {"lr": 0.5, "epochs": 9}}
+    raw = load_recipe(path, base)
+    assert raw == {"data": {"name": "synthetic"}, "train": {"lr": 0.5, "epochs": 3},
+                   "quant": {"w_bits": 2}}
+    assert base["train"] == {"lr": 0.5, "epochs": 9}        # the base is left as it was
+    assert merge_sections({"model": "a"}, {"model": "b"}) == {"model": "b"}
+    path.write_text("train: {epochs: 0}\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: train\.epochs"):
+        load_recipe(path)

@@ -384,5 +384,37 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data or {}
 
 
+def merge_sections(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`: a section that is a mapping in both merges key by key, any
+    other value replaces; neither argument is changed."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_recipe(path: str | Path, base: dict[str, Any] | None = None,
+                default_method: str = "ce") -> dict[str, Any]:
+    """A YAML recipe merged over `base` (a config mapping), as a mapping flags can still
+    override. The file must be valid on its own (with `default_method` when it names none).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, not a mapping of sections, or invalid;
+            the message starts with the path.
+    """
+    loaded = load_yaml(path)
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections")
+    raw = merge_sections(base or {}, loaded)
+    try:  # the file must be valid on its own, even where flags override it
+        RunConfig.from_dict({**raw, "method": raw.get("method") or default_method})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return raw
+
+
 def save_yaml(config: RunConfig, path: str | Path) -> None:
     write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

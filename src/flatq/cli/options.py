@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from ..config import (METHOD_CONFIGS, DataConfig, QuantConfig, RunConfig, Section, TrainConfig,
-                      load_yaml, parse_bits)
+                      load_recipe, merge_sections, parse_bits)
 from ..errors import ConfigError
 
 SECTIONS: dict[str, type[Section]] = {"data": DataConfig, "train": TrainConfig,
@@ -91,20 +91,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 def build_run_config(args: argparse.Namespace, default_method: str,
                      base: dict[str, Any] | None = None, quantized: bool = False) -> RunConfig:
     """Defaults <- `base` (e.g. the data config of a --from run) <- YAML <- flags."""
-    raw: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in (base or {}).items()}
+    raw = merge_sections(base or {}, {})
     if getattr(args, "config", None):
-        loaded = load_yaml(args.config)
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{args.config}: a config must be a mapping of sections")
-        for key, value in loaded.items():
-            if isinstance(value, dict) and isinstance(raw.get(key), dict):
-                raw[key] = {**raw[key], **value}
-            else:
-                raw[key] = value
-        try:  # the file must be valid on its own, even where flags override it
-            RunConfig.from_dict({**raw, "method": raw.get("method") or default_method})
-        except ConfigError as exc:
-            raise ConfigError(f"{args.config}: {exc}") from None
+        raw = load_recipe(args.config, raw, default_method)
     given = vars(args)
     if "model" in given and given["model"] is not None:
         raw["model"] = given["model"]
