@@ -23,8 +23,7 @@ from pathlib import Path
 
 import yaml
 
-import flatq.methods  # noqa: F401  (registers the method configs)
-from flatq.config import RunConfig, method_config
+from flatq.config import RunConfig, method_config, parse_bits
 from recipe_files import replace_block, write_or_check
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +126,7 @@ def fp_recipe(data: str, model: str) -> dict:
 
 
 def qat_recipe(data: str, bits: str, method: str, quant: dict, options: dict) -> dict:
-    w_bits, a_bits = int(bits[1]), int(bits[3])
+    w_bits, a_bits = parse_bits(bits)
     config = method_config(method, options)
     return {"data": DATA[data], "train": train_section(data, "qat"),
             "quant": {"w_bits": w_bits, "a_bits": a_bits, **QUANT, **quant},

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from flatq.config import parse_bits
 from recipe_files import replace_block, write_or_check
 
 ROOT = Path(__file__).resolve().parent.parent / "configs"
@@ -40,8 +41,9 @@ PROVENANCE = ("# Our recipe, not a CR-paper setting or table cell: the FPQ paper
 
 
 def recipe(data: dict, bits: str, train: dict, method: dict) -> dict:
+    w_bits, a_bits = parse_bits(bits)
     return {"data": data, "train": train,
-            "quant": {"w_bits": int(bits[1]), "a_bits": int(bits[3]), "quantizer": "lsq"},
+            "quant": {"w_bits": w_bits, "a_bits": a_bits, "quantizer": "lsq"},
             "method": method}
 
 

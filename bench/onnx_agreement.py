@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from flatq import QuantConfig, calibrate, quantize_model
+from flatq.config import parse_bits
 from flatq.export import OnnxModel, export_onnx
 from flatq.models import build_model
 from flatq.models.vit import VisionTransformer
@@ -39,7 +40,8 @@ def make_model(name: str) -> torch.nn.Module:
 def compare(name: str, bits: str, seed: int, images: int, folder: Path) -> dict:
     """Affected images, largest relative logit difference and argmax agreement of one model."""
     torch.manual_seed(seed)
-    model = quantize_model(make_model(name), QuantConfig(w_bits=int(bits[1]), a_bits=int(bits[3])))
+    w_bits, a_bits = parse_bits(bits)
+    model = quantize_model(make_model(name), QuantConfig(w_bits=w_bits, a_bits=a_bits))
     calibrate(model, [torch.randn(32, 3, 32, 32)])
     model.eval()
     x = torch.randn(images, 3, 32, 32, generator=torch.Generator().manual_seed(1000 + seed))

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -37,32 +35,16 @@ from flatq.methods import FPQ, FPQConfig, TaskObjective
 from flatq.methods.base import Objective
 from flatq.models import build_model
 from flatq.quant import calibrate, quantize_model
+from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.train.host_memory import retain_freed_host_memory
 from flatq.train.optim import build_optimizer
 
-from machine import machine_info, run_in_fresh_process, save_report, status_mib
+from machine import machine_info, run_in_fresh_process, save_report, status_mib, timed
 
 METHODS = ("fp", "lsq", "fpq")
 PARTS = ("lsq+teacher", "fpq-sfp")
 TARGETS = {"lsq": 1.3, "fpq": 1.7}
 NUM_CLASSES = 10
-
-
-@torch.no_grad()
-def settle_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> None:
-    """Give an untrained model the BatchNorm statistics of `images`, as a trained teacher has.
-
-    Otherwise calibration (eval mode) sees the activations of BN's initial running stats,
-    far smaller than the training-mode ones, and the CSD gradient of the badly clipped
-    student overflows within a step on MobileNetV2.
-    """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: one batch sets the statistics exactly
-    model.train()(images)
-    for m in norms:
-        m.momentum = 0.1
 
 
 class TeacherForward(TaskObjective):
@@ -84,7 +66,11 @@ def build_objective(method: str, model_name: str, images: torch.Tensor,
     """The objective and optimizer of one setting, ready for `objective.step`."""
     torch.manual_seed(0)
     fp = build_model(model_name, num_classes=NUM_CLASSES, in_channels=3).to(device)
-    settle_batchnorm(fp, images)
+    # An untrained model gets the BatchNorm statistics of `images`, as a trained teacher has:
+    # otherwise calibration (eval mode) sees the activations of BN's initial running stats,
+    # far smaller than the training-mode ones, and the CSD gradient of the badly clipped
+    # student overflows within a step on MobileNetV2.
+    reestimate_batchnorm(fp, [images])
     if method == "fp":
         objective: Objective = TaskObjective(fp)
     else:
@@ -98,27 +84,12 @@ def build_objective(method: str, model_name: str, images: torch.Tensor,
     return objective, build_optimizer(objective.student, TrainConfig())
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_step(objective: Objective, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor, device: torch.device) -> tuple[float, float, float, int]:
-    """One step's wall-clock seconds, this process's CPU seconds (all its threads), the part
-    of those spent in the kernel, and its minor page faults.
-
-    On a shared CPU the CPU time is the steadier measure: time spent descheduled while
-    other processes run does not count (with several threads, their spin-waits do). Kernel
-    time in a training step is mostly page faults on fresh memory (flatq.train.host_memory)."""
-    sync(device)
-    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    objective.step(images, labels, optimizer)
-    sync(device)
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    system = after.ru_stime - before.ru_stime
-    return (time.perf_counter() - start, after.ru_utime - before.ru_utime + system, system,
-            after.ru_minflt - before.ru_minflt)
+    """One step's wall-clock seconds, CPU seconds, kernel part of those and minor page faults
+    (see machine.Timing)."""
+    t = timed(objective.step, images, labels, optimizer, device=device)
+    return t.wall, t.cpu, t.system, t.page_faults
 
 
 def summarize(times: list[tuple[float, float, float, int]]) -> dict[str, float]:

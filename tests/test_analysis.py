@@ -21,6 +21,7 @@ from flatq.config import TrainConfig
 from flatq.errors import ConfigError
 from flatq.methods.base import Objective
 from flatq.models import build_model
+from flatq.quant import quant_layers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -458,3 +459,17 @@ def test_library_writes_the_file_the_cli_writes(tmp_path):
     path = write_report(report("noise", entries, output="logits", repeats=2, seed=0),
                         tmp_path / "lib.json")
     assert json.loads(path.read_text()) == json.loads((tmp_path / "cli.json").read_text())
+
+
+def test_weight_step_sizes_count_dead_channels():
+    from flatq.analysis import weight_step_sizes
+    torch.manual_seed(0)
+    model = quantize_model(build_model("resnet8"), QuantConfig(w_bits=4, a_bits=4))
+    calibrate(model, [torch.randn(8, 3, 32, 32)])
+    rows = weight_step_sizes(model)
+    assert [r["layer"] for r in rows] == [name for name, _ in quant_layers(model)]
+    assert all(r["dead_channels"] == 0 for r in rows)
+    first = quant_layers(model)[0][1]
+    with torch.no_grad():
+        first.weight_quantizer.scale[:3] = 10 * first.weight.abs().max()
+    assert weight_step_sizes(model)[0]["dead_channels"] == 3
