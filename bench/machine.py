@@ -41,6 +41,12 @@ def save_report(report: dict, path: str | Path) -> Path:
     return out
 
 
+def print_load(report: dict) -> None:
+    """Print the load averages a report recorded before and after its measurements."""
+    print(f"load average (1, 5, 15 min): before {report['loadavg_before']}, "
+          f"after {report['loadavg_after']}")
+
+
 def status_mib(field: str) -> float:
     """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: its peak) in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -17,14 +17,13 @@ run or --data-root), so they are used as
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import yaml
 
 from flatq.config import RunConfig, method_config, parse_bits
-from recipe_files import replace_block, write_or_check
+from recipe_files import generate, replace_block
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -286,17 +285,11 @@ def readme_text(block: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare instead of writing")
-    args = parser.parse_args(argv)
     all_recipes = recipes()
     files = {r.path: r.text() for r in all_recipes}
     files[README] = readme_text(readme_block(all_recipes))
-    code, stale = write_or_check(files, args.check, ROOT)
-    if args.check:
-        return code
-    print(f"{len(all_recipes)} recipes under {CONFIGS.relative_to(ROOT)}/, {len(stale)} written")
-    return 0
+    return generate(__doc__.splitlines()[0], files, ROOT, f"{len(all_recipes)} recipes under "
+                    f"{CONFIGS.relative_to(ROOT)}/, {{stale}} written", argv)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.train.host_memory import retain_freed_host_memory
 from flatq.train.optim import build_optimizer
 
-from machine import machine_info, run_in_fresh_process, save_report, status_mib, timed
+from machine import (machine_info, print_load, run_in_fresh_process, save_report, status_mib,
+                     timed)
 
 METHODS = ("fp", "lsq", "fpq")
 PARTS = ("lsq+teacher", "fpq-sfp")
@@ -231,8 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  {m} memory: peak {mem['peak_mib']:.0f} MiB, steps add "
                       f"{mem['step_mib']:.0f} MiB ({mem['kind']})")
     report["loadavg_after"] = os.getloadavg()
-    print(f"load average (1, 5, 15 min): before {report['loadavg_before']}, "
-          f"after {report['loadavg_after']}")
+    print_load(report)
     save_report(report, args.out)
     return report
 

@@ -38,7 +38,7 @@ from flatq.quant import calibrate, quant_layers, quantize_model
 from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.train.optim import build_optimizer
 
-from machine import machine_info, save_report
+from machine import machine_info, print_load, save_report
 from step_time import NUM_CLASSES, batch, summarize, timed_step
 
 SETTINGS = ("fp", "flatq", "brevitas")
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  by CPU time: overhead flatq {cpu['flatq']:+.2f}, Brevitas {cpu['brevitas']:+.2f}, "
           f"flatq / Brevitas = {cpu['flatq'] / cpu['brevitas']:.2f}")
     print("comparable because:\n" + "\n".join(f"  - {c}" for c in comparable))
-    print(f"load average (1, 5, 15 min): before {report['loadavg_before']}, "
-          f"after {report['loadavg_after']}")
+    print_load(report)
     save_report(report, args.out)
     return report
 
