@@ -87,6 +87,15 @@ def compare(onnx_model: OnnxModel, model: nn.Module, dataset: ImageTensorDataset
             limit: int | None = None) -> Agreement:
     """Accuracy of both models on (the first `limit` images of) `dataset`, and how they differ.
 
+    Args:
+        onnx_model: the export, in onnxruntime.
+        model: the PyTorch model it was exported from.
+        dataset, pipeline: the images, normalized by `pipeline` without augmentation.
+        batch_size, limit: images per batch; how many images at most (default: all).
+
+    Returns:
+        An Agreement: both accuracies, differing predictions, largest logit difference.
+
     `model` runs on the CPU in eval mode, as onnxruntime does.
     """
     was_training = model.training

@@ -38,11 +38,26 @@ def register_objective(name: str, cls: type[Objective], stage: str = "qat") -> N
 
 def build_objective(config: MethodConfig | None, student: nn.Module,
                     teacher: nn.Module | None = None, **context: Any) -> Objective:
-    """The objective for `config` (plain cross-entropy when None); `context` is passed on."""
+    """The objective `config` names, built on `student` (and `teacher`).
+
+    Args:
+        config: a method config (`flatq.config.method_config(name, options)`); None is plain
+            cross-entropy.
+        student: the model being trained.
+        teacher: the full-precision model, for methods that distill (a copy is kept).
+        **context: passed on to the objective (the trainer passes `data` and `seed`).
+
+    Returns:
+        The objective; use it as a context manager, so its hooks leave the student at the end.
+
+    Raises:
+        ConfigError: an unknown method, or what the objective itself refuses.
+    """
     if config is None:
         return TaskObjective(student, teacher, **context)
     if config.name not in OBJECTIVES:
-        raise ConfigError(f"unknown method {config.name!r}; available: {', '.join(sorted(OBJECTIVES))}")
+        raise ConfigError(f"unknown method {config.name!r}; available: "
+                          f"{', '.join(sorted(OBJECTIVES))}")
     return OBJECTIVES[config.name](student, teacher, config, **context)
 
 

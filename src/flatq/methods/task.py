@@ -24,4 +24,13 @@ class LSQConfig(MethodConfig):
 
 
 class TaskObjective(Objective):
-    """Cross-entropy on the student's logits; nothing else."""
+    """Cross-entropy on the student's logits; nothing else.
+
+    Args:
+        student: the model being trained: float (pretraining) or quantized (QAT, any
+            quantizer).
+        teacher: the frozen full-precision model (not used).
+        config: the method's options (default: no options()).
+        **context: what a run offers beyond the models (the trainer passes `data`, `seed`);
+            ignored where unused.
+    """

@@ -60,6 +60,20 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
     Which layers are swapped, at which bits, and why the other weight-bearing modules stay
     float is the copy's `quant_plan` (a QuantPlan; print it). A plan with no layer at the
     inner bit width is also reported as a warning.
+
+    Args:
+        model: any float nn.Module; its Conv1d/Conv2d/Linear/MultiheadAttention layers are
+            swapped (see `flatq.quant.plan` for what stays float and why).
+        config: bit widths, quantizer families, skip patterns and per-layer overrides
+            (default: `QuantConfig()`, W4A4 LSQ with 8-bit first and last layers).
+
+    Returns:
+        The quantized copy, uncalibrated, with its `quant_plan`.
+
+    Raises:
+        ConfigError: `model` is already quantized or has no layer to quantize, a skip or
+            override pattern matches no layer, or a parent reads a layer's weight directly
+            (the layers are named, with the `skip` option that leaves them float).
     """
     config = config or QuantConfig()
     if any(is_quant_layer(m) for m in model.modules()):
@@ -79,6 +93,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
 
 
 def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    """(name, quantizer) of every quantizer in `model`, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Quantizer)]
 
 
@@ -90,6 +105,18 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor],
     The model runs in eval mode (BatchNorm statistics are not touched) with quantization
     bypassed, each quantizer recording the min/max of the tensor it sees; then step sizes
     and zero points are set from those statistics.
+
+    Args:
+        model: a model from `quantize_model`.
+        batches: float input batches (e.g. `flatq.data.calibration_batches`).
+        device: where to run them (default: the model's device).
+
+    Returns:
+        `model` itself, calibrated, in the train/eval mode it had.
+
+    Raises:
+        ConfigError: the model has no quantizer, no batch was given, or a quantized layer
+            never ran (it is named, with the `skip` option that leaves it float).
     """
     named = quantizers(model)
     if not named:

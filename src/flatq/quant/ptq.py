@@ -39,8 +39,20 @@ def post_training_quantize(model: nn.Module, config: QuantConfig, batches: Itera
     """A calibrated quantized copy of `model` in eval mode; `model` is left untouched.
 
     `config.quantizer` (weights' and inputs' alike) is replaced by 'minmax' (PTQ has nothing
-    to learn a step size with); `range_method` / `percentile` override the config's when given. `batches` are float input
-    batches (e.g. `flatq.data.calibration_batches`).
+    to learn a step size with).
+
+    Args:
+        model: the trained float model.
+        config: bit widths, skip patterns, overrides and calibration settings.
+        batches: float input batches (e.g. `flatq.data.calibration_batches`).
+        range_method, percentile: override the config's when given.
+        device: where to calibrate (default: the model's device).
+
+    Returns:
+        The calibrated quantized copy, in eval mode.
+
+    Raises:
+        ConfigError: as `quantize_model` and `calibrate`.
     """
     config = ptq_config(config, range_method, percentile)
     qmodel = quantize_model(model, config)
