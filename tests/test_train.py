@@ -61,7 +61,7 @@ def test_fp_training_learns(runs):
 
 def test_qat_improves_on_calibration(runs):
     q, calibrated = runs["q"], runs["calibrated"]
-    assert q["kind"] == "qat" and q["bits"] == "w4a4" and q["method"] == "lsq"
+    assert q["kind"] == "qat" and q["bits"] == "w4a4" and q["method"] == "task"
     assert q["fp_test_acc"] == runs["fp"]["test_acc"]
     # Fine-tuning must lower the test loss of the freshly calibrated model and keep its accuracy.
     assert q["test_loss"] < calibrated["loss"]

@@ -302,20 +302,35 @@ class QuantConfig(Section):
 
 @dataclass
 class MethodConfig(Section):
-    """Base of the per-method configs; subclasses set `name` and register themselves."""
+    """Base of the per-method configs; subclasses set `name` (and any older `aliases` that
+    configs and checkpoints may still say) and register themselves."""
     section: ClassVar[str] = "method"
     name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
 
 
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+METHOD_ALIASES: dict[str, str] = {}     # an accepted older name -> the method's name
 
 
 def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
     METHOD_CONFIGS[cls.name] = cls
+    METHOD_ALIASES.update((alias, cls.name) for alias in cls.aliases)
     return cls
 
 
+def canonical_method(name: str) -> str:
+    """The method's own name for `name`, which may be one of its aliases (e.g. lsq -> task)."""
+    return METHOD_ALIASES.get(name, name)
+
+
 def method_config(name: str, values: dict[str, Any] | None = None) -> MethodConfig:
+    """The config of method `name` (or an alias of it) with `values` over its defaults.
+
+    Raises:
+        ConfigError: an unknown method, or values it does not accept.
+    """
+    name = canonical_method(name)
     if name not in METHOD_CONFIGS:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHOD_CONFIGS))}")
     return METHOD_CONFIGS[name].from_dict(values)

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for the two runs [default: runs/demo]")
     p.add_argument("--model", default="resnet8", help="architecture [default: resnet8]")
     p.add_argument("--bits", default="w4a4", help="quantized bit widths [default: w4a4]")
-    p.add_argument("--method", default="lsq", choices=QAT_METHODS, help="QAT method [default: lsq]")
+    p.add_argument("--method", default="task", choices=QAT_METHODS + ["lsq"],
+                   help="QAT method (lsq: the former name of task) [default: task]")
     p.add_argument("--fp-epochs", type=int, default=4, help="full-precision epochs [default: 4]")
     p.add_argument("--qat-epochs", type=int, default=2, help="QAT epochs [default: 2]")
     p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: FLATQ_DATA "

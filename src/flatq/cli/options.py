@@ -11,8 +11,8 @@ import argparse
 import dataclasses
 from typing import Any
 
-from ..config import (METHOD_CONFIGS, DataConfig, QuantConfig, RunConfig, Section, TrainConfig,
-                      load_recipe, merge_sections, parse_bits)
+from ..config import (METHOD_ALIASES, METHOD_CONFIGS, DataConfig, QuantConfig, RunConfig, Section, TrainConfig,
+                      canonical_method, load_recipe, merge_sections, parse_bits)
 from ..errors import ConfigError
 
 SECTIONS: dict[str, type[Section]] = {"data": DataConfig, "train": TrainConfig,
@@ -65,8 +65,10 @@ def add_section_flags(parser: argparse.ArgumentParser, sections: list[str],
 
 def add_method_flags(parser: argparse.ArgumentParser, methods: list[str], default: str) -> None:
     """--method, and one flag per option of the given methods (shared names share a flag)."""
-    parser.add_argument("--method", default=argparse.SUPPRESS, choices=methods,
-                        help=f"training objective (default: {default})")
+    aliases = [alias for alias, name in METHOD_ALIASES.items() if name in methods]
+    parser.add_argument("--method", default=argparse.SUPPRESS, choices=methods + aliases,
+                        help=f"training objective (default: {default})"
+                        + "".join(f"; {a} = {METHOD_ALIASES[a]}" for a in aliases))
     group = parser.add_argument_group("method options (each applies to the methods named)")
     defaults: dict[str, dict[str, Any]] = {}   # option -> {method: its default}
     fields: dict[str, tuple[dataclasses.Field, Any]] = {}
@@ -100,7 +102,7 @@ def build_run_config(args: argparse.Namespace, default_method: str,
     method = raw.get("method") or {"name": default_method}
     method = {"name": method} if isinstance(method, str) else dict(method)
     if "method" in given:
-        if given["method"] != method.get("name"):
+        if canonical_method(given["method"]) != canonical_method(method.get("name", "")):
             method = {"name": given["method"]}
     if quantized:
         raw["quant"] = dict(raw.get("quant") or {})
@@ -111,7 +113,7 @@ def build_run_config(args: argparse.Namespace, default_method: str,
             continue
         section, key = dest.split(".", 1)
         if section == "method":
-            cls = METHOD_CONFIGS.get(method["name"])
+            cls = METHOD_CONFIGS.get(canonical_method(method["name"]))
             if cls is not None and key not in {f.name for f in dataclasses.fields(cls)}:
                 raise ConfigError(f"option --{key.replace('_', '-')} does not apply to method "
                                   f"{method['name']!r}")

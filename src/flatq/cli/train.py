@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="full-precision run folder or model.pt: initialization and teacher "
                    "(with --resume: the run's own teacher unless given)")
     _add_run_flags(q)
-    add_method_flags(q, QAT_METHODS, "lsq")
+    add_method_flags(q, QAT_METHODS, "task")
     add_section_flags(q, ["data", "train", "quant"])
     q.set_defaults(func=run_qat)
 
@@ -55,7 +55,7 @@ def run_pretrain(args: argparse.Namespace) -> None:
 def run_qat(args: argparse.Namespace) -> None:
     """The flags apply to the base `qat_start` gives (the run's own config with --resume)."""
     teacher, state, base = qat_start(args.out, args.source, args.resume)
-    config = build_run_config(args, "lsq", base=base, quantized=True)
+    config = build_run_config(args, "task", base=base, quantized=True)
     config.model = state["meta"]["model"]
     summary = qat(config, teacher, state, args.out, resume=args.resume, overwrite=args.overwrite)
     if is_main_process():

@@ -1,5 +1,6 @@
-"""Plain training with cross-entropy: FP pre-training ('ce') and the LSQ/LSQ+/PACT QAT
-baselines ('lsq'; the quantizer choice decides which of the three)."""
+"""Plain training with cross-entropy: FP pre-training ('ce') and QAT with the task loss alone
+('task', formerly 'lsq': the quantizer choice, not the method, decides whether that is LSQ,
+LSQ+ or PACT)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,14 @@ class CEConfig(MethodConfig):
 
 @register_method_config
 @dataclass
-class LSQConfig(MethodConfig):
-    """QAT with cross-entropy only: LSQ, LSQ+ or PACT depending on --quantizer."""
-    name = "lsq"
+class TaskConfig(MethodConfig):
+    """QAT with cross-entropy only: LSQ, LSQ+ or PACT depending on --quantizer. Configs and
+    checkpoints that say `lsq` (its former name) load as this."""
+    name = "task"
+    aliases = ("lsq",)
+
+
+LSQConfig = TaskConfig      # the former name, for code that imports it
 
 
 class TaskObjective(Objective):

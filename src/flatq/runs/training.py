@@ -222,7 +222,7 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
         return _finish(trainer, result, {"kind": "qat", "fp_test_acc": fp["acc"],
                                          "bits": config.quant.bits,
                                          "method": config.method.name if config.method
-                                         else "lsq"})
+                                         else "task"})
 
 
 def pretrain_base(run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
