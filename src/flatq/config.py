@@ -125,7 +125,8 @@ class Section:
             low, high = meta.get("low"), meta.get("high")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if (low is not None and value < low) or (high is not None and value > high):
-                    span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+                    span = (f"{low if low is not None else '-inf'}.."
+                            f"{high if high is not None else 'inf'}")
                     raise ConfigError(f"{where}: {value} is outside the allowed range {span}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,7 +141,8 @@ class Section:
         if unknown:
             where = f" in {cls.section}" if cls.section else ""
             raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(map(repr, unknown))}{where}; allowed: {', '.join(names)}")
+                              f"{', '.join(map(repr, unknown))}{where}; allowed: "
+                              f"{', '.join(names)}")
         start = base.to_dict() if base is not None else {}
         start.update(values)
         return cls(**start)
@@ -332,7 +334,8 @@ def method_config(name: str, values: dict[str, Any] | None = None) -> MethodConf
     """
     name = canonical_method(name)
     if name not in METHOD_CONFIGS:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHOD_CONFIGS))}")
+        raise ConfigError(f"unknown method {name!r}; available: "
+                          f"{', '.join(sorted(METHOD_CONFIGS))}")
     return METHOD_CONFIGS[name].from_dict(values)
 
 
@@ -357,7 +360,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
         if not isinstance(values, dict):
-            raise ConfigError(f"a config must be a mapping of sections, got {type(values).__name__}")
+            raise ConfigError("a config must be a mapping of sections, got "
+                              f"{type(values).__name__}")
         allowed = ("model", "data", "train", "quant", "method")
         unknown = sorted(set(values) - set(allowed))
         if unknown:

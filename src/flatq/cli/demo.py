@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a small FP ResNet on Fashion-MNIST, quantize it and "
                        "fine-tune it, then print FP and quantized test accuracy. Existing runs in "
                        "OUT/fp and OUT/WxAy are replaced only with --overwrite.")
-    p.add_argument("--out", default="runs/demo", help="folder for the two runs [default: runs/demo]")
+    p.add_argument("--out", default="runs/demo",
+                   help="folder for the two runs [default: runs/demo]")
     p.add_argument("--model", default="resnet8", help="architecture [default: resnet8]")
     p.add_argument("--bits", default="w4a4", help="quantized bit widths [default: w4a4]")
     p.add_argument("--method", default="task", choices=QAT_METHODS + ["lsq"],

@@ -11,8 +11,9 @@ import argparse
 import dataclasses
 from typing import Any
 
-from ..config import (METHOD_ALIASES, METHOD_CONFIGS, DataConfig, QuantConfig, RunConfig, Section, TrainConfig,
-                      canonical_method, load_recipe, merge_sections, parse_bits)
+from ..config import (METHOD_ALIASES, METHOD_CONFIGS, DataConfig, QuantConfig, RunConfig,
+                      Section, TrainConfig, canonical_method, load_recipe, merge_sections,
+                      parse_bits)
 from ..errors import ConfigError
 
 SECTIONS: dict[str, type[Section]] = {"data": DataConfig, "train": TrainConfig,

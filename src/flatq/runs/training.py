@@ -187,7 +187,8 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
     state, source = teacher_state, teacher_state.get("path", "the teacher")
     data = prepare_data(config.data)
     check_sizes(config, data)
-    if data.channels != state["meta"]["in_channels"] or data.num_classes != state["meta"]["num_classes"]:
+    if (data.channels != state["meta"]["in_channels"]
+            or data.num_classes != state["meta"]["num_classes"]):
         raise ConfigError(
             f"data {config.data.name} gives {data.channels} channels / {data.num_classes} classes, "
             f"but {source} was trained with {state['meta']['in_channels']} / "
