@@ -9,8 +9,8 @@ from flatq import QuantConfig, calibrate, quantize_model
 from flatq.errors import ConfigError
 from flatq.models import build_model
 from flatq.quant import (DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer,
-                         PACTQuantizer, QuantConv2d, QuantLinear, describe, quant_layers,
-                         quantizers)
+                         PACTQuantizer, QuantConv2d, QuantLinear, describe, named_quantizers,
+                         quant_layers)
 
 
 def float_layers(model: nn.Module) -> list[str]:
@@ -193,8 +193,8 @@ def test_calibrate_leaves_batchnorm_and_weights_alone(resnet8):
     after = qmodel.state_dict()
     for key, value in before.items():
         assert torch.equal(after[key], value), key
-    assert all(bool(q.initialized) for _, q in quantizers(qmodel))
-    assert all(q.observer is None for _, q in quantizers(qmodel))
+    assert all(bool(q.initialized) for _, q in named_quantizers(qmodel))
+    assert all(q.observer is None for _, q in named_quantizers(qmodel))
 
 
 def test_calibrate_without_batches_or_quantizers_is_an_error(resnet8):
@@ -225,7 +225,7 @@ def test_state_dict_round_trip_without_calibration(resnet8):
     config = QuantConfig(w_bits=3, a_bits=4, quantizer="lsq+")
     source = calibrate(quantize_model(resnet8, config), calibration_data()).eval()
     with torch.no_grad():  # make the learned parameters differ from a fresh calibration
-        for _, q in quantizers(source):
+        for _, q in named_quantizers(source):
             q.scale.mul_(1.1)
     fresh = quantize_model(build_model("resnet8"), config)
     fresh.load_state_dict(source.state_dict())
@@ -401,7 +401,7 @@ class Attend(nn.Module):
 
 def observing(model: nn.Module) -> nn.Module:
     """Quantizers in calibration mode pass tensors through unchanged: the float computation."""
-    for _, q in quantizers(model):
+    for _, q in named_quantizers(model):
         q.start_observing()
     return model
 
@@ -507,3 +507,10 @@ def test_a_registered_quantizer_is_a_config_choice_and_builds(resnet8):
         QUANTIZER_NAMES.remove("test-lsq")
     with pytest.raises(ConfigError, match="test-lsq"):
         QuantConfig(input_quantizer="test-lsq")
+
+
+def test_the_quantizers_module_is_not_shadowed():
+    import flatq.quant
+    import flatq.quant.quantizers as module
+    assert flatq.quant.quantizers is module
+    assert callable(flatq.quant.named_quantizers)

@@ -18,7 +18,7 @@ from flatq.data import calibration_batches
 from flatq.errors import ConfigError
 from flatq.methods import DNQ, PRETRAIN_METHODS, DNQConfig
 from flatq.models import build_model
-from flatq.quant import MinMaxQuantizer, quant_layers, quantizers
+from flatq.quant import MinMaxQuantizer, named_quantizers, quant_layers
 from flatq.quant.observers import PercentileObserver, make_observer
 from flatq.quant.ptq import post_training_quantize
 from flatq.quant.quantizers import range_to_affine
@@ -284,7 +284,7 @@ def test_ptq_at_8_bits_keeps_a_trained_models_accuracy(fp_run):
     fp = evaluate(model, data.test, data.eval_pipeline, torch.device("cpu"))
     batches = calibration_batches(data.train, data.eval_pipeline, 100, 0)
     qmodel = post_training_quantize(model, QuantConfig(w_bits=8, a_bits=8), batches)
-    assert all(isinstance(q, MinMaxQuantizer) for _, q in quantizers(qmodel))
+    assert all(isinstance(q, MinMaxQuantizer) for _, q in named_quantizers(qmodel))
     acc = evaluate(qmodel, data.test, data.eval_pipeline, torch.device("cpu"))["acc"]
     assert fp["acc"] > 80 and acc >= fp["acc"] - 1.5, (acc, fp["acc"])
     assert all(type(m) in (nn.Conv2d, nn.Linear) for _, m in float_layers(model))  # untouched

@@ -1,7 +1,7 @@
 """The quantization core: fake-quant math, quantizers, quantized layers, model conversion."""
 
 from .attention import QuantMultiheadAttention
-from .convert import calibrate, describe, layer_plan, quantize_model, quantizers
+from .convert import calibrate, describe, layer_plan, named_quantizers, quantize_model
 from .functional import fake_quantize, grid_integers, integer_range
 from .layers import QuantConv1d, QuantConv2d, QuantLinear, is_quant_layer, quant_layers
 from .plan import QuantPlan, plan_quantization
@@ -11,7 +11,7 @@ from .quantizers import (QUANTIZERS, DoReFaWeightQuantizer, LSQPlusQuantizer, LS
                          register_quantizer)
 
 __all__ = [
-    "calibrate", "describe", "layer_plan", "quantize_model", "quantizers", "fake_quantize",
+    "calibrate", "describe", "layer_plan", "quantize_model", "named_quantizers", "fake_quantize",
     "grid_integers", "integer_range", "QuantConv1d", "QuantConv2d", "QuantLinear",
     "QuantMultiheadAttention", "is_quant_layer", "quant_layers", "QuantPlan", "plan_quantization",
     "QUANTIZERS", "DoReFaWeightQuantizer", "LSQPlusQuantizer", "LSQQuantizer", "MinMaxQuantizer",

@@ -92,7 +92,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
     return qmodel
 
 
-def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+def named_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
     """(name, quantizer) of every quantizer in `model`, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Quantizer)]
 
@@ -118,7 +118,7 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor],
         ConfigError: the model has no quantizer, no batch was given, or a quantized layer
             never ran (it is named, with the `skip` option that leaves it float).
     """
-    named = quantizers(model)
+    named = named_quantizers(model)
     if not named:
         raise ConfigError("calibrate(): the model has no quantizer; call quantize_model first")
     if device is None:

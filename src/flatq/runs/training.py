@@ -20,7 +20,7 @@ from ..data import DataBundle, calibration_batches, prepare_data
 from ..errors import ConfigError
 from ..methods import Objective, build_objective
 from ..models import build_model, check_model_name
-from ..quant import calibrate, quant_layers, quantize_model, quantizers
+from ..quant import calibrate, named_quantizers, quant_layers, quantize_model
 from ..train.batchnorm import reestimate_batchnorm
 from ..train.checkpoint import state_fingerprint
 from ..train.distributed import (check_global_batch, is_main_process, main_first, rank, setup,
@@ -144,11 +144,11 @@ def _calibrate_on_main(student: nn.Module, batches: list, device: torch.device) 
     def run() -> dict[str, dict]:
         calibrate(student, batches, device)
         return {name: {k: v.cpu() if isinstance(v, torch.Tensor) else v
-                       for k, v in q.state_dict().items()} for name, q in quantizers(student)}
+                       for k, v in q.state_dict().items()} for name, q in named_quantizers(student)}
 
     states = main_first(run)
     if not is_main_process():
-        for name, q in quantizers(student):
+        for name, q in named_quantizers(student):
             q.load_state_dict(states[name])
 
 
