@@ -17,7 +17,7 @@ from flatq.errors import CheckpointError, ConfigError, DataError
 from flatq.methods import CR, CRConfig, build_objective
 from flatq.methods.cr import SCHEDULES, consistency_weight
 from flatq.methods.ema import EMATeacher
-from flatq.methods.unlabeled import draw_unlabeled, parse_unlabeled, split_training_set
+from flatq.data.unlabeled import draw_unlabeled, parse_unlabeled, split_training_set
 from flatq.quant import calibrate, quantize_model
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flatq.train.loop import Trainer

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..data import ImageTensorDataset, load_dataset
+from .datasets import ImageTensorDataset, load_dataset
 from ..errors import ConfigError, DataError
 
 SPLIT_SEED = 0

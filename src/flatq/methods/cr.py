@@ -26,7 +26,8 @@ from ..errors import CheckpointError
 from .base import Objective
 from .ema import EMATeacher
 from .kd import kd_loss
-from .unlabeled import draw_unlabeled, load_unlabeled_folder, parse_unlabeled, split_training_set
+from ..data.unlabeled import (draw_unlabeled, load_unlabeled_folder, parse_unlabeled,
+                              split_training_set)
 
 SCHEDULES = ("sigmoid", "linear", "cosine", "constant")
 
