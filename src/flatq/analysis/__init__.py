@@ -15,7 +15,7 @@ from .gradnorm import grad_norm, task_grad_norm
 from .hessian import Hessian, batch_loss, hessian_report, model_hessian
 from .noise import output_variance
 from .params import layer_weights, select_params
-from .state import measuring
+from .measuring import measuring
 from .step_sizes import weight_step_sizes
 from .tracking import tracking_callbacks
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DataError
-from .state import measuring
+from .measuring import measuring
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 

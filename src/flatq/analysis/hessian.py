@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from .params import select_params
-from .state import measuring
+from .measuring import measuring
 
 Closure = Callable[[], Tensor]
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .state import measuring
+from .measuring import measuring
 
 OUTPUTS = ("logits", "probs")
 
