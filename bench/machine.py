@@ -80,7 +80,7 @@ class Timing:
 
     On a shared CPU the CPU time is the steadier measure: time spent descheduled while other
     processes run does not count (with several threads, their spin-waits do). Kernel time in a
-    training step is mostly page faults on fresh memory (flatq.train.host_memory)."""
+    training step is mostly page faults on fresh memory (flatq.allocator)."""
     wall: float
     cpu: float
     system: float

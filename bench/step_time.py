@@ -8,7 +8,7 @@ over the timed steps; on CPU, each setting runs in a fresh child process and we 
 peak resident set size of its first two training steps (VmHWM, reset once the models are
 built) and how far it rises above the resident size before them: the memory training needs
 (activations, gradients, optimizer state) beyond the models. Host memory: like the `flatq`
-command, the bench first has glibc keep freed memory for reuse (flatq.train.host_memory);
+command, the bench first has glibc keep freed memory for reuse (flatq.allocator);
 `--glibc-malloc` measures with glibc's default instead.
 
     .venv/bin/python bench/step_time.py                      # CPU, batch 32
@@ -36,7 +36,7 @@ from flatq.methods.base import Objective
 from flatq.models import build_model
 from flatq.quant import calibrate, quantize_model
 from flatq.train.batchnorm import reestimate_batchnorm
-from flatq.train.host_memory import retain_freed_host_memory
+from flatq.allocator import retain_freed_host_memory
 from flatq.train.optim import build_optimizer
 
 from machine import (machine_info, print_load, run_in_fresh_process, save_report, status_mib,
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--glibc-malloc", action="store_true",
                         help="keep glibc's default malloc instead of retaining freed host memory "
-                        "as the flatq command does (flatq.train.host_memory)")
+                        "as the flatq command does (flatq.allocator)")
     parser.add_argument("--breakdown", action="store_true",
                         help=f"also time {' and '.join(PARTS)}: FPQ's parts one by one")
     parser.add_argument("--out", default="results/bench_step_time.json")
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "image": [3, 32, 32], "bits": "w4a4", "quantizer": "lsq",
                            "fpq": {"p": 0.1, "csd": True, "csd_weight": 1.0},
                            "optimizer": "SGD momentum 0.9, wd 5e-4 (flatq build_optimizer)",
-                           "host_memory": ("freed memory retained (flatq.train.host_memory)"
+                           "host_memory": ("freed memory retained (flatq.allocator)"
                                            if retained else "malloc as configured")},
               "targets": TARGETS, "models": {}}
     for name in args.models.split(","):

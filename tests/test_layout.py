@@ -1,9 +1,9 @@
 """The import direction: every package of flatq imports only packages below it.
 
-    errors < atomic < config < data < models < quant < methods < train < analysis, export
+    errors < atomic, allocator < config < data < models < quant < methods < train < analysis, export
     < runs < cli
 
-(`errors`, `atomic` and `config` may be imported from anywhere; `analysis` and `export` sit
+(`errors`, `atomic`, `allocator` and `config` may be imported from anywhere; `analysis` and `export` sit
 side by side and import neither each other.) The test reads every module's imports with
 `ast`, those inside functions and under TYPE_CHECKING included, and fails on an import that
 points up the stack.
@@ -19,7 +19,7 @@ import flatq
 
 ROOT = Path(flatq.__file__).parent
 
-LEVELS = {"errors": 0, "atomic": 1, "config": 2, "data": 3, "models": 4, "quant": 5,
+LEVELS = {"errors": 0, "atomic": 1, "allocator": 1, "config": 2, "data": 3, "models": 4, "quant": 5,
           "methods": 6, "train": 7, "analysis": 8, "export": 8, "runs": 9, "cli": 10}
 FACES = {"__init__", "__main__"}    # flatq/__init__.py and __main__.py may import anything
 
