@@ -13,10 +13,10 @@ import sys
 
 from ..errors import FlatqError
 from ..allocator import retain_freed_host_memory
-from . import analyze, demo, evaluate, export, plot, ptq, train
+from . import analyze, demo, evaluate, export, plot, pretrain, ptq, qat
 
 # Each module has `register(subparsers)`, which adds its parser with `func` set.
-COMMANDS = [train, evaluate, demo, ptq, export, analyze, plot]
+COMMANDS = [pretrain, qat, evaluate, demo, ptq, export, analyze, plot]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

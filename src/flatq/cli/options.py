@@ -86,6 +86,18 @@ def add_method_flags(parser: argparse.ArgumentParser, methods: list[str], defaul
         _add_field(group, f, f"method.{key}", f" ({', '.join(owners)})", hint, default)
 
 
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """--out, --resume and --overwrite of the training commands, and --config."""
+    parser.add_argument("--out", required=True, metavar="DIR", help="run folder to write "
+                        "(config.yaml, metrics.jsonl, checkpoint.pt, model.pt, summary.json)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from "
+                        "its last complete checkpoint, with its config.yaml (flags given now "
+                        "override it, e.g. --epochs to train longer)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run in --out")
+    add_common_flags(parser)
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="YAML", help="YAML recipe (e.g. configs/...); flags "
                         "given on the command line override its values")
