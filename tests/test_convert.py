@@ -166,7 +166,7 @@ def test_pact_dorefa_weights_on_inner_layers_minmax_on_the_edges():
 
 
 def test_lsqplus_continuous_offset_reaches_the_inputs_and_export_refuses_it():
-    from flatq.export.affine import input_grid
+    from flatq.export.integer_view import input_grid
     qmodel = quantize_model(build_model("resnet8"),
                             QuantConfig(quantizer="lsq+", lsqplus_offset="continuous"))
     calibrate(qmodel, calibration_data())

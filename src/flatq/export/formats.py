@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..train.checkpoint import state_fingerprint
 from ..train.run_io import load_model, run_data
-from .integer import export_integer
+from .packed import export_integer
 from .onnx import export_onnx
 from .runtime import WEIGHTS_KEY, OnnxModel, compare
 

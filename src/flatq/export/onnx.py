@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..quant import integer_range, quant_layers
-from .affine import check_exportable, input_grid, integer_weight
+from .integer_view import check_exportable, input_grid, integer_weight
 
 STORAGE_CHOICES = ("auto", "narrow", "int8")
 EXPORTER_OPSET = 20  # the newest opset of torch's TorchScript exporter

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
 from ..quant import named_quantizers, quant_layers
-from .affine import (InputGrid, IntegerWeight, check_exportable, input_grid,
+from .integer_view import (InputGrid, IntegerWeight, check_exportable, input_grid,
                      integer_weight)
 
 FORMAT, VERSION = "flatq-int", 1
