@@ -4,7 +4,7 @@ integer file with a loader that dequantizes it back to float weights."""
 from .formats import EXPORT_FORMATS, ExportFormat, ExportOptions, export_run, register_format
 from .integer_view import InputGrid, IntegerWeight, input_grid, integer_weight
 from .packed import (IntegerExport, IntegerModel, export_integer, load_integer, pack_bits,
-                      unpack_bits)
+                     unpack_bits)
 from .onnx import STORAGE_CHOICES, OnnxExport, export_onnx, runtime_narrow_bits
 from .runtime import WEIGHTS_KEY, Agreement, OnnxModel, compare
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, ConfigError
 from ..quant import named_quantizers, quant_layers
 from .integer_view import (InputGrid, IntegerWeight, check_exportable, input_grid,
-                     integer_weight)
+                           integer_weight)
 
 FORMAT, VERSION = "flatq-int", 1
 MANIFEST = "__manifest__"
