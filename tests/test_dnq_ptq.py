@@ -271,15 +271,16 @@ def test_mse_weights_per_channel_calibrated_once():
 # -- PTQ ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def fp_run(tmp_path_factory):
+def trained_fp_run(tmp_path_factory):
+    """Two full epochs: PTQ accuracy needs a model that has learned something."""
     out = tmp_path_factory.mktemp("dnq") / "fp"
     assert main(["pretrain", "--model", "resnet8", "--data", "synthetic", "--epochs", "2",
                  "--lr", "0.1", "--batch-size", "64", "--no-progress", "--out", str(out)]) == 0
     return out
 
 
-def test_ptq_at_8_bits_keeps_a_trained_models_accuracy(fp_run):
-    model, state = load_model(fp_run)
+def test_ptq_at_8_bits_keeps_a_trained_models_accuracy(trained_fp_run):
+    model, state = load_model(trained_fp_run)
     data = prepare_data(DataConfig.from_dict(state["meta"]["data"]))
     fp = evaluate(model, data.test, data.eval_pipeline, torch.device("cpu"))
     batches = calibration_batches(data.train, data.eval_pipeline, 100, 0)
@@ -290,9 +291,9 @@ def test_ptq_at_8_bits_keeps_a_trained_models_accuracy(fp_run):
     assert all(type(m) in (nn.Conv2d, nn.Linear) for _, m in float_layers(model))  # untouched
 
 
-def test_cli_ptq_writes_a_loadable_run(fp_run, tmp_path, capsys):
+def test_cli_ptq_writes_a_loadable_run(trained_fp_run, tmp_path, capsys):
     out = tmp_path / "ptq"
-    assert main(["ptq", str(fp_run), "--bits", "w4a4", "--range-method", "percentile",
+    assert main(["ptq", str(trained_fp_run), "--bits", "w4a4", "--range-method", "percentile",
                  "--percentile", "99.9", "--device", "cpu", "--skip", "stages.1.0.shortcut.0",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -308,7 +309,7 @@ def test_cli_ptq_writes_a_loadable_run(fp_run, tmp_path, capsys):
     data = prepare_data(DataConfig.from_dict(state["meta"]["data"]))
     acc = evaluate(model, data.test, data.eval_pipeline, torch.device("cpu"))["acc"]
     assert acc == pytest.approx(summary["test_acc"])
-    assert main(["ptq", str(fp_run), "--bits", "w4a4", "--range-method", "kl",
+    assert main(["ptq", str(trained_fp_run), "--bits", "w4a4", "--range-method", "kl",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "range_method" in capsys.readouterr().err
 

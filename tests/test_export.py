@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from flatq import QuantConfig, calibrate, quantize_model
 from flatq.cli import main
 from flatq.config import DataConfig
-from flatq.data import calibration_batches, load_dataset, pipeline_for
+from flatq.data import calibration_batches, pipeline_for
 from flatq.errors import CheckpointError, ConfigError
 from flatq.export import (OnnxModel, export_integer, export_onnx, input_grid, integer_weight,
                           load_integer, pack_bits, runtime_narrow_bits, unpack_bits)
@@ -249,10 +249,10 @@ def test_export_refuses_float_model_and_unknown_storage(tmp_path):
 
 # -- CLI --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, synthetic):
     """A w4a4 resnet8 run folder on synthetic data: calibrated, then two SGD steps (LSQ)."""
     run = tmp_path_factory.mktemp("run")
-    train, _ = load_dataset("synthetic")
+    train, _ = synthetic
     pipeline = pipeline_for("synthetic")
     config = QuantConfig(w_bits=4, a_bits=4)
     torch.manual_seed(0)

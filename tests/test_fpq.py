@@ -646,14 +646,6 @@ COMMON = ["--data", "synthetic", "--batch-size", "64", "--max-steps-per-epoch", 
           "--device", "cpu", "--no-progress", "--test-batch-size", "256"]
 
 
-@pytest.fixture(scope="module")
-def fp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fpq") / "fp"
-    assert flatq_main(["pretrain", "--model", "resnet8", "--epochs", "1", "--lr", "0.05",
-                       *COMMON, "--out", str(out)]) == 0
-    return out
-
-
 def test_fpq_qat_run_trains_end_to_end(fp_run, tmp_path):
     out = tmp_path / "fpq"
     assert flatq_main(["qat", "--from", str(fp_run), "--method", "fpq", "--bits", "w4a4",
