@@ -35,7 +35,7 @@ from flatq.train.checkpoint import load_checkpoint
 from flatq.train.loop import evaluate
 from flatq.runs import load_model, prepare_data
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]    # tests/, where tiny_model_cli.py lives
 CLI = str(HERE / "tiny_model_cli.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 COMMON = ["--data", "synthetic", "--no-augment", "--epochs", "2", "--batch-size", "32",
