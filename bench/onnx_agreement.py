@@ -3,7 +3,7 @@
 Both quantize as round(x/s) + z in float32, but onnxruntime sums convolutions in another
 order, so now and then an activation rounds to the neighbouring integer and moves the rest of
 that image's forward pass. Models are calibrated on random images (no training), as in
-tests/test_export.py; an image counts as affected when its largest logit difference exceeds
+tests/export/test_export.py; an image counts as affected when its largest logit difference exceeds
 1e-5 of the logit scale.
 
     .venv/bin/python bench/onnx_agreement.py
