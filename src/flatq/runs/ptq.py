@@ -27,7 +27,13 @@ def ptq(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
     """Calibrate a quantized copy of `teacher` (from `load_teacher`) on `config.data`'s
     training images (`config.quant.calib_images`, seed `calib_seed`) and evaluate both.
 
-    Returns the summary: test accuracy and loss of the quantized and the float model.
+    Returns:
+        The summary (also in summary.json): test accuracy and loss of the quantized and the
+        float model, bits and range method, kind "ptq".
+
+    Raises:
+        ConfigError: no quantization config, data unlike the teacher's, invalid settings.
+        FlatqError: an unusable run folder.
     """
     if config.quant is None:
         raise ConfigError("ptq needs a quantization config (e.g. --bits w4a4)")

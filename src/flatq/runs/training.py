@@ -117,6 +117,21 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False,
 
     Under torchrun every rank calls this; rank 0 writes the run folder. `callbacks` run
     every step besides the trackers `config.train.track` asks for.
+
+    Args:
+        config: model, data, training settings and method (ce or dnq).
+        run_dir: the run folder to write.
+        resume, overwrite: continue the run in `run_dir`; replace the run there.
+        callbacks: called every step with the trainer's step record.
+
+    Returns:
+        The summary (also in summary.json): test accuracy and loss, kind "pretrain".
+
+    Raises:
+        ConfigError: invalid settings (all checked before the run folder is touched).
+        FlatqError: an unusable run folder (in use, not a flatq run, nothing to resume).
+        CheckpointError: a checkpoint to resume that does not fit this run.
+        NonFiniteLossError: the loss or the weights became NaN or infinite.
     """
     device = setup(config.train.device)
     # Everything is validated (the cheap checks first) before the run folder is touched.
@@ -177,6 +192,18 @@ def qat(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
 
     The FP model is left as it was: the student starts as its quantized copy, and a method
     that distills from it freezes a copy of its own.
+
+    Args:
+        config: data, training, quantization (required) and method settings.
+        teacher, teacher_state: the full-precision model and its checkpoint (`load_teacher`).
+        run_dir, resume, overwrite, callbacks: as `pretrain`.
+
+    Returns:
+        The summary: test accuracy and loss, the teacher's, bits and method, kind "qat".
+
+    Raises:
+        ConfigError: no quantization config, data unlike the teacher's, invalid settings.
+        FlatqError, CheckpointError, NonFiniteLossError: as `pretrain`.
     """
     if config.quant is None:
         raise ConfigError("qat needs a quantization config (e.g. --bits w4a4)")
