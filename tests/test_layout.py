@@ -1,10 +1,10 @@
 """The import direction: every package of flatq imports only packages below it.
 
-    errors < atomic, allocator < config < data < models < quant < methods < train < analysis, export
-    < runs < cli
+    errors < atomic, allocator < config < data < models < quant < methods < train
+    < analysis, export < runs < cli
 
-(`errors`, `atomic`, `allocator` and `config` may be imported from anywhere; `analysis` and `export` sit
-side by side and import neither each other.) The test reads every module's imports with
+(`errors`, `atomic`, `allocator` and `config` may be imported from anywhere; `analysis` and
+`export` sit side by side and import neither each other.) The test reads every module's imports with
 `ast`, those inside functions and under TYPE_CHECKING included, and fails on an import that
 points up the stack.
 """
