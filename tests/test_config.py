@@ -230,3 +230,14 @@ def test_load_recipe_merges_sections_over_a_base(tmp_path):
     path.write_text("train: {epochs: 0}\n")
     with pytest.raises(ConfigError, match=r"r\.yaml: train\.epochs"):
         load_recipe(path)
+
+
+def test_weight_and_input_quantizer_flags_and_the_lsq_alias():
+    args = build_parser().parse_args([
+        "qat", "--from", "fp", "--out", "q", "--method", "lsq", "--weight-quantizer", "lsq",
+        "--input-quantizer", "pact"])
+    config = build_run_config(args, "task", quantized=True)
+    assert (config.quant.weight_family, config.quant.input_family) == ("lsq", "pact")
+    assert config.method.name == "task" and config.method == method_config("lsq")
+    with pytest.raises(ConfigError, match="weight_quantizer: 'nope' is not one of lsq"):
+        QuantConfig(weight_quantizer="nope")
