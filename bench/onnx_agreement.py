@@ -3,8 +3,9 @@
 Both quantize as round(x/s) + z in float32, but onnxruntime sums convolutions in another
 order, so now and then an activation rounds to the neighbouring integer and moves the rest of
 that image's forward pass. Models are calibrated on random images (no training), as in
-tests/export/test_export.py; an image counts as affected when its largest logit difference exceeds
-1e-5 of the logit scale.
+tests/export/test_export.py; an image counts as affected when its largest logit difference
+exceeds 1e-5 of the logit scale. (`flatq.export.compare` measures accuracy agreement on a data
+set; this bench measures the per-image logit difference on random inputs.)
 
     .venv/bin/python bench/onnx_agreement.py
 Writes results/bench_onnx_agreement.json (docs/export.md quotes it).
@@ -37,7 +38,7 @@ def make_model(name: str) -> torch.nn.Module:
     return build_model(name, num_classes=10)
 
 
-def compare(name: str, bits: str, seed: int, images: int, folder: Path) -> dict:
+def disagreement(name: str, bits: str, seed: int, images: int, folder: Path) -> dict:
     """Affected images, largest relative logit difference and argmax agreement of one model."""
     torch.manual_seed(seed)
     w_bits, a_bits = parse_bits(bits)
@@ -65,7 +66,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         for name, bits in CASES:
-            runs = [compare(name, bits, seed, args.images, Path(folder))
+            runs = [disagreement(name, bits, seed, args.images, Path(folder))
                     for seed in range(args.seeds)]
             affected = sum(r["affected"] for r in runs)
             total = sum(r["images"] for r in runs)
