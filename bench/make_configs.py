@@ -49,10 +49,10 @@ QUANT = {"quantizer": "lsq", "edge_bits": 8, "calib_images": 100}
 # LSQ+ with its continuous offset and MSE initialization (flatq's defaults: integer, min-max).
 LSQ = {"quantizer": "lsq"}
 METHODS = {
-    "lsq": ("LSQ", "lsq", LSQ, {}),
-    "lsqplus": ("LSQ+", "lsq", {"quantizer": "lsq+", "lsqplus_offset": "continuous",
+    "lsq": ("LSQ", "task", LSQ, {}),
+    "lsqplus": ("LSQ+", "task", {"quantizer": "lsq+", "lsqplus_offset": "continuous",
                                 "range_method": "mse"}, {}),
-    "pact": ("PACT", "lsq", {"quantizer": "pact", "pact_weights": "dorefa"}, {}),
+    "pact": ("PACT", "task", {"quantizer": "pact", "pact_weights": "dorefa"}, {}),
     "kd": ("KD", "kd", LSQ, {}),
     "fpq": ("FPQ", "fpq", LSQ, {}),
     "sam": ("LSQ+SAM", "sam", LSQ, {}),
@@ -223,7 +223,7 @@ def readme_block(all_recipes: list[Recipe]) -> str:
              "PACT is "
              "`quantizer: pact` with `pact_weights: dorefa` (the PACT paper's DoReFa weights, "
              "2 quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1, on the inner layers; the first "
-             "and last layer take 8-bit min-max weights), both with method `lsq` (plain "
+             "and last layer take 8-bit min-max weights), both with method `task` (plain "
              "cross-entropy); KD uses our "
              "defaults T = 4, alpha = 0.9 (the paper gives none); LSQ+SAM uses rho = 0.05.", "",
              "Run a cell:", "", "```",
