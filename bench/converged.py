@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config
-from flatq.train.runs import load_teacher, pretrain, qat
+from flatq.runs import load_teacher, pretrain, qat
 from machine import machine_info, save_report
 
 FP_EPOCHS = 15

@@ -24,7 +24,7 @@ import torch
 
 from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config
 from flatq.quant import quant_layers
-from flatq.train.runs import load_teacher, pretrain, qat
+from flatq.runs import load_teacher, pretrain, qat
 from machine import machine_info, save_report
 
 # variant -> (quantization options, training options)

@@ -12,28 +12,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flatq.quant import quant_layers
-from flatq.quant.health import dead_channels
-from flatq.train.runs import load_model
+from flatq.analysis.step_sizes import weight_step_sizes
+from flatq.runs import load_model
 from machine import save_report
 
 
 def layer_step_sizes(run: str) -> list[dict]:
     """Per quantized layer: largest weight step size, largest |weight|, dead channels."""
-    model, _ = load_model(run)
-    dead = dead_channels(model)
-    rows = []
-    for name, layer in quant_layers(model):
-        quantizer = layer.weight_quantizer
-        if not hasattr(quantizer, "scale_and_zero_point"):
-            continue
-        scale, _ = quantizer.scale_and_zero_point()
-        weight = layer.weight.detach().flatten(1).abs().amax(dim=1)
-        scale = scale.detach().flatten().expand_as(weight)
-        rows.append({"layer": name, "max_step": scale.max().item(),
-                     "max_abs_weight": weight.max().item(),
-                     "dead_channels": len(dead.get(name, []))})
-    return rows
+    return weight_step_sizes(load_model(run)[0])
 
 
 def main() -> None:

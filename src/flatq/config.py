@@ -3,7 +3,8 @@
 Every field carries its help text and its allowed values in `field(metadata=...)`; the same
 metadata drives validation (errors name the field and what is allowed), YAML loading (unknown
 keys are refused) and the command-line flags (one flag per field, generated in the CLI).
-Method-specific configs live beside their methods and register here by name.
+Method-specific configs live beside their methods and register here by name; `import flatq`
+imports the methods, so every method is known once any part of flatq is imported.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class Section:
             low, high = meta.get("low"), meta.get("high")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if (low is not None and value < low) or (high is not None and value > high):
-                    span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+                    span = (f"{low if low is not None else '-inf'}.."
+                            f"{high if high is not None else 'inf'}")
                     raise ConfigError(f"{where}: {value} is outside the allowed range {span}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +141,8 @@ class Section:
         if unknown:
             where = f" in {cls.section}" if cls.section else ""
             raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(map(repr, unknown))}{where}; allowed: {', '.join(names)}")
+                              f"{', '.join(map(repr, unknown))}{where}; allowed: "
+                              f"{', '.join(names)}")
         start = base.to_dict() if base is not None else {}
         start.update(values)
         return cls(**start)
@@ -226,14 +229,25 @@ class TrainConfig(Section):
         check_device(self.device)
 
 
+# Names of the registered quantizer families, filled by `flatq.quant.quantizers` (which
+# `import flatq` imports): the choices of quant.quantizer / weight_quantizer / input_quantizer.
+QUANTIZER_NAMES: list[str] = []
+
+
 @dataclass
 class QuantConfig(Section):
     section: ClassVar[str] = "quant"
     w_bits: int = option(4, "weight bit width of the inner layers", low=2, high=8)
     a_bits: int = option(4, "input (activation) bit width of the inner layers", low=2, high=8)
-    quantizer: str = option("lsq", "lsq (learned step), lsq+ (learned step and offset), "
-                            "pact (learned clipping; min-max weights), minmax (fixed ranges)",
-                            choices=("lsq", "lsq+", "pact", "minmax"))
+    quantizer: str = option("lsq", "quantizer family of weights and inputs: lsq (learned "
+                            "step), lsq+ (learned step and offset; LSQ weights), pact (learned "
+                            "clipping; min-max weights), minmax (fixed ranges)",
+                            choices=QUANTIZER_NAMES)
+    weight_quantizer: str | None = option(None, "the weights' quantizer family when it differs "
+                                          "from --quantizer (e.g. lsq weights with pact inputs)",
+                                          choices=QUANTIZER_NAMES)
+    input_quantizer: str | None = option(None, "the inputs' quantizer family when it differs "
+                                         "from --quantizer", choices=QUANTIZER_NAMES)
     lsqplus_offset: str = option("integer", "LSQ+'s learned offset beta in the forward pass: "
                                  "integer (as the zero point round(-beta / s), exportable) or "
                                  "continuous (beta itself, as the LSQ+ paper; with its min-max "
@@ -277,6 +291,10 @@ class QuantConfig(Section):
                                "per channel too)", choices=("minmax", "percentile", "mse"))
     percentile: float = option(99.99, "p of --range-method percentile", low=50.0, high=100.0)
 
+    def weight_init(self, edge: bool) -> str:
+        """Initial step-size rule of a layer's weights (`edge`: the first or last layer)."""
+        return self.edge_init if edge and self.edge_init else self.init
+
     def validate(self) -> None:
         super().validate()
         for rule in self.overrides:
@@ -294,25 +312,51 @@ class QuantConfig(Section):
     def bits(self) -> str:
         return f"w{self.w_bits}a{self.a_bits}"
 
+    @property
+    def weight_family(self) -> str:
+        """The weights' quantizer family: `weight_quantizer`, or `quantizer` when unset."""
+        return self.weight_quantizer or self.quantizer
+
+    @property
+    def input_family(self) -> str:
+        """The inputs' quantizer family: `input_quantizer`, or `quantizer` when unset."""
+        return self.input_quantizer or self.quantizer
+
 
 @dataclass
 class MethodConfig(Section):
-    """Base of the per-method configs; subclasses set `name` and register themselves."""
+    """Base of the per-method configs; subclasses set `name` (and any older `aliases` that
+    configs and checkpoints may still say) and register themselves."""
     section: ClassVar[str] = "method"
     name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
 
 
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+METHOD_ALIASES: dict[str, str] = {}     # an accepted older name -> the method's name
 
 
 def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
     METHOD_CONFIGS[cls.name] = cls
+    METHOD_ALIASES.update((alias, cls.name) for alias in cls.aliases)
     return cls
 
 
+def canonical_method(name: str) -> str:
+    """The method's own name for `name`, which may be one of its aliases (e.g. lsq -> task)."""
+    return METHOD_ALIASES.get(name, name)
+
+
 def method_config(name: str, values: dict[str, Any] | None = None) -> MethodConfig:
+    """The config of method `name` (or an alias of it) with `values` over its defaults.
+
+    Raises:
+        ConfigError: an unknown method, or values it does not accept.
+    """
+    name = canonical_method(name)
     if name not in METHOD_CONFIGS:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHOD_CONFIGS))}")
+        raise ConfigError(f"unknown method {name!r}; available: "
+                          f"{', '.join(sorted(METHOD_CONFIGS))}")
     return METHOD_CONFIGS[name].from_dict(values)
 
 
@@ -342,7 +386,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
         if not isinstance(values, dict):
-            raise ConfigError(f"a config must be a mapping of sections, got {type(values).__name__}")
+            raise ConfigError("a config must be a mapping of sections, got "
+                              f"{type(values).__name__}")
         allowed = ("model", "pretrained", "data", "train", "quant", "method")
         unknown = sorted(set(values) - set(allowed))
         if unknown:
@@ -383,6 +428,38 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
     return data or {}
+
+
+def merge_sections(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`: a section that is a mapping in both merges key by key, any
+    other value replaces; neither argument is changed."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_recipe(path: str | Path, base: dict[str, Any] | None = None,
+                default_method: str = "ce") -> dict[str, Any]:
+    """A YAML recipe merged over `base` (a config mapping), as a mapping flags can still
+    override. The file must be valid on its own (with `default_method` when it names none).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, not a mapping of sections, or invalid;
+            the message starts with the path.
+    """
+    loaded = load_yaml(path)
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections")
+    raw = merge_sections(base or {}, loaded)
+    try:  # the file must be valid on its own, even where flags override it
+        RunConfig.from_dict({**raw, "method": raw.get("method") or default_method})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return raw
 
 
 def save_yaml(config: RunConfig, path: str | Path) -> None:

@@ -9,19 +9,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import DataConfig
-from ..data import BatchPipeline, ImageFolderSet, ImageTensorDataset
+from ..data import BatchPipeline, DataBundle, ImageFolderSet, ImageTensorDataset
 from ..errors import ConfigError
-from ..train.runs import DataBundle, load_model, prepare_data
+from ..train.run_io import load_model, run_data
 
 
 @dataclass
 class Run:
-    """A finished run opened for analysis: its label, model (on `device`), metadata, data."""
+    """A finished run opened for analysis: its label, model (on `device`), metadata, data,
+    and the path it was opened from."""
     label: str
     model: nn.Module
     meta: dict[str, Any]
     data: DataBundle
+    path: str = ""
 
     @property
     def bits(self) -> str:
@@ -40,11 +41,8 @@ def open_run(path: str | Path, device: torch.device, data_root: str | None = Non
     """Load a run folder or model.pt with the data set it was trained on (or under
     `data_root`); the model comes back on `device`, in eval mode."""
     model, state = load_model(path)
-    data_cfg = DataConfig.from_dict(state["meta"]["data"])
-    if data_root:
-        data_cfg = DataConfig.from_dict({"root": data_root}, base=data_cfg)
-    return Run(label or run_label(path), model.to(device), state["meta"],
-               prepare_data(data_cfg, state["meta"]["model"]))
+    _, data = run_data(state, data_root)
+    return Run(label or run_label(path), model.to(device), state["meta"], data, str(path))
 
 
 def fixed_batches(dataset: ImageTensorDataset | ImageFolderSet, pipeline: BatchPipeline,

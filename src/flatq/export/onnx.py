@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..quant import integer_range, quant_layers
-from .affine import check_exportable, input_grid, integer_weight
+from .integer_view import check_exportable, input_grid, integer_weight
 
 STORAGE_CHOICES = ("auto", "narrow", "int8")
 EXPORTER_OPSET = 20  # the newest opset of torch's TorchScript exporter
@@ -228,7 +228,21 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
     `storage`: "narrow" stores 2/4-bit weights and activations in INT2/UINT2/INT4/UINT4
     (opset 25/21), "int8" in int8/uint8 (opset 20), "auto" picks narrow types per width where
     the installed onnxruntime runs them. The batch dimension of the input is dynamic.
-    `metadata` goes into the file's metadata_props (flatq records the run's weights there).
+
+    Args:
+        model: a quantized, calibrated model (`quantize_model` + `calibrate`).
+        path: the .onnx file to write.
+        example_input: one input batch (normalized, as the model takes it) to trace with.
+        storage: "auto", "narrow" or "int8" (see above).
+        metadata: strings for the file's metadata_props (flatq records the run's weights).
+
+    Returns:
+        An OnnxExport: the path, opset, quantized layers and how each tensor is stored.
+
+    Raises:
+        ConfigError: a float model, an unknown `storage`, or quantized layers or quantizers
+            with no integer form (attention's fused in-projection, DoReFa weights, LSQ+
+            with a continuous offset).
     """
     layers = quant_layers(model)
     if not layers:

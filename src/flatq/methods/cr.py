@@ -26,7 +26,8 @@ from ..errors import CheckpointError, ConfigError
 from .base import Objective
 from .ema import EMATeacher
 from .kd import kd_loss
-from .unlabeled import draw_unlabeled, load_unlabeled_folder, parse_unlabeled, split_training_set
+from ..data.unlabeled import (draw_unlabeled, load_unlabeled_folder, parse_unlabeled,
+                              split_training_set)
 
 SCHEDULES = ("sigmoid", "linear", "cosine", "constant")
 
@@ -92,6 +93,18 @@ class CR(Objective):
         objective.step(images, labels, optimizer, **extra)   # updates the EMA teacher
 
     The frozen FP model that `qat` offers as `teacher` is not used.
+
+    Args:
+        student: the model being trained (the quantized student; its EMA copy is the teacher).
+        teacher: the frozen full-precision model (not used).
+        config: the method's options (default: CRConfig()).
+        **context: what a run offers beyond the models (the trainer passes `data`, `seed`);
+            ignored where unused.
+
+    Raises:
+        ConfigError: a malformed `config.unlabeled`.
+        DataError (from `training_set`): unlabeled images that are missing, of another shape,
+            or the labeled set itself.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..config import RunConfig
+from ..config import RunConfig, canonical_method
 from ..data import (BatchPipeline, ImageFolderSet, ImageTensorDataset, ResumableSampler,
                     make_loader)
 from ..errors import CheckpointError, NonFiniteLossError
@@ -248,13 +248,17 @@ class Trainer:
         drops the metrics records it will redo."""
         state = load_checkpoint(self.run_dir, CHECKPOINT_NAME)
         mismatch = meta_mismatch(state.get("meta"), self.meta)
-        method = state.get("config", {}).get("method", {}).get("name")
+        saved = state.get("config", {})
+        method = saved.get("method", {}).get("name")
+        if method is not None:      # a checkpoint may say a method's former name (lsq)
+            method = canonical_method(method)
+            saved = {**saved, "method": {**saved["method"], "name": method}}
         if not mismatch and self.config.method and method and method != self.config.method.name:
             mismatch = f"method {method} (this run: {self.config.method.name})"
         if mismatch:
             raise CheckpointError(f"{self.run_dir / CHECKPOINT_NAME} was written for {mismatch}; "
                                   "resume with the run's own settings or use another --out")
-        changed = resume_changes(state.get("config", {}), self.config)
+        changed = resume_changes(saved, self.config)
         if changed:
             raise CheckpointError(f"--resume cannot change {'; '.join(changed)}; only "
                                   f"{', '.join(RESUMABLE_OPTIONS)} may change (start a new run "

@@ -17,7 +17,7 @@ from flatq.quant import quant_layers
 from flatq.quant.health import count_dead, dead_channels
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flatq.train.optim import build_optimizer
-from flatq.train.runs import load_model, load_teacher, pretrain, qat
+from flatq.runs import load_model, load_teacher, pretrain, qat
 
 
 def small_quantized_net(w_bits: int = 4) -> nn.Module:

@@ -14,7 +14,7 @@ from flatq.data import calibration_batches
 from flatq.errors import CheckpointError, ConfigError, FlatqError
 from flatq.train.checkpoint import load_checkpoint
 from flatq.train.loop import evaluate
-from flatq.train.runs import load_model, load_teacher, prepare_data, pretrain, qat
+from flatq.runs import load_model, load_teacher, prepare_data, pretrain, qat
 
 DATA = DataConfig(name="synthetic")
 CPU = torch.device("cpu")
@@ -61,7 +61,7 @@ def test_fp_training_learns(runs):
 
 def test_qat_improves_on_calibration(runs):
     q, calibrated = runs["q"], runs["calibrated"]
-    assert q["kind"] == "qat" and q["bits"] == "w4a4" and q["method"] == "lsq"
+    assert q["kind"] == "qat" and q["bits"] == "w4a4" and q["method"] == "task"
     assert q["fp_test_acc"] == runs["fp"]["test_acc"]
     # Fine-tuning must lower the test loss of the freshly calibrated model and keep its accuracy.
     assert q["test_loss"] < calibrated["loss"]

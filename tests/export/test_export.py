@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from flatq import QuantConfig, calibrate, quantize_model
 from flatq.cli import main
 from flatq.config import DataConfig
-from flatq.data import calibration_batches, load_dataset, pipeline_for
+from flatq.data import calibration_batches, pipeline_for
 from flatq.errors import CheckpointError, ConfigError
 from flatq.export import (OnnxModel, export_integer, export_onnx, input_grid, integer_weight,
                           load_integer, pack_bits, runtime_narrow_bits, unpack_bits)
@@ -249,10 +249,10 @@ def test_export_refuses_float_model_and_unknown_storage(tmp_path):
 
 # -- CLI --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, synthetic):
     """A w4a4 resnet8 run folder on synthetic data: calibrated, then two SGD steps (LSQ)."""
     run = tmp_path_factory.mktemp("run")
-    train, _ = load_dataset("synthetic")
+    train, _ = synthetic
     pipeline = pipeline_for("synthetic")
     config = QuantConfig(w_bits=4, a_bits=4)
     torch.manual_seed(0)
@@ -293,3 +293,25 @@ def test_cli_export_int_and_errors(tiny_run, tmp_path, capsys):
     assert main(["eval", str(tiny_run), "--onnx", str(tmp_path / "none.onnx")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "none.onnx: no such ONNX file" in err
+
+
+def test_a_registered_export_format_is_a_cli_choice(tiny_run, tmp_path, capsys):
+    from flatq.export import EXPORT_FORMATS, ExportFormat, register_format
+
+    def write_names(model, state, output, options):
+        output.write_text("\n".join(name for name, _ in quant_layers(model)))
+        return [f"wrote {output}"]
+
+    register_format(ExportFormat("names", ".txt", "the quantized layers' names", write_names))
+    try:
+        path = tmp_path / "layers.txt"
+        assert main(["export", str(tiny_run), "--format", "names", "-o", str(path)]) == 0
+        assert capsys.readouterr().out.strip() == f"wrote {path}"
+        assert path.read_text().splitlines()[0] == "stem.0"
+        assert main(["export", str(tiny_run), "--format", "names", "-o", "x.onnx"]) == 2
+        assert "writes a .txt file" in capsys.readouterr().err
+    finally:
+        del EXPORT_FORMATS["names"]
+    with pytest.raises(SystemExit):
+        main(["export", str(tiny_run), "--format", "names", "-o", "x.txt"])
+    assert "invalid choice: 'names'" in capsys.readouterr().err

@@ -31,7 +31,7 @@ from flatq.models import build_model
 from flatq.models.vit import VisionTransformer
 from flatq.quant import (QuantConv2d, QuantLinear, QuantMultiheadAttention, Quantizer, calibrate,
                          quant_layers, quantize_model)
-from flatq.train.runs import load_model
+from flatq.runs import load_model
 
 CONVS = ["0", "2", "4", "6"]          # conv layers of `tiny_fp`; "9" is the Linear
 INNER = ["2", "4", "6"]               # every quantized layer but the first and the last
@@ -644,14 +644,6 @@ def test_sam_leaves_the_weights_unperturbed_after_the_step():
 
 COMMON = ["--data", "synthetic", "--batch-size", "64", "--max-steps-per-epoch", "2",
           "--device", "cpu", "--no-progress", "--test-batch-size", "256"]
-
-
-@pytest.fixture(scope="module")
-def fp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fpq") / "fp"
-    assert flatq_main(["pretrain", "--model", "resnet8", "--epochs", "1", "--lr", "0.05",
-                       *COMMON, "--out", str(out)]) == 0
-    return out
 
 
 def test_fpq_qat_run_trains_end_to_end(fp_run, tmp_path):

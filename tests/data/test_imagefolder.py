@@ -21,7 +21,7 @@ from flatq.cli import main
 from flatq.config import DataConfig, RunConfig, TrainConfig, method_config
 from flatq.data import load_image_folder, make_loader
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from flatq.train.runs import pretrain
+from flatq.runs import pretrain
 
 HERE = Path(__file__).parent
 FACTORY = "tiny_model_cli:TinyNoBN"     # tests/ is on sys.path (and PYTHONPATH below)

@@ -16,7 +16,7 @@ from flatq.methods.mec import (MEC, MECConfig, coding_length_exact, coding_lengt
                                coding_length_taylor, distortion_lambda, power_traces)
 from flatq.models import build_model
 from flatq.quant import calibrate, quant_layers, quantize_model
-from flatq.train.runs import load_teacher, pretrain, qat
+from flatq.runs import load_teacher, qat
 
 
 def unit_rows(m: int, d: int, seed: int = 0, nonnegative: bool = True) -> torch.Tensor:
@@ -212,19 +212,8 @@ def test_objective_with_a_named_layer_and_bad_config():
 
 
 # -- end to end ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("mec") / "fp"
-    config = RunConfig(model="resnet8", data=DataConfig(name="synthetic", augment=False),
-                       train=TrainConfig(epochs=1, batch_size=32, lr=0.05, device="cpu",
-                                         progress=False, max_steps_per_epoch=2),
-                       method=method_config("ce"))
-    pretrain(config, run)
-    return run
-
-
-def test_mec_qat_trains_end_to_end(teacher_run, tmp_path):
-    teacher, state = load_teacher(teacher_run)
+def test_mec_qat_trains_end_to_end(fp_run, tmp_path):
+    teacher, state = load_teacher(fp_run)
     config = RunConfig(model="resnet8", data=DataConfig(name="synthetic", augment=False),
                        train=TrainConfig(epochs=1, batch_size=32, lr=0.01, device="cpu",
                                          progress=False, max_steps_per_epoch=2),
@@ -237,15 +226,15 @@ def test_mec_qat_trains_end_to_end(teacher_run, tmp_path):
     assert epoch and epoch[-1]["train_mec"] < 0 and math.isfinite(epoch[-1]["train_mec"])
 
 
-def test_mec_qat_from_the_cli(teacher_run, tmp_path, capsys):
+def test_mec_qat_from_the_cli(fp_run, tmp_path, capsys):
     out = tmp_path / "cli"
-    code = cli_main(["qat", "--from", str(teacher_run), "--method", "mec", "--bits", "w2a2",
+    code = cli_main(["qat", "--from", str(fp_run), "--method", "mec", "--bits", "w2a2",
                      "--beta", "0.2", "--quantizer", "pact", "--epochs", "1", "--batch-size",
                      "32", "--max-steps-per-epoch", "2", "--device", "cpu", "--no-progress",
                      "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["method"] == "mec"
     assert "w2a2 mec" in capsys.readouterr().out
-    code = cli_main(["qat", "--from", str(teacher_run), "--method", "mec", "--experts", "2",
+    code = cli_main(["qat", "--from", str(fp_run), "--method", "mec", "--experts", "2",
                      "--gate-logits", "1.0", "--out", str(tmp_path / "bad")])
     assert code == 2 and "method.gate_logits" in capsys.readouterr().err

@@ -99,7 +99,7 @@ CASES = {
     "qat data unlike the teacher's": (["qat", "--from", "{fp}", "--data", "digits"],
                                       ["data digits gives 1 channels", "trained with 3 / 10"]),
     "resume with another method": (["qat", "--from", "{fp}", "--resume", "--method", "kd",
-                                    "--out", "{q}"], ["method lsq (this run: kd)"]),
+                                    "--out", "{q}"], ["method task (this run: kd)"]),
     "unwritable output": (["pretrain", "--out", "{file}/sub"], ["cannot write", "a_file"]),
     "yaml unknown key": (["pretrain", "--config", "{unknown_key}"], ["'epochz'", "train"]),
     "yaml wrong type": (["pretrain", "--config", "{wrong_type}"], ["train.epochs", "'three'"]),

@@ -21,6 +21,7 @@ from flatq.config import TrainConfig
 from flatq.errors import ConfigError
 from flatq.methods.base import Objective
 from flatq.models import build_model
+from flatq.quant import quant_layers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -162,18 +163,6 @@ def test_estimator_arguments_are_checked():
 
 # -- the analyses leave a quantized ResNet untouched ------------------------------------------
 
-@pytest.fixture(scope="module")
-def quantized_resnet():
-    torch.manual_seed(0)
-    model = quantize_model(build_model("resnet8"), QuantConfig(w_bits=4, a_bits=4))
-    images = torch.randn(16, 3, 32, 32)
-    calibrate(model, [images])
-    with torch.no_grad():  # non-trivial BatchNorm statistics
-        model.train()
-        model(images * 2 + 0.5)
-    return model, images, torch.arange(16) % 10
-
-
 def snapshot(model: nn.Module):
     return ({k: v.clone() if isinstance(v, torch.Tensor) else v
              for k, v in model.state_dict().items()},
@@ -198,8 +187,8 @@ def assert_unchanged_state(model: nn.Module, before) -> None:
     assert {name: m.training for name, m in model.named_modules()} == modes
 
 
-def test_analyses_leave_parameters_buffers_and_modes_unchanged(quantized_resnet):
-    model, images, labels = quantized_resnet
+def test_analyses_leave_parameters_buffers_and_modes_unchanged(quantized_resnet8):
+    model, images, labels = quantized_resnet8
     model.train()
     model.stem.eval()  # mixed modes must come back exactly as they were
     before = snapshot(model)
@@ -213,8 +202,8 @@ def test_analyses_leave_parameters_buffers_and_modes_unchanged(quantized_resnet)
     assert_unchanged(model, before)
 
 
-def test_hessian_report_per_layer_traces_sum_to_total(quantized_resnet):
-    model, images, labels = quantized_resnet
+def test_hessian_report_per_layer_traces_sum_to_total(quantized_resnet8):
+    model, images, labels = quantized_resnet8
     report = hessian_report(model, [(images[:8], labels[:8])], samples=3, top_k=0)
     names = [layer["name"] for layer in report["layers"]]
     assert names[0] == "stem.0" and names[-1] == "linear" and len(names) == 10
@@ -223,11 +212,11 @@ def test_hessian_report_per_layer_traces_sum_to_total(quantized_resnet):
     assert report["num_params"] == sum(layer["numel"] for layer in report["layers"])
 
 
-def test_no_graph_or_tensor_kept_across_products(quantized_resnet, monkeypatch):
+def test_no_graph_or_tensor_kept_across_products(quantized_resnet8, monkeypatch):
     """Honest proxy for flat memory: the number of live Python tensors is the same at every
     Hutchinson sample and every power iteration, products carry no graph, and nothing is
     kept once the estimates are done."""
-    model, images, labels = quantized_resnet
+    model, images, labels = quantized_resnet8
     model.eval()
     counts: list[int] = []
     product = Hessian.piece_product
@@ -267,8 +256,8 @@ def test_noise_variance_zero_at_zero_sigma_and_growing():
         output_variance(model, images, torch.arange(12) % 10, [0.1], repeats=1)
 
 
-def test_feature_statistics_per_channel(quantized_resnet):
-    model, images, _ = quantized_resnet
+def test_feature_statistics_per_channel(quantized_resnet8):
+    model, images, _ = quantized_resnet8
     layer = "stages.1.0.residual.0.0"
     seen = []
     handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o))
@@ -288,8 +277,8 @@ def test_feature_statistics_per_channel(quantized_resnet):
         feature_statistics(model, "stages.9", images[:2])
 
 
-def test_grad_norm_and_trackers_leave_training_state_alone(quantized_resnet):
-    model, images, labels = quantized_resnet
+def test_grad_norm_and_trackers_leave_training_state_alone(quantized_resnet8):
+    model, images, labels = quantized_resnet8
     model.train()
     objective = Objective(model)
     nn.functional.cross_entropy(model(images[:8]), labels[:8]).backward()
@@ -316,8 +305,8 @@ def test_grad_norm_and_trackers_leave_training_state_alone(quantized_resnet):
     model.zero_grad(set_to_none=True)
 
 
-def test_plot_kinds_write_png(quantized_resnet, tmp_path):
-    model, images, labels = quantized_resnet
+def test_plot_kinds_write_png(quantized_resnet8, tmp_path):
+    model, images, labels = quantized_resnet8
     run = {"label": "q", "path": "x", "model": "resnet8", "bits": "w4a4"}
     analyses = {
         "hessian": {"kind": "hessian", "params": "weights", "runs": [
@@ -430,7 +419,7 @@ def test_tracking_callbacks_follow_the_config():
 def test_python_runs_track_what_their_config_asks_for(tmp_path):
     """pretrain() called from Python logs the trajectories train.track names, as the CLI does."""
     from flatq.config import DataConfig, RunConfig, method_config
-    from flatq.train.runs import pretrain
+    from flatq.runs import pretrain
     config = RunConfig(model="resnet8", data=DataConfig(name="synthetic"), method=method_config("ce"),
                        train=TrainConfig(epochs=1, batch_size=32, max_steps_per_epoch=2, lr=0.05,
                                          device="cpu", progress=False, track=["gradnorm"],
@@ -438,3 +427,37 @@ def test_python_runs_track_what_their_config_asks_for(tmp_path):
     pretrain(config, tmp_path / "fp")
     records = [json.loads(line) for line in (tmp_path / "fp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "grad_norm" in r] == [1, 2]
+
+
+def test_library_writes_the_file_the_cli_writes(tmp_path):
+    """flatq.analysis.reports makes the same plottable JSON as `flatq analyze noise`."""
+    from flatq.analysis.reports import noise_entry, open_runs, report, write_report
+    from flatq.config import DataConfig, RunConfig, method_config
+    from flatq.runs import pretrain
+    config = RunConfig(model="resnet8", data=DataConfig(name="synthetic"),
+                       method=method_config("ce"),
+                       train=TrainConfig(epochs=1, batch_size=32, max_steps_per_epoch=1,
+                                         device="cpu", progress=False))
+    pretrain(config, tmp_path / "fp")
+    args = ["--sigmas", "0,0.2", "--repeats", "2", "--images", "8", "--device", "cpu"]
+    assert main(["analyze", "noise", str(tmp_path / "fp"), *args,
+                 "--out", str(tmp_path / "cli.json")]) == 0
+    entries = [noise_entry(run, [0.0, 0.2], repeats=2, images=8)
+               for run in open_runs([str(tmp_path / "fp")], torch.device("cpu"))]
+    path = write_report(report("noise", entries, output="logits", repeats=2, seed=0),
+                        tmp_path / "lib.json")
+    assert json.loads(path.read_text()) == json.loads((tmp_path / "cli.json").read_text())
+
+
+def test_weight_step_sizes_count_dead_channels():
+    from flatq.analysis import weight_step_sizes
+    torch.manual_seed(0)
+    model = quantize_model(build_model("resnet8"), QuantConfig(w_bits=4, a_bits=4))
+    calibrate(model, [torch.randn(8, 3, 32, 32)])
+    rows = weight_step_sizes(model)
+    assert [r["layer"] for r in rows] == [name for name, _ in quant_layers(model)]
+    assert all(r["dead_channels"] == 0 for r in rows)
+    first = quant_layers(model)[0][1]
+    with torch.no_grad():
+        first.weight_quantizer.scale[:3] = 10 * first.weight.abs().max()
+    assert weight_step_sizes(model)[0]["dead_channels"] == 3

@@ -18,13 +18,13 @@ from flatq.data import calibration_batches
 from flatq.errors import ConfigError
 from flatq.methods import DNQ, PRETRAIN_METHODS, DNQConfig
 from flatq.models import build_model
-from flatq.quant import MinMaxQuantizer, quant_layers, quantizers
+from flatq.quant import MinMaxQuantizer, named_quantizers, quant_layers
 from flatq.quant.observers import PercentileObserver, make_observer
 from flatq.quant.ptq import post_training_quantize
 from flatq.quant.quantizers import range_to_affine
 from flatq.train.checkpoint import load_checkpoint
 from flatq.train.loop import evaluate
-from flatq.train.runs import load_model, prepare_data
+from flatq.runs import load_model, prepare_data
 
 
 def float_layers(model):
@@ -271,28 +271,29 @@ def test_mse_weights_per_channel_calibrated_once():
 # -- PTQ ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def fp_run(tmp_path_factory):
+def trained_fp_run(tmp_path_factory):
+    """Two full epochs: PTQ accuracy needs a model that has learned something."""
     out = tmp_path_factory.mktemp("dnq") / "fp"
     assert main(["pretrain", "--model", "resnet8", "--data", "synthetic", "--epochs", "2",
                  "--lr", "0.1", "--batch-size", "64", "--no-progress", "--out", str(out)]) == 0
     return out
 
 
-def test_ptq_at_8_bits_keeps_a_trained_models_accuracy(fp_run):
-    model, state = load_model(fp_run)
+def test_ptq_at_8_bits_keeps_a_trained_models_accuracy(trained_fp_run):
+    model, state = load_model(trained_fp_run)
     data = prepare_data(DataConfig.from_dict(state["meta"]["data"]))
     fp = evaluate(model, data.test, data.eval_pipeline, torch.device("cpu"))
     batches = calibration_batches(data.train, data.eval_pipeline, 100, 0)
     qmodel = post_training_quantize(model, QuantConfig(w_bits=8, a_bits=8), batches)
-    assert all(isinstance(q, MinMaxQuantizer) for _, q in quantizers(qmodel))
+    assert all(isinstance(q, MinMaxQuantizer) for _, q in named_quantizers(qmodel))
     acc = evaluate(qmodel, data.test, data.eval_pipeline, torch.device("cpu"))["acc"]
     assert fp["acc"] > 80 and acc >= fp["acc"] - 1.5, (acc, fp["acc"])
     assert all(type(m) in (nn.Conv2d, nn.Linear) for _, m in float_layers(model))  # untouched
 
 
-def test_cli_ptq_writes_a_loadable_run(fp_run, tmp_path, capsys):
+def test_cli_ptq_writes_a_loadable_run(trained_fp_run, tmp_path, capsys):
     out = tmp_path / "ptq"
-    assert main(["ptq", str(fp_run), "--bits", "w4a4", "--range-method", "percentile",
+    assert main(["ptq", str(trained_fp_run), "--bits", "w4a4", "--range-method", "percentile",
                  "--percentile", "99.9", "--device", "cpu", "--skip", "stages.1.0.shortcut.0",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -308,7 +309,7 @@ def test_cli_ptq_writes_a_loadable_run(fp_run, tmp_path, capsys):
     data = prepare_data(DataConfig.from_dict(state["meta"]["data"]))
     acc = evaluate(model, data.test, data.eval_pipeline, torch.device("cpu"))["acc"]
     assert acc == pytest.approx(summary["test_acc"])
-    assert main(["ptq", str(fp_run), "--bits", "w4a4", "--range-method", "kl",
+    assert main(["ptq", str(trained_fp_run), "--bits", "w4a4", "--range-method", "kl",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "range_method" in capsys.readouterr().err
 

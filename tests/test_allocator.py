@@ -1,4 +1,4 @@
-"""flatq.train.host_memory: with freed memory retained, a large tensor allocated again reuses
+"""flatq.allocator: with freed memory retained, a large tensor allocated again reuses
 the pages of the one freed before it (no page faults); glibc's default faults in every page.
 Checked in fresh processes, so the setting of this one does not matter."""
 
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import flatq.cli
-from flatq.train import host_memory
+from flatq import allocator as host_memory
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
                                 reason="mallopt tuning is specific to glibc")
@@ -25,7 +25,7 @@ glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
 # faulted every page after five cycles, none of 26 after ten.
 FAULTS_OF_REALLOCATION = """
 import resource, sys, torch
-from flatq.train.host_memory import retain_freed_host_memory
+from flatq.allocator import retain_freed_host_memory
 print(retain_freed_host_memory(), file=sys.stderr)
 torch.set_num_threads(1)
 for _ in range(10):

@@ -7,21 +7,19 @@ The output folder holds `config.yaml`, `model.pt` (the same format as a QAT run,
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..atomic import write_text_atomic
-from ..config import RunConfig, save_yaml
-from ..data import calibration_batches
+from ..config import RunConfig
+from ..data import calibration_batches, prepare_data
 from ..errors import ConfigError
 from ..quant.ptq import post_training_quantize, ptq_config
-from .checkpoint import MODEL_NAME, save_atomic
-from .loop import evaluate, resolve_device
-from .run_folder import CONFIG_NAME, SUMMARY_NAME, check_run_folder
-from .runs import check_model_fits, claimed_run_folder, prepare_data
+from ..train.loop import evaluate, resolve_device
+from ..train.run_folder import check_run_folder, claimed_run_folder
+from ..train.run_io import write_config, write_result
+from .training import check_model_fits
 
 
 def ptq(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
@@ -29,7 +27,13 @@ def ptq(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
     """Calibrate a quantized copy of `teacher` (from `load_teacher`) on `config.data`'s
     training images (`config.quant.calib_images`, seed `calib_seed`) and evaluate both.
 
-    Returns the summary: test accuracy and loss of the quantized and the float model.
+    Returns:
+        The summary (also in summary.json): test accuracy and loss of the quantized and the
+        float model, bits and range method, kind "ptq".
+
+    Raises:
+        ConfigError: no quantization config, data unlike the teacher's, invalid settings.
+        FlatqError: an unusable run folder.
     """
     if config.quant is None:
         raise ConfigError("ptq needs a quantization config (e.g. --bits w4a4)")
@@ -61,8 +65,6 @@ def ptq(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
             "in_channels": data.channels, "data": config.data.to_dict(),
             "quant": config.quant.to_dict(), "source": summary["source"]}
     with claimed_run_folder(run_dir, resume=False, overwrite=overwrite) as run_dir:
-        save_yaml(config, run_dir / CONFIG_NAME)
-        save_atomic({"meta": meta, "config": config.to_dict(), "model": qmodel.state_dict(),
-                     "summary": summary}, run_dir / MODEL_NAME)
-        write_text_atomic(run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+        write_config(config, run_dir)
+        write_result(run_dir, meta, config, qmodel.state_dict(), summary)
     return summary

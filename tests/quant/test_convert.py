@@ -9,8 +9,8 @@ from flatq import QuantConfig, calibrate, quantize_model
 from flatq.errors import ConfigError
 from flatq.models import build_model
 from flatq.quant import (DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer, MinMaxQuantizer,
-                         PACTQuantizer, QuantConv2d, QuantLinear, describe, quant_layers,
-                         quantizers)
+                         PACTQuantizer, QuantConv2d, QuantLinear, describe, named_quantizers,
+                         quant_layers)
 
 
 def float_layers(model: nn.Module) -> list[str]:
@@ -166,7 +166,7 @@ def test_pact_dorefa_weights_on_inner_layers_minmax_on_the_edges():
 
 
 def test_lsqplus_continuous_offset_reaches_the_inputs_and_export_refuses_it():
-    from flatq.export.affine import input_grid
+    from flatq.export.integer_view import input_grid
     qmodel = quantize_model(build_model("resnet8"),
                             QuantConfig(quantizer="lsq+", lsqplus_offset="continuous"))
     calibrate(qmodel, calibration_data())
@@ -193,8 +193,8 @@ def test_calibrate_leaves_batchnorm_and_weights_alone(resnet8):
     after = qmodel.state_dict()
     for key, value in before.items():
         assert torch.equal(after[key], value), key
-    assert all(bool(q.initialized) for _, q in quantizers(qmodel))
-    assert all(q.observer is None for _, q in quantizers(qmodel))
+    assert all(bool(q.initialized) for _, q in named_quantizers(qmodel))
+    assert all(q.observer is None for _, q in named_quantizers(qmodel))
 
 
 def test_calibrate_without_batches_or_quantizers_is_an_error(resnet8):
@@ -225,7 +225,7 @@ def test_state_dict_round_trip_without_calibration(resnet8):
     config = QuantConfig(w_bits=3, a_bits=4, quantizer="lsq+")
     source = calibrate(quantize_model(resnet8, config), calibration_data()).eval()
     with torch.no_grad():  # make the learned parameters differ from a fresh calibration
-        for _, q in quantizers(source):
+        for _, q in named_quantizers(source):
             q.scale.mul_(1.1)
     fresh = quantize_model(build_model("resnet8"), config)
     fresh.load_state_dict(source.state_dict())
@@ -401,7 +401,7 @@ class Attend(nn.Module):
 
 def observing(model: nn.Module) -> nn.Module:
     """Quantizers in calibration mode pass tensors through unchanged: the float computation."""
-    for _, q in quantizers(model):
+    for _, q in named_quantizers(model):
         q.start_observing()
     return model
 
@@ -462,3 +462,55 @@ def test_attention_options_not_reimplemented_stay_float_with_their_out_proj():
     assert "add_bias_kv" in reasons["attn"]
     assert "inside the float nn.MultiheadAttention" in reasons["attn.out_proj"]
     assert [r.name for r in plan.quantized] == ["embed"]
+
+
+def test_weights_and_inputs_pick_their_quantizers_independently(resnet8):
+    # LSQ weights with PACT inputs: each side from its own registered family, and it trains.
+    config = QuantConfig(weight_quantizer="lsq", input_quantizer="pact", edge_bits=None)
+    qmodel = calibrate(quantize_model(resnet8, config), calibration_data())
+    for _, layer in quant_layers(qmodel):
+        assert type(layer.weight_quantizer) is LSQQuantizer
+        assert type(layer.input_quantizer) is PACTQuantizer
+    from flatq.config import TrainConfig
+    from flatq.train.optim import build_optimizer
+    optimizer = build_optimizer(qmodel.train(), TrainConfig(weight_decay=1e-3))
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0
+                for p in g["params"]}
+    layer = quant_layers(qmodel)[1][1]
+    assert id(layer.weight_quantizer.scale) in no_decay      # LSQ step sizes: no decay
+    assert id(layer.input_quantizer.alpha) not in no_decay   # PACT's alpha: its L2 penalty
+    loss = nn.functional.cross_entropy(qmodel(calibration_data(1)[0]), torch.zeros(16).long())
+    optimizer.zero_grad()
+    loss.backward()
+    assert layer.weight_quantizer.scale.grad is not None
+    assert layer.input_quantizer.alpha.grad is not None
+    optimizer.step()
+    # The unset side falls back to `quantizer`.
+    default = QuantConfig(quantizer="pact", weight_quantizer="lsq")
+    assert (default.weight_family, default.input_family) == ("lsq", "pact")
+
+
+def test_a_registered_quantizer_is_a_config_choice_and_builds(resnet8):
+    from flatq.config import QUANTIZER_NAMES
+    from flatq.quant.quantizers import QUANTIZERS, register_quantizer
+
+    @register_quantizer("test-lsq")
+    class TestQuantizer(LSQQuantizer):
+        pass
+
+    try:
+        qmodel = quantize_model(resnet8, QuantConfig(input_quantizer="test-lsq"))
+        assert all(type(layer.input_quantizer) is TestQuantizer
+                   for _, layer in quant_layers(qmodel))
+    finally:
+        del QUANTIZERS["test-lsq"]
+        QUANTIZER_NAMES.remove("test-lsq")
+    with pytest.raises(ConfigError, match="test-lsq"):
+        QuantConfig(input_quantizer="test-lsq")
+
+
+def test_the_quantizers_module_is_not_shadowed():
+    import flatq.quant
+    import flatq.quant.quantizers as module
+    assert flatq.quant.quantizers is module
+    assert callable(flatq.quant.named_quantizers)

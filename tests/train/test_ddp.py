@@ -33,9 +33,9 @@ from flatq.quant.quantizers import LSQQuantizer
 from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.train.checkpoint import load_checkpoint
 from flatq.train.loop import evaluate
-from flatq.train.runs import load_model, prepare_data
+from flatq.runs import load_model, prepare_data
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]    # tests/, where tiny_model_cli.py lives
 CLI = str(HERE / "tiny_model_cli.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 COMMON = ["--data", "synthetic", "--no-augment", "--epochs", "2", "--batch-size", "32",

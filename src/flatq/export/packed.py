@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
-from ..quant import quant_layers, quantizers
-from .affine import (InputGrid, IntegerWeight, check_exportable, input_grid,
-                     integer_weight)
+from ..quant import named_quantizers, quant_layers
+from .integer_view import (InputGrid, IntegerWeight, check_exportable, input_grid,
+                           integer_weight)
 
 FORMAT, VERSION = "flatq-int", 1
 MANIFEST = "__manifest__"
@@ -138,7 +138,7 @@ class IntegerExport:
 
 def _other_tensors(model: nn.Module, layer_names: list[str]) -> dict[str, Tensor]:
     """State entries outside the quantizers and the quantized weights (biases, BN, ...)."""
-    skip = tuple(f"{name}." for name, _ in quantizers(model))
+    skip = tuple(f"{name}." for name, _ in named_quantizers(model))
     weights = {f"{name}.weight" for name in layer_names}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()
             if not k.startswith(skip) and k not in weights}
@@ -146,8 +146,21 @@ def _other_tensors(model: nn.Module, layer_names: list[str]) -> dict[str, Tensor
 
 def export_integer(model: nn.Module, path: str | Path,
                    meta: dict[str, Any] | None = None) -> IntegerExport:
-    """Write the quantized `model` as an integer file (.npz); `meta` (model name, classes,
-    channels) lets `IntegerModel.float_model` rebuild it."""
+    """Write the quantized `model` as an integer file (.npz) of bit-packed weights with their
+    scales and zero points, and each layer's input grid.
+
+    Args:
+        model: a quantized, calibrated model.
+        path: the .npz file to write.
+        meta: model name, classes and channels, so that `IntegerModel.float_model` can
+            rebuild the model.
+
+    Returns:
+        An IntegerExport: the path, layer count and sizes against FP32.
+
+    Raises:
+        ConfigError: a float model, or quantized layers or quantizers with no integer form.
+    """
     layers = quant_layers(model)
     if not layers:
         raise ConfigError("export_integer needs a quantized model (flatq.quantize_model)")
@@ -184,7 +197,11 @@ def export_integer(model: nn.Module, path: str | Path,
 
 
 def load_integer(path: str | Path) -> IntegerModel:
-    """Read an integer file written by `export_integer`, unpacking the weights."""
+    """Read an integer file written by `export_integer`, unpacking the weights.
+
+    Raises:
+        CheckpointError: no such file, or not an integer file flatq wrote.
+    """
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:

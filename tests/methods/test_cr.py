@@ -17,7 +17,7 @@ from flatq.errors import CheckpointError, ConfigError, DataError
 from flatq.methods import CR, CRConfig, build_objective
 from flatq.methods.cr import SCHEDULES, consistency_weight
 from flatq.methods.ema import EMATeacher
-from flatq.methods.unlabeled import draw_unlabeled, parse_unlabeled, split_training_set
+from flatq.data.unlabeled import draw_unlabeled, parse_unlabeled, split_training_set
 from flatq.quant import calibrate, quantize_model
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flatq.train.loop import Trainer
@@ -326,7 +326,7 @@ def test_cli_qat_with_cr_and_held_out_unlabeled_split(tmp_path, capsys):
     assert "split:F with 0 < F < 1" in capsys.readouterr().err
 
 
-RECIPES = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*/*/*_cr*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*/*/*_cr*.yaml"))
 
 
 def test_cr_recipes_parse_and_match_their_file_names():

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..quant import LSQPlusQuantizer, PACTQuantizer, Quantizer, grid_integers
+from ..quant import Quantizer, grid_integers
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,11 @@ def integer_weight(layer: nn.Module) -> IntegerWeight:
     quantizer: Quantizer = layer.weight_quantizer
     with torch.no_grad():
         expected = quantizer(layer.weight)
-        scale, zero_point = (t.float() for t in quantizer.scale_and_zero_point())
+        scale, zero_point, lo, hi = quantizer.integer_grid()
+        scale, zero_point = scale.float(), zero_point.float()
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
         # The fake quantizer's own rounding, so that the integers match it bit for bit.
-        q = grid_integers(layer.weight, scale.view(shape), zero_point.view(shape)).clamp_(
-            quantizer.qmin, quantizer.qmax)
+        q = grid_integers(layer.weight, scale.view(shape), zero_point.view(shape)).clamp_(lo, hi)
     weight = IntegerWeight(q, scale.expand(q.shape[0]).clone(),
                            zero_point.expand(q.shape[0]).clone(), quantizer.bits,
                            quantizer.signed)
@@ -91,12 +91,6 @@ def input_grid(layer: nn.Module) -> InputGrid:
     quantizer: Quantizer = layer.input_quantizer
     if quantizer.per_channel:
         raise ConfigError("only per-tensor input quantizers can be exported")
-    if isinstance(quantizer, LSQPlusQuantizer) and quantizer.continuous:
-        raise ConfigError("an LSQ+ input quantizer with a continuous offset has no integer zero "
-                          "point to export; train with quant.lsqplus_offset integer")
-    scale, zero_point = quantizer.scale_and_zero_point()
-    lo, hi = quantizer.qmin, quantizer.qmax
-    if isinstance(quantizer, PACTQuantizer) and quantizer.signed:
-        lo = -hi
+    scale, zero_point, lo, hi = quantizer.integer_grid()
     return InputGrid(float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0]),
                      quantizer.bits, quantizer.signed, lo, hi)

@@ -24,7 +24,7 @@ from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method
 from flatq.errors import CheckpointError, FlatqError
 from flatq.methods.task import TaskObjective
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
-from flatq.train.runs import build_from_meta, load_model, load_teacher, pretrain, qat
+from flatq.runs import build_from_meta, load_model, load_teacher, pretrain, qat
 
 # 2 epochs of 3 steps on the synthetic set, with augmentation (so its draws must be replayed).
 BASE = ["pretrain", "--model", "resnet8", "--data", "synthetic", "--epochs", "2", "--lr", "0.1",
@@ -272,3 +272,20 @@ def test_huge_learning_rate_ends_with_one_line_and_finite_checkpoint(tmp_path, c
     if (run / CHECKPOINT_NAME).exists():
         assert _all_finite(load_checkpoint(run, CHECKPOINT_NAME)["model"])
     assert not (run / "model.pt").exists()
+
+
+def test_a_checkpoint_saying_lsq_resumes_as_task(tmp_path):
+    """`lsq`, the former name of the plain-task-loss method, still loads and resumes."""
+    fast = ["--data", "synthetic", "--batch-size", "16", "--device", "cpu", "--no-progress",
+            "--max-steps-per-epoch", "1"]
+    assert main(["pretrain", "--epochs", "1", *fast, "--out", str(tmp_path / "fp")]) == 0
+    run = tmp_path / "q"
+    assert main(["qat", "--from", str(tmp_path / "fp"), "--method", "lsq", "--epochs", "1",
+                 *fast, "--out", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["method"] == "task"
+    state = load_checkpoint(run, CHECKPOINT_NAME)     # as a run written before the rename
+    state["config"]["method"]["name"] = "lsq"
+    save_atomic({k: v for k, v in state.items() if k != "format"}, run / CHECKPOINT_NAME)
+    assert main(["qat", "--resume", "--epochs", "2", *fast, "--out", str(run)]) == 0
+    assert load_checkpoint(run, CHECKPOINT_NAME)["epoch"] == 2
+    assert RunConfig.from_dict({"method": "lsq"}).method.name == "task"

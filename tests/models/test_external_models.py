@@ -10,7 +10,7 @@ import torch
 import tiny_model_cli
 from cli_helpers import FAST, assert_one_line, cli
 from flatq.models import build_model, native_input_size
-from flatq.train.runs import load_model
+from flatq.runs import load_model
 
 FACTORY = "tiny_model_cli:TinyNoBN"     # tests/ is on sys.path under pytest
 

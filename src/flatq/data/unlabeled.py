@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..data import ImageTensorDataset, load_dataset
 from ..errors import ConfigError, DataError
+from .datasets import ImageTensorDataset, load_dataset
 
 SPLIT_SEED = 0
 

@@ -1,16 +1,13 @@
-"""Whole runs, start to finish: the walk data -> model -> quantize -> objective -> trainer.
+"""Training runs, start to finish: the walk data -> model -> quantize -> objective -> trainer.
 
-A run folder holds `config.yaml`, `metrics.jsonl`, `checkpoint.pt` (the full training state,
-every epoch) and, once finished, `model.pt` (weights plus the metadata to rebuild the model)
-and `summary.json`. `load_model` rebuilds any finished run, full-precision or quantized.
+`pretrain` trains a full-precision model, `qat` a quantized student of one; both write a run
+folder (see `flatq.train.run_io` for its files and `load_model`, which reads them back).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,103 +15,21 @@ import torch
 from torch import nn
 
 from ..analysis.tracking import tracking_callbacks
-from ..config import DataConfig, QuantConfig, RunConfig, save_yaml
-from ..data import (BatchPipeline, ImageFolderSet, ImageTensorDataset, calibration_batches,
-                    load_dataset, pipeline_for)
-from ..data.datasets import canonical_name
-from ..atomic import write_text_atomic
-from ..errors import CheckpointError, ConfigError
+from ..config import RunConfig
+from ..data import DataBundle, calibration_batches
+from ..errors import ConfigError
 from ..methods import Objective, build_objective
-from ..models import build_model, check_model_name, load_weights, native_input_size
-from ..models.external import IMAGENET_SIZE, check_weights_file
-from ..quant import calibrate, quant_layers, quantize_model, quantizers
-from .batchnorm import reestimate_batchnorm
-from .checkpoint import (CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_atomic,
-                         state_fingerprint)
-from .distributed import (check_global_batch, is_main_process, main_first, rank, setup, world_size,
-                          wrap)
-from .loop import Trainer, evaluate
-from .run_folder import (CONFIG_NAME, SUMMARY_NAME, RunFolderLock, check_run_folder,
-                         claim_run_folder)
-
-
-@dataclass
-class DataBundle:
-    """The data sets of a run and the batch pipelines that feed them to the model."""
-    train: ImageTensorDataset | ImageFolderSet
-    test: ImageTensorDataset | ImageFolderSet
-    train_pipeline: BatchPipeline
-    eval_pipeline: BatchPipeline
-
-    @property
-    def channels(self) -> int:
-        return self.eval_pipeline.output_shape(self.train.sample_shape)[0]
-
-    @property
-    def num_classes(self) -> int:
-        return self.train.num_classes
-
-
-def prepare_data(config: DataConfig, model: str | None = None) -> DataBundle:
-    """The data sets `config` names and their pipelines. An image folder is decoded at
-    `config.image_size`, else at the input size `model` is made for, else 224."""
-    size, options = config.image_size, {}
-    if canonical_name(config.name) == "imagefolder":
-        size = size or (native_input_size(model) if model else None) or IMAGENET_SIZE
-        options = {"size": size, "augment": config.augment, "workers": config.workers}
-    train, test = load_dataset(config.name, config.root, **options)
-    return DataBundle(
-        train, test,
-        pipeline_for(config.name, size=size, channels=config.channels, augment=config.augment),
-        pipeline_for(config.name, size=size, channels=config.channels, augment=False))
-
-
-META_KEYS = ("model", "num_classes", "in_channels")
-
-
-def build_from_meta(meta: dict[str, Any]) -> nn.Module:
-    """The model a checkpoint's metadata describes (quantized when it records a QuantConfig)."""
-    missing = [key for key in META_KEYS if key not in meta]
-    if missing:
-        raise CheckpointError(f"the checkpoint's metadata lacks {', '.join(missing)}; it was "
-                              "not written by flatq or is damaged")
-    model = build_model(meta["model"], num_classes=meta["num_classes"],
-                        in_channels=meta["in_channels"])
-    if meta.get("quant") is not None:
-        model = quantize_model(model, QuantConfig.from_dict(meta["quant"]))
-    return model
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a run folder or checkpoint file: (model in eval mode, checkpoint)."""
-    state = load_checkpoint(path)
-    meta = state.get("meta")
-    if not isinstance(meta, dict) or "model" not in meta:
-        raise CheckpointError(f"{path}: the checkpoint has no model metadata")
-    try:
-        model = build_from_meta(meta)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, ValueError) as exc:
-        detail = " ".join(str(exc).split())    # names the missing and unexpected keys
-        raise CheckpointError(f"{path}: weights do not fit model {meta['model']}: "
-                              f"{detail[:400]}") from None
-    return model.eval(), state
-
-
-@contextmanager
-def claimed_run_folder(run_dir: str | Path, resume: bool, overwrite: bool) -> Iterator[Path]:
-    """The run folder, created, locked and (with `overwrite`) cleared by rank 0 for the
-    duration of the block. Enter it only once the whole run has validated."""
-    locks: list[RunFolderLock] = []
-    main_first(lambda: locks.append(claim_run_folder(run_dir, resume, overwrite)))
-    try:
-        yield Path(run_dir)
-    finally:
-        for lock in locks:
-            lock.release()
+from ..models import build_model, check_model_name, load_weights
+from ..models.external import check_weights_file
+from ..quant import calibrate, named_quantizers, quant_layers, quantize_model
+from ..train.batchnorm import reestimate_batchnorm
+from ..train.checkpoint import state_fingerprint
+from ..train.distributed import (check_global_batch, is_main_process, main_first, rank, setup,
+                                 world_size, wrap)
+from ..train.loop import Trainer, evaluate
+from ..train.run_folder import check_run_folder, claimed_run_folder
+from ..train.run_io import (data_for_model, load_teacher, resume_state, write_config,
+                             write_result)
 
 
 def check_model_fits(model: nn.Module, data: DataBundle, name: str, device: torch.device) -> None:
@@ -148,11 +63,8 @@ def check_sizes(config: RunConfig, data: DataBundle) -> None:
 def _finish(trainer: Trainer, result: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     summary = {**result, **extra}
     if is_main_process():
-        model = trainer._bare_model()
-        save_atomic({"meta": trainer.meta, "config": trainer.config.to_dict(),
-                     "model": model.state_dict(), "summary": summary},
-                    trainer.run_dir / MODEL_NAME)
-        write_text_atomic(trainer.run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+        write_result(trainer.run_dir, trainer.meta, trainer.config,
+                     trainer._bare_model().state_dict(), summary)
     return summary
 
 
@@ -197,7 +109,7 @@ def _claimed_trainer(objective: Objective, data: DataBundle, config: RunConfig,
 def _train(trainer: Trainer) -> dict[str, Any]:
     """Record the config and train."""
     if is_main_process():
-        save_yaml(trainer.config, trainer.run_dir / CONFIG_NAME)
+        write_config(trainer.config, trainer.run_dir)
     return trainer.fit()
 
 
@@ -207,6 +119,21 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False,
 
     Under torchrun every rank calls this; rank 0 writes the run folder. `callbacks` run
     every step besides the trackers `config.train.track` asks for.
+
+    Args:
+        config: model, data, training settings and method (ce or dnq).
+        run_dir: the run folder to write.
+        resume, overwrite: continue the run in `run_dir`; replace the run there.
+        callbacks: called every step with the trainer's step record.
+
+    Returns:
+        The summary (also in summary.json): test accuracy and loss, kind "pretrain".
+
+    Raises:
+        ConfigError: invalid settings (all checked before the run folder is touched).
+        FlatqError: an unusable run folder (in use, not a flatq run, nothing to resume).
+        CheckpointError: a checkpoint to resume that does not fit this run.
+        NonFiniteLossError: the loss or the weights became NaN or infinite.
     """
     device = setup(config.train.device)
     # Everything is validated (the cheap checks first) before the run folder is touched.
@@ -216,7 +143,7 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False,
     if config.pretrained and not resume:
         check_weights_file(config.pretrained)
     _seed(config)
-    data = prepare_data(config.data, config.model)
+    data = data_for_model(config.data, config.model)
     check_sizes(config, data)
     model = build_model(config.model, num_classes=data.num_classes, in_channels=data.channels)
     if config.pretrained and not resume:   # a resumed run's weights come from its checkpoint
@@ -238,11 +165,11 @@ def _calibrate_on_main(student: nn.Module, batches: list, device: torch.device) 
     def run() -> dict[str, dict]:
         calibrate(student, batches, device)
         return {name: {k: v.cpu() if isinstance(v, torch.Tensor) else v
-                       for k, v in q.state_dict().items()} for name, q in quantizers(student)}
+                       for k, v in q.state_dict().items()} for name, q in named_quantizers(student)}
 
     states = main_first(run)
     if not is_main_process():
-        for name, q in quantizers(student):
+        for name, q in named_quantizers(student):
             q.load_state_dict(states[name])
 
 
@@ -264,29 +191,6 @@ def _reestimate_batchnorm(trainer: Trainer, data: DataBundle, config: RunConfig,
             "test_loss": after["loss"], "bn_images": config.quant.bn_images}
 
 
-def resume_state(run_dir: str | Path) -> dict[str, Any]:
-    """The checkpoint a `--resume` continues from (its config is the run's own, whatever
-    became of config.yaml, the human-readable copy)."""
-    check_run_folder(run_dir, resume=True, overwrite=False)
-    state = load_checkpoint(run_dir, CHECKPOINT_NAME)
-    if not isinstance(state.get("meta"), dict):
-        raise CheckpointError(f"{Path(run_dir) / CHECKPOINT_NAME} holds no run metadata; it "
-                              "was not written by flatq or is damaged")
-    if not isinstance(state.get("config"), dict):
-        state["config"] = {}
-    return state
-
-
-def load_teacher(source: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The full-precision model a QAT run starts from (`--from`)."""
-    model, state = load_model(source)
-    state["path"] = str(source)
-    if state["meta"].get("quant") is not None:
-        raise ConfigError(f"--from {source}: expected a full-precision run, got a quantized "
-                          f"({QuantConfig.from_dict(state['meta']['quant']).bits}) one")
-    return model, state
-
-
 def pretrained_teacher(config: RunConfig, data: DataBundle) -> tuple[nn.Module, dict[str, Any]]:
     """Model `config.model` with the weights of the file `config.pretrained`, and the state
     `load_teacher` would return for it."""
@@ -306,6 +210,20 @@ def qat(config: RunConfig, teacher: nn.Module | None, teacher_state: dict[str, A
     `config.pretrained` (e.g. torchvision's ImageNet weights). The FP model is left as it was:
     the student starts as its quantized copy, and a method that distills from it freezes a
     copy of its own.
+
+    Args:
+        config: data, training, quantization (required) and method settings.
+        teacher, teacher_state: the full-precision model and its checkpoint (`load_teacher`),
+            or None and None with `config.pretrained` set.
+        run_dir, resume, overwrite, callbacks: as `pretrain`.
+
+    Returns:
+        The summary: test accuracy and loss, the teacher's, bits and method, kind "qat".
+
+    Raises:
+        ConfigError: no quantization config or teacher, data unlike the teacher's, invalid
+            settings.
+        FlatqError, CheckpointError, NonFiniteLossError: as `pretrain`.
     """
     if config.quant is None:
         raise ConfigError("qat needs a quantization config (e.g. --bits w4a4)")
@@ -318,13 +236,14 @@ def qat(config: RunConfig, teacher: nn.Module | None, teacher_state: dict[str, A
         check_model_name(config.model)
         check_weights_file(config.pretrained)
     _seed(config)
-    data = prepare_data(config.data, config.model if teacher is None
-                        else teacher_state["meta"]["model"])
+    data = data_for_model(config.data, config.model if teacher is None
+                          else teacher_state["meta"]["model"])
     if teacher is None:
         teacher, teacher_state = pretrained_teacher(config, data)
     state, source = teacher_state, teacher_state.get("path", "the teacher")
     check_sizes(config, data)
-    if data.channels != state["meta"]["in_channels"] or data.num_classes != state["meta"]["num_classes"]:
+    if (data.channels != state["meta"]["in_channels"]
+            or data.num_classes != state["meta"]["num_classes"]):
         raise ConfigError(
             f"data {config.data.name} gives {data.channels} channels / {data.num_classes} classes, "
             f"but {source} was trained with {state['meta']['in_channels']} / "
@@ -359,4 +278,43 @@ def qat(config: RunConfig, teacher: nn.Module | None, teacher_state: dict[str, A
         return _finish(trainer, result, {"kind": "qat", "fp_test_acc": fp["acc"],
                                          "bits": config.quant.bits,
                                          "method": config.method.name if config.method
-                                         else "lsq"})
+                                         else "task"})
+
+
+def pretrain_base(run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """The config (as a mapping) a pretrain's options apply to: with `resume`, the run's
+    own config from its checkpoint; otherwise nothing (the defaults).
+
+    Raises:
+        CheckpointError: `resume` and no usable checkpoint in `run_dir`.
+    """
+    return resume_state(run_dir)["config"] if resume else {}
+
+
+def qat_start(run_dir: str | Path, source: str | Path | None = None, resume: bool = False,
+              pretrained: str | None = None, model: str | None = None
+              ) -> tuple[nn.Module | None, dict[str, Any] | None, dict[str, Any]]:
+    """What a qat run starts from: (teacher, teacher checkpoint, base config mapping).
+
+    With `resume` the run's own config is the base its options apply to, and its own
+    teacher is used unless `source` names one; a fresh run starts from the teacher's data
+    config. A teacher made of `model` and the weights file `pretrained` (given now or by the
+    resumed run) is built by `qat` itself: (None, None, base).
+
+    Raises:
+        ConfigError: both `source` and `pretrained`/`model`; no teacher and nothing to resume.
+        CheckpointError: no usable checkpoint to resume or teacher to load.
+    """
+    if source and (pretrained or model):
+        raise ConfigError("--from RUN brings its own model and weights; give either --from or "
+                          "--model with --pretrained FILE")
+    saved = resume_state(run_dir) if resume else None
+    if pretrained or (saved and saved["config"].get("pretrained") and not source):
+        return None, None, saved["config"] if saved else {}
+    source = source or (saved["meta"].get("source") if saved else None)
+    if source is None:
+        raise ConfigError("--from is required: the full-precision run to quantize (or --model "
+                          "and --pretrained FILE)")
+    teacher, state = load_teacher(source)
+    base = {"data": state["meta"]["data"], **(saved["config"] if saved else {})}
+    return teacher, state, base
