@@ -29,8 +29,8 @@ from machine import machine_info, save_report
 
 # variant -> (quantization options, training options)
 VARIANTS = {
-    "default": ({}, {}),
-    "quantizer-lr 0.1": ({}, {"quantizer_lr": 0.1}),
+    "min-max init everywhere (FPQ's Eq. 5)": ({"edge_init": "minmax"}, {}),
+    "quantizer-lr 0.1": ({"edge_init": "minmax"}, {"quantizer_lr": 0.1}),
     "init lsq (all layers)": ({"init": "lsq"}, {}),
     "edge-init lsq": ({"edge_init": "lsq"}, {}),
     "edge-weights minmax": ({"edge_weights": "minmax"}, {}),
@@ -92,7 +92,7 @@ def run_synthetic(root: Path) -> dict:
         rows[variant] = runs
         dead = sum(r["dead_channels"] > 0 for r in runs.values())
         grew = sum(r["grew"] for r in runs.values())
-        print(f"{variant:24s} runs with a dead channel {dead}/9, grew {grew}/9, largest weight "
+        print(f"{variant:40s} runs with a dead channel {dead}/9, grew {grew}/9, largest weight "
               f"{max(r['peak_max_weight'] for r in runs.values()):.3g}", flush=True)
     return rows
 
@@ -138,7 +138,7 @@ def run_real(root: Path, fp: Path, variants: list[str]) -> dict:
         row = probe(fp, root / "real", FASHION, "fpq", "w2a4", 0, {**quant, "bn_images": 12800},
                     {**train, **train_options})
         rows[variant] = row
-        print(f"{variant:24s} acc {row['test_acc']:.2f} dead {row['dead_channels']} largest "
+        print(f"{variant:40s} acc {row['test_acc']:.2f} dead {row['dead_channels']} largest "
               f"weight {row['peak_max_weight']:.3g} step {row['peak_max_step']:.3g}", flush=True)
     return rows
 
@@ -147,7 +147,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("synthetic", "trace", "real"))
     parser.add_argument("--fp", type=Path, help="full-precision run for `real`")
-    parser.add_argument("--variants", default="default,edge-init lsq,edge-weights minmax",
+    parser.add_argument("--variants", default="min-max init everywhere (FPQ's Eq. 5),"
+                        "edge-init lsq,edge-weights minmax",
                         help="comma-separated variants for `real`")
     parser.add_argument("--work", type=Path, default=Path("runs/soundness"))
     parser.add_argument("--results", type=Path, default=Path("results/soundness"))

@@ -272,9 +272,11 @@ class QuantConfig(Section):
                                "current weights' range every step: no step size to learn, so no "
                                "channel can die; see bench/step_sizes.py)",
                                choices=("learned", "minmax"))
-    edge_init: str | None = option(None, "initial step size of the first and last layer's "
-                                   "weights: minmax or lsq (none: as --init)",
-                                   choices=("minmax", "lsq"))
+    edge_init: str | None = option("lsq", "initial step size of the first and last layer's "
+                                   "weights: lsq (LSQ's 2 mean|w| / sqrt(Qp): a min-max 8-bit "
+                                   "step is so small that one SGD update can overshoot it and "
+                                   "kill the channel, docs/soundness.md), minmax, or none (as "
+                                   "--init)", choices=("minmax", "lsq"))
     skip: list[str] = option([], "modules to leave float: names or fnmatch patterns, comma "
                              "separated (e.g. 'features.*.attn'); a pattern naming a module "
                              "leaves every layer inside it float too")

@@ -23,7 +23,7 @@ from flatq.data import load_image_folder, make_loader
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flatq.runs import pretrain
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]   # tests/, where tiny_model_cli.py lives
 FACTORY = "tiny_model_cli:TinyNoBN"     # tests/ is on sys.path (and PYTHONPATH below)
 FOLDER = ["--data", "imagefolder", "--image-size", "16", "--device", "cpu", "--no-progress"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",

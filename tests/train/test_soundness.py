@@ -142,11 +142,24 @@ def test_qat_warns_when_a_channel_dies_and_the_summary_counts_it(teacher, tmp_pa
             with torch.no_grad():
                 stem.weight_quantizer.scale[0] = 1e3 * stem.weight.abs().max()
 
-    # LSQ's own init for the 8-bit edges: no other channel dies (docs/soundness.md)
-    qat(qat_config({"edge_init": "lsq"}), *load_teacher(teacher), tmp_path / "run",
-        callbacks=[kill_stem_channel])
+    qat(qat_config(), *load_teacher(teacher), tmp_path / "run", callbacks=[kill_stem_channel])
     err = capsys.readouterr().err
     assert err.count("warning: 1 weight channel(s) dead") == 1      # once, when it died
     assert "stem.0 [0]" in err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dead_channels"] == 1 and summary["dead_channel_layers"] == {"stem.0": [0]}
+
+
+def test_lsqs_own_edge_init_keeps_the_stem_alive_where_min_max_init_kills_it(teacher, tmp_path,
+                                                                             capsys):
+    """The synthetic case of docs/soundness.md at W2A4 and lr 0.05: with min-max init the 8-bit
+    stem's step size is overshot to its clamp and thrown above the weights within six steps;
+    LSQ's own initial step (the default) keeps every channel."""
+    qat(qat_config({"edge_init": "minmax"}), *load_teacher(teacher), tmp_path / "minmax")
+    assert "warning:" in capsys.readouterr().err
+    dead = json.loads((tmp_path / "minmax" / "summary.json").read_text())["dead_channels"]
+    assert dead > 0
+    qat(qat_config(), *load_teacher(teacher), tmp_path / "default")
+    assert "dead" not in capsys.readouterr().err
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert summary["dead_channels"] == 0 and summary["dead_channel_layers"] == {}
