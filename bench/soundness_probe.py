@@ -6,6 +6,9 @@ after every step (the variants differ only in the quantization or training optio
     python bench/soundness_probe.py synthetic   # 3 seeds x LSQ/KD/FPQ x variants, tiny data
     python bench/soundness_probe.py trace       # step by step: the update that kills a channel
     python bench/soundness_probe.py real --fp runs/pilot_fp   # FPQ W2A4 on Fashion-MNIST
+    python bench/soundness_probe.py real --fp runs/pilot_fp --method cr --bits w2a2 \
+        --method-options '{"ema_decay": 0.9}' --bn-images 0 --name cr_ema0.9 \
+        --variants "min-max init everywhere (FPQ's Eq. 5)"
 
 `real` needs a full-precision run (e.g. `flatq pretrain --model resnet8 --image-size 32
 --channels 3 --epochs 5 --max-steps-per-epoch 100 --batch-size 256 --lr 0.1 --out DIR`).
@@ -56,10 +59,10 @@ def stem_tracker(trace: list[dict]):
 
 
 def probe(teacher_dir: Path, out: Path, data: DataConfig, method: str, bits: str, seed: int,
-          quant: dict, train: dict) -> dict:
+          quant: dict, train: dict, method_options: dict | None = None) -> dict:
     """One QAT run; its accuracy, dead channels and the first layer's trajectory."""
     trace: list[dict] = []
-    config = RunConfig(model="resnet8", data=data, method=method_config(method),
+    config = RunConfig(model="resnet8", data=data, method=method_config(method, method_options),
                        quant=QuantConfig(w_bits=int(bits[1]), a_bits=int(bits[3]), **quant),
                        train=TrainConfig(**{"device": "cpu", "progress": False, "track_every": 1,
                                             "seed": seed, **train}))
@@ -130,13 +133,15 @@ def run_trace(root: Path) -> list[dict]:
     return rows
 
 
-def run_real(root: Path, fp: Path, variants: list[str]) -> dict:
+def run_real(root: Path, fp: Path, variants: list[str], method: str, bits: str,
+             method_options: dict, bn_images: int) -> dict:
     train = {"epochs": 2, "batch_size": 256, "lr": 0.01, "max_steps_per_epoch": 100}
     rows = {}
     for variant in variants:
         quant, train_options = VARIANTS[variant]
-        row = probe(fp, root / "real", FASHION, "fpq", "w2a4", 0, {**quant, "bn_images": 12800},
-                    {**train, **train_options})
+        row = probe(fp, root / "real", FASHION, method, bits, 0,
+                    {**quant, "bn_images": bn_images}, {**train, **train_options},
+                    method_options)
         rows[variant] = row
         print(f"{variant:40s} acc {row['test_acc']:.2f} dead {row['dead_channels']} largest "
               f"weight {row['peak_max_weight']:.3g} step {row['peak_max_step']:.3g}", flush=True)
@@ -150,6 +155,14 @@ def main() -> None:
     parser.add_argument("--variants", default="min-max init everywhere (FPQ's Eq. 5),"
                         "edge-init lsq,edge-weights minmax",
                         help="comma-separated variants for `real`")
+    parser.add_argument("--method", default="fpq", help="method of `real` [default: fpq]")
+    parser.add_argument("--bits", default="w2a4", help="bit widths of `real` [default: w2a4]")
+    parser.add_argument("--method-options", type=json.loads, default={},
+                        help='method options of `real` as JSON, e.g. \'{"ema_decay": 0.9}\'')
+    parser.add_argument("--bn-images", type=int, default=12800,
+                        help="`real`: re-estimate BatchNorm from this many images after "
+                        "training (0: no) [default: 12800]")
+    parser.add_argument("--name", default=None, help="result file name [default: the mode]")
     parser.add_argument("--work", type=Path, default=Path("runs/soundness"))
     parser.add_argument("--results", type=Path, default=Path("results/soundness"))
     args = parser.parse_args()
@@ -161,9 +174,10 @@ def main() -> None:
     else:
         if args.fp is None:
             parser.error("real needs --fp RUN (a full-precision ResNet-8 run)")
-        report = run_real(args.work, args.fp, args.variants.split(","))
-    save_report({"probes": report, "machine": machine_info()},
-                args.results / f"{args.what}.json")
+        report = run_real(args.work, args.fp, args.variants.split(","), args.method, args.bits,
+                          args.method_options, args.bn_images)
+    save_report({"probes": report, "settings": {k: str(v) for k, v in vars(args).items()},
+                 "machine": machine_info()}, args.results / f"{args.name or args.what}.json")
 
 
 if __name__ == "__main__":
