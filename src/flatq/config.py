@@ -259,6 +259,11 @@ class QuantConfig(Section):
                                "or mse (the clipping range with least quantization MSE, weights "
                                "per channel too)", choices=("minmax", "percentile", "mse"))
     percentile: float = option(99.99, "p of --range-method percentile", low=50.0, high=100.0)
+    target: str = option("paper", "what QAT models: paper (the papers' fake-quant points: "
+                         "each layer's input and weight) or onnxruntime (also what onnxruntime's "
+                         "integer kernels execute: symmetric per-channel weights on [-qmax, "
+                         "qmax] and an 8-bit output point after each conv's BatchNorm; see "
+                         "docs/export.md)", choices=("paper", "onnxruntime"))
 
     def validate(self) -> None:
         super().validate()

@@ -2,14 +2,15 @@
 integer file with a loader that dequantizes it back to float weights."""
 
 from .affine import InputGrid, IntegerWeight, input_grid, integer_weight
+from .check import ExportCheck, ExportError
 from .integer import (IntegerExport, IntegerModel, export_integer, load_integer, pack_bits,
                       unpack_bits)
-from .onnx import STORAGE_CHOICES, OnnxExport, export_onnx, runtime_narrow_bits
+from .onnx import STORAGE_CHOICES, OnnxExport, export_onnx, fp32_bytes, runtime_narrow_bits
 from .runtime import WEIGHTS_KEY, Agreement, OnnxModel, compare
 
 __all__ = [
     "InputGrid", "IntegerWeight", "input_grid", "integer_weight", "IntegerExport",
     "IntegerModel", "export_integer", "load_integer", "pack_bits", "unpack_bits",
     "STORAGE_CHOICES", "OnnxExport", "export_onnx", "runtime_narrow_bits", "Agreement",
-    "OnnxModel", "compare", "WEIGHTS_KEY",
+    "OnnxModel", "compare", "WEIGHTS_KEY", "ExportCheck", "ExportError", "fp32_bytes",
 ]

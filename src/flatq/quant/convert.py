@@ -19,6 +19,7 @@ from .layers import is_quant_layer, quant_layers
 from .plan import plan_quantization, quant_class
 from .quantizers import (DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer,
                          MinMaxQuantizer, PACTQuantizer, Quantizer)
+from .target import OUTPUT_BITS, add_output_points
 
 
 def _make_quantizers(config: QuantConfig, channels: int, w_bits: int, a_bits: int,
@@ -37,9 +38,11 @@ def _make_quantizers(config: QuantConfig, channels: int, w_bits: int, a_bits: in
     minmax the first and last layer's weights take min-max ranges recomputed every step: a
     learned 8-bit per-channel step size is ~20x smaller than a 4-bit one for about the same
     LSQ gradient, and on short schedules it can grow past the weights and kill the channel.
+    config.target onnxruntime makes weights symmetric on [-qmax, qmax] (flatq.quant.target).
     """
-    w_kw = dict(signed=config.symmetric_weights, per_channel=True, num_channels=channels,
-                init=config.init)
+    deploy = config.target == "onnxruntime"
+    w_kw = dict(signed=config.symmetric_weights or deploy, per_channel=True,
+                num_channels=channels, init=config.init)
     a_kw = dict(signed=config.symmetric_inputs, init=config.init)
     w_range = "mse" if config.range_method == "mse" else "minmax"
     kind = config.quantizer
@@ -59,6 +62,7 @@ def _make_quantizers(config: QuantConfig, channels: int, w_bits: int, a_bits: in
                 MinMaxQuantizer(a_bits, **a_kw))
     if is_edge and config.edge_weights == "minmax" and not isinstance(pair[0], MinMaxQuantizer):
         pair = MinMaxQuantizer(w_bits, dynamic=True, **w_kw), pair[1]
+    pair[0].narrow_range = deploy
     pair[0].set_range_method(w_range)
     pair[1].set_range_method(config.range_method, config.percentile)
     return pair
@@ -92,6 +96,9 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
         weight_q, input_q = _make_quantizers(config, weight.shape[0], row.w_bits, row.a_bits,
                                              row.edge)
         qmodel.set_submodule(row.name, quant_class(layer).from_float(layer, weight_q, input_q))
+    if config.target == "onnxruntime":
+        add_output_points(qmodel, lambda: _make_quantizers(config, 1, OUTPUT_BITS,
+                                                           OUTPUT_BITS)[1])
     qmodel.quant_plan = plan
     for message in plan.warnings:
         warnings.warn(message, stacklevel=2)

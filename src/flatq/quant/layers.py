@@ -21,11 +21,14 @@ class _QuantLayer:
     weight_quantizer: Quantizer
     input_quantizer: Quantizer
     input_perturbation: nn.Module
+    output_quantizer: Quantizer | None
 
     def _attach(self, weight_quantizer: Quantizer, input_quantizer: Quantizer) -> None:
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.input_perturbation = nn.Identity()
+        # The deployment target's requantization point on the output (flatq.quant.target).
+        self.output_quantizer = None
 
     def quantized_input(self, x: Tensor) -> Tensor:
         return self.input_perturbation(self.input_quantizer(x))
@@ -53,7 +56,8 @@ class _QuantConv(_QuantLayer):
         return layer.train(conv.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        out = self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return out if self.output_quantizer is None else self.output_quantizer(out)
 
 
 class QuantConv1d(_QuantConv, nn.Conv1d):

@@ -1,0 +1,119 @@
+"""The integer graph of a model quantized for the onnxruntime target (flatq.quant.target).
+
+Each quantized conv `L` with BatchNorm `B` after it, and its output point, is written as
+
+    x -> QuantizeLinear(s_x, z_x) [-> Clip] -> DequantizeLinear --------------------------+
+    q' (int8, or INT4 + Cast) -> DequantizeLinear(s' = s |k|, 0, axis=0) ---------------> Conv
+    round(b' / (s_x s')) (int32) -> DequantizeLinear(s_x s', 0, axis=0) ---------------> (bias)
+    Conv -> QuantizeLinear(s_o, z_o) -> DequantizeLinear(s_o, z_o)       (B's output point)
+
+which onnxruntime's QDQ fusion turns into one QLinearConv. BatchNorm in eval mode is
+y = k (conv + b) + (beta - k mean) with k = gamma / sqrt(var + eps) per channel; folded, the
+weight is (k s)(q) per channel: the integers q stay the trained ones and only the scale
+changes. A negative k flips the channel's integers, q' = -q (on the symmetric grid
+[-qmax, qmax] the target trains with, -q is on the grid too), with scale |k| s. A zero k
+(gamma = 0) keeps q' = 0. Linear layers become Gemm/MatMul with DQ inputs and a float output
+(QGemm / MatMulIntegerToFloat).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..quant import integer_range
+from ..quant.target import output_point
+from .affine import InputGrid, input_grid, integer_weight
+from .onnx_ops import DequantizeAxis0, QuantDequant
+
+INT32_MAX = 2**31 - 1
+
+
+def _clip_needed(lo: int, hi: int, signed: bool) -> bool:
+    return (lo, hi) != integer_range(8, signed)
+
+
+class QuantPoint(nn.Module):
+    """QuantizeLinear [-> Clip] -> DequantizeLinear with a per-tensor grid, stored in 8 bits."""
+
+    def __init__(self, grid: InputGrid) -> None:
+        super().__init__()
+        dtype = torch.int8 if grid.signed else torch.uint8
+        self.register_buffer("scale", torch.tensor(grid.scale, dtype=torch.float32))
+        self.register_buffer("zero_point", torch.tensor(grid.zero_point, dtype=dtype))
+        self.bits, self.lo, self.hi, self.clip = grid.bits, grid.lo, grid.hi, _clip_needed(grid.lo, grid.hi,
+                                                                     grid.signed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return QuantDequant.apply(x, self.scale, self.zero_point, self.lo, self.hi, self.clip)
+
+
+def folded_batchnorm(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(k, shift) of a BatchNorm in eval mode: y = k x + shift, per channel."""
+    k = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return k, bn.bias.detach() - bn.running_mean * k
+
+
+class DeployLayer(nn.Module):
+    """Stand-in for a quantized conv/linear in the integer graph: BatchNorm folded into the
+    per-channel weight scales and an int32 bias, input and output quantization points."""
+
+    def __init__(self, name: str, layer: nn.Module, bn: nn.BatchNorm2d | None,
+                 output_grid: InputGrid | None) -> None:
+        super().__init__()
+        weight, grid = integer_weight(layer), input_grid(layer)
+        if not weight.signed or bool(weight.zero_point.any()):
+            raise ConfigError(f"{name}: the onnxruntime export needs symmetric weights (zero "
+                              "point 0); quantize with quant.target onnxruntime")
+        shape = (-1,) + (1,) * (weight.q.dim() - 1)
+        q, scale = weight.q, weight.scale
+        bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(scale)
+        if bn is not None:
+            k, shift = folded_batchnorm(bn)
+            sign = torch.where(k < 0, -1.0, 1.0)
+            q = torch.where(k.view(shape) == 0, torch.zeros_like(q), q * sign.view(shape))
+            scale = torch.where(k == 0, scale, scale * k.abs())
+            bias = bias * k + shift
+        self.bits = weight.bits
+        self.register_buffer("weight_q", q.to(torch.int8))
+        self.register_buffer("weight_scale", scale.float())
+        self.register_buffer("weight_zero_point", torch.zeros_like(scale, dtype=torch.int8))
+        bias_scale = (scale * grid.scale).float()
+        bias_q = torch.round(bias / bias_scale)
+        if bias_q.abs().max() > INT32_MAX:
+            raise ConfigError(f"{name}: the folded bias does not fit int32 at scale "
+                              "input scale x weight scale")
+        self.register_buffer("bias_q", bias_q.to(torch.int32))
+        self.register_buffer("bias_scale", bias_scale)
+        self.register_buffer("bias_zero_point", torch.zeros_like(bias_q, dtype=torch.int32))
+        self.input_point = QuantPoint(grid)
+        self.output_point = QuantPoint(output_grid) if output_grid is not None else nn.Identity()
+        self.op = nn.functional.linear if layer.kind == "linear" else layer._conv_forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = DequantizeAxis0.apply(self.weight_q, self.weight_scale, self.weight_zero_point)
+        bias = DequantizeAxis0.apply(self.bias_q, self.bias_scale, self.bias_zero_point)
+        return self.output_point(self.op(self.input_point(x), weight, bias))
+
+
+def output_grid(quantizer: nn.Module) -> InputGrid:
+    """The per-tensor grid of an output point (as an input grid: same quantizer families)."""
+    holder = nn.Module()
+    holder.input_quantizer = quantizer
+    return input_grid(holder)
+
+
+def deploy_stand_ins(model: nn.Module, layers: list[tuple[str, nn.Module]]
+                     ) -> dict[str, nn.Module]:
+    """name -> stand-in for every module the integer graph replaces in `model`: each quantized
+    layer becomes a DeployLayer and each folded BatchNorm an Identity."""
+    replaced: dict[str, nn.Module] = {}
+    for name, layer in layers:
+        bn_name, quantizer = output_point(model, name)
+        bn = model.get_submodule(bn_name) if bn_name else None
+        grid = output_grid(quantizer) if quantizer is not None else None
+        replaced[name] = DeployLayer(name, layer, bn, grid)
+        if bn_name:
+            replaced[bn_name] = nn.Identity()
+    return replaced
