@@ -267,6 +267,10 @@ class QuantConfig(Section):
 
     def validate(self) -> None:
         super().validate()
+        if self.target == "onnxruntime" and self.symmetric_inputs:
+            raise ConfigError("quant.symmetric_inputs does not go with quant.target "
+                              "onnxruntime: its integer convolutions take uint8 activations "
+                              "with a zero point")
         for rule in self.overrides:
             if not isinstance(rule, dict) or "pattern" not in rule:
                 raise ConfigError(f"quant.overrides: each rule needs a 'pattern', got {rule!r}")

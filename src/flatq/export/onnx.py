@@ -97,8 +97,14 @@ class _ExportLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = QuantDequant.apply(x, self.input_scale, self.input_zero_point, self.lo, self.hi,
                                 self.clip)
-        return self.op(x, DequantizeAxis0.apply(self.weight_q, self.weight_scale,
-                                                  self.weight_zero_point), self.bias)
+        y = self.op(x, DequantizeAxis0.apply(self.weight_q, self.weight_scale,
+                                             self.weight_zero_point), None)
+        if self.bias is None:
+            return y
+        # A separate Add: a float bias inside a Conv/Gemm with DQ inputs is re-quantized to
+        # int32 by onnxruntime (its WeightBiasQuantization), which the model never did.
+        linear = self.op is nn.functional.linear
+        return y + self.bias.view((-1,) if linear else (-1,) + (1,) * (y.dim() - 2))
 
 
 @dataclass
@@ -109,13 +115,17 @@ class OnnxExport:
     opset: int
     layers: list[LayerStorage]
     file_bytes: int
-    fp32_bytes: int  # `fp32_bytes(model)`: the full-precision weights
+    fp32_bytes: int  # `fp32_bytes(model)`: the full-precision model's state
+    weight_bytes: int  # the quantized layers' weight integers in the file
+    fp32_weight_bytes: int  # the same weights in float32
     check: ExportCheck
 
     def size_summary(self) -> str:
-        """One line: the file's size against the full-precision weights'."""
-        return (f"{self.file_bytes:,} bytes vs {self.fp32_bytes:,} bytes of FP32 weights: "
-                f"{self.fp32_bytes / self.file_bytes:.1f}x smaller")
+        """One line: the file's size against FP32, in all and for the quantized weights."""
+        return (f"{self.file_bytes:,} bytes vs {self.fp32_bytes:,} bytes in FP32 "
+                f"({self.fp32_bytes / self.file_bytes:.1f}x smaller); quantized weights "
+                f"{self.weight_bytes:,} vs {self.fp32_weight_bytes:,} bytes "
+                f"({self.fp32_weight_bytes / max(self.weight_bytes, 1):.1f}x smaller)")
 
     def storage_summary(self) -> str:
         """One line: which element types hold the weights and quantized inputs."""
@@ -320,7 +330,11 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
         replace_atomically(path, lambda handle: handle.write(data))
     except OSError as exc:
         raise write_error(path, exc) from None
-    return OnnxExport(path, opset, stored, len(data), fp32_bytes(model), agreement)
+    weights = {f"{name}.weight_q{suffix}" for name, _ in layers for suffix in ("", "_int4")}
+    weight_bytes = sum(len(init.raw_data) or numpy_helper.to_array(init).nbytes
+                       for init in proto.graph.initializer if init.name in weights)
+    return OnnxExport(path, opset, stored, len(data), fp32_bytes(model), weight_bytes,
+                      4 * sum(layer.weight.numel() for _, layer in layers), agreement)
 
 
 def _trace(model: nn.Module, example_input: Tensor) -> onnx.ModelProto:

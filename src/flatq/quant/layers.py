@@ -8,9 +8,17 @@ subclassing the layer. The training forward always uses the quantized weight.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .quantizers import Quantizer
+
+
+def bias_step(layer: nn.Module) -> Tensor:
+    """Per output channel, the step of an int32 bias added to the integer sums of `layer`:
+    input step x weight step (what QLinearConv / QGemm assume)."""
+    input_step = layer.input_quantizer.scale_and_zero_point()[0].reshape(-1)[:1]
+    return input_step * layer.weight_quantizer.scale_and_zero_point()[0].reshape(-1)
 
 
 class _QuantLayer:
@@ -36,6 +44,18 @@ class _QuantLayer:
     def quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self.weight)
 
+    # The onnxruntime target (flatq.quant.target) sets this on layers whose own bias the
+    # runtime adds as int32 in steps of input step x weight step.
+    quantize_bias = False
+
+    def layer_bias(self) -> Tensor | None:
+        """The bias as the forward adds it: rounded to the int32 grid when `quantize_bias`
+        (straight through), else as is."""
+        if not self.quantize_bias or self.bias is None:
+            return self.bias
+        step = bias_step(self)
+        return self.bias + (torch.round(self.bias / step) * step - self.bias).detach()
+
     @property
     def bits(self) -> tuple[int, int]:
         """(weight bits, input bits)."""
@@ -56,7 +76,8 @@ class _QuantConv(_QuantLayer):
         return layer.train(conv.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        out = self._conv_forward(self.quantized_input(x), self.quantized_weight(),
+                                 self.layer_bias())
         return out if self.output_quantizer is None else self.output_quantizer(out)
 
 
@@ -87,7 +108,8 @@ class QuantLinear(_QuantLayer, nn.Linear):
         return layer.train(linear.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return nn.functional.linear(self.quantized_input(x), self.quantized_weight(),
+                                    self.layer_bias())
 
 
 # Float base class -> its quantized layer. Subclasses of a base are swapped too, unless they

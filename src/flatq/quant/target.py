@@ -8,7 +8,10 @@ models what onnxruntime's integer kernels compute, so that QAT trains with that 
   a channel's integers when the export folds it);
 - an 8-bit output point after every quantized convolution, after its BatchNorm when one follows
   it: QLinearConv requantizes its int32 sums, with the BatchNorm folded into the per-channel
-  weight scales and the bias, to an 8-bit tensor there.
+  weight scales and the bias, to an 8-bit tensor there;
+- the bias of a layer without BatchNorm rounded to the int32 grid the runtime adds it on
+  (step: input step x weight step). A folded BatchNorm's bias is rounded only in the export
+  (its step, input step x folded weight step, is far below the output point's step).
 
 The BatchNorm that belongs to a conv is its next sibling module (the conv-bn pairs of
 torchvision's and flatq's models); it is swapped for `QuantBatchNorm2d`, the same BatchNorm
@@ -72,10 +75,12 @@ def add_output_points(model: nn.Module, make_quantizer: Callable[[], Quantizer])
     building each point's quantizer."""
     for name, layer in quant_layers(model):
         if not layer.kind.startswith("conv"):
-            continue  # linear layers: QGemm / MatMulIntegerToFloat return float
+            layer.quantize_bias = True  # QGemm / MatMulIntegerToFloat: int32 bias, float out
+            continue
         bn_name = batchnorm_after(model, name)
         if bn_name is None:
             layer.output_quantizer = make_quantizer()
+            layer.quantize_bias = True
         else:
             bn = model.get_submodule(bn_name)
             model.set_submodule(bn_name, QuantBatchNorm2d.from_float(bn, make_quantizer()))

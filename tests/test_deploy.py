@@ -1,0 +1,167 @@
+"""The onnxruntime deployment target: QAT models the integer graph's quantization points, and
+the export is a QDQ graph that onnxruntime (default optimizations, CPU) fuses into integer
+kernels for every quantized layer, with BatchNorm folded exactly. References: onnxruntime's own
+optimized graph and outputs, and the model's fake-quant forward."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+from torch import nn
+
+from flatq import QuantConfig, calibrate, quantize_model
+from flatq.errors import ConfigError
+from flatq.export import ExportError, export_onnx, integer_weight, unpack_bits
+from flatq.export.deploy import folded_batchnorm
+from flatq.models import build_model
+from flatq.quant import quant_layers
+from flatq.quant.target import QuantBatchNorm2d, output_point
+
+INTEGER_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                   "MatMulIntegerToFloat"}
+
+
+def deployable(model: nn.Module, bits: str = "w4a4", size: int = 32, seed: int = 0,
+               **kw) -> nn.Module:
+    """`model` quantized for onnxruntime, calibrated on random images, BatchNorm statistics
+    made non-trivial (some negative scales), in eval mode."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.randn(m.num_features) * 0.5 + 0.5  # ~16% negative
+            m.bias.data = torch.randn(m.num_features) * 0.1
+            m.running_mean = torch.randn(m.num_features) * 0.1
+            m.running_var = torch.rand(m.num_features) + 0.5
+    qmodel = quantize_model(model, QuantConfig(w_bits=int(bits[1]), a_bits=int(bits[3]),
+                                               target="onnxruntime", **kw))
+    calibrate(qmodel, [torch.randn(16, 3, size, size)])
+    return qmodel.eval()
+
+
+def optimized_ops(path, tmp_path) -> collections.Counter:
+    """Op counts of onnxruntime's optimized graph (default level, CPU)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath)
+                               .graph.node)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenet_v2"])
+@pytest.mark.parametrize("bits", ["w4a4", "w8a8"])
+def test_every_quantized_layer_runs_on_an_integer_kernel(name, bits, tmp_path):
+    model = deployable(build_model(name, num_classes=10), bits)
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    written = export_onnx(model, tmp_path / "q.onnx", x[:1], check_input=x)
+    ops = optimized_ops(written.path, tmp_path)
+    layers = quant_layers(model)
+    convs = sum(layer.kind == "conv2d" for _, layer in layers)
+    assert ops["QLinearConv"] == convs and "Conv" not in ops, ops
+    assert sum(ops[k] for k in INTEGER_KERNELS) == len(layers), ops
+    assert "BatchNormalization" not in ops and "Gemm" not in ops and "MatMul" not in ops
+    assert written.check.differing == 0 and written.check.max_relative < 5e-2
+
+
+def test_folding_keeps_the_trained_integers_and_flips_negative_batchnorm_channels(tmp_path):
+    model = deployable(build_model("resnet8", num_classes=10))
+    x = torch.randn(8, 3, 32, 32)
+    written = export_onnx(model, tmp_path / "q.onnx", x[:1], check_input=x)
+    inits = {i.name: i for i in onnx.load(written.path).graph.initializer}
+    flipped = 0
+    for name, layer in quant_layers(model):
+        weight = integer_weight(layer)
+        assert weight.signed and not weight.zero_point.any()
+        assert weight.q.abs().max() <= 2 ** (weight.bits - 1) - 1  # [-qmax, qmax]
+        stored = inits.get(f"{name}.weight_q_int4", inits.get(f"{name}.weight_q"))
+        if stored.data_type == TensorProto.INT4:
+            assert len(stored.raw_data) == (weight.q.numel() + 1) // 2  # packed, 2 a byte
+            q = unpack_bits(np.frombuffer(stored.raw_data, np.uint8), 4, weight.q.numel(),
+                            True).reshape(weight.q.shape)
+        else:
+            q = numpy_helper.to_array(stored)
+        bn_name, _ = output_point(model, name)
+        sign = torch.ones(weight.q.shape[0])
+        if bn_name:
+            k, _ = folded_batchnorm(model.get_submodule(bn_name))
+            sign = torch.where(k < 0, -1.0, 1.0)
+            flipped += int((k < 0).sum())
+            scale = numpy_helper.to_array(inits[f"{name}.weight_scale"])
+            np.testing.assert_allclose(scale, (weight.scale * k.abs()).numpy(), rtol=1e-6)
+        shape = (-1,) + (1,) * (q.ndim - 1)
+        assert np.array_equal(q, (weight.q * sign.view(shape)).numpy()), name
+    assert flipped > 0
+
+
+def test_target_quantizes_conv_outputs_after_batchnorm_and_bias_is_int32(tmp_path):
+    model = deployable(build_model("resnet8", num_classes=10))
+    bns = [m for m in model.modules() if isinstance(m, QuantBatchNorm2d)]
+    convs = [layer for _, layer in quant_layers(model) if layer.kind == "conv2d"]
+    assert len(bns) == len(convs)  # every conv of resnet8 has a BatchNorm
+    assert all(b.output_quantizer.bits == 8 for b in bns)
+    proto = onnx.load(export_onnx(model, tmp_path / "q.onnx", torch.randn(1, 3, 32, 32)).path)
+    biases = [i for i in proto.graph.initializer if i.name.endswith(".bias_q")]
+    assert len(biases) == len(quant_layers(model))
+    assert all(b.data_type == TensorProto.INT32 for b in biases)
+
+
+class ConvBias(nn.Module):
+    """Conv with a bias and no BatchNorm, ReLU6 (Clip), MaxPool, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=True)
+        self.act = nn.ReLU6()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=True)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.pool(self.act(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("target, kw", [
+    ("paper", {}), ("paper", {"symmetric_inputs": True}), ("paper", {"a_bits": 2}),
+    ("paper", {"a_bits": 2, "symmetric_inputs": True}), ("onnxruntime", {}),
+    ("onnxruntime", {"a_bits": 2})])
+def test_bias_clip_maxpool_and_signed_narrow_inputs(target, kw, tmp_path):
+    torch.manual_seed(0)
+    config = {"w_bits": 4, "a_bits": 4, "edge_bits": None, **kw}
+    model = quantize_model(ConvBias(), QuantConfig(target=target, **config))
+    calibrate(model, [torch.randn(16, 3, 16, 16)])
+    model.eval()
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    written = export_onnx(model, tmp_path / "q.onnx", x[:1], check_input=x)
+    assert written.check.differing == 0 and written.check.max_relative < 5e-2
+    if target == "onnxruntime":
+        ops = optimized_ops(written.path, tmp_path)
+        assert ops["QLinearConv"] == 2 and "Conv" not in ops, ops
+
+
+def test_a_wrong_graph_is_refused_and_the_old_file_kept(tmp_path, monkeypatch):
+    model = deployable(build_model("resnet8", num_classes=10))
+    path = tmp_path / "q.onnx"
+    path.write_bytes(b"the user's file")
+    monkeypatch.setattr("flatq.export.deploy.folded_batchnorm",
+                        lambda bn: (bn.weight.detach() * 2, bn.bias.detach()))
+    with pytest.raises(ExportError, match="disagrees with the PyTorch model"):
+        export_onnx(model, path, torch.randn(1, 3, 32, 32), check_input=torch.randn(8, 3, 32, 32))
+    assert path.read_bytes() == b"the user's file"
+    assert [p.name for p in tmp_path.iterdir()] == ["q.onnx"]
+
+
+def test_four_bit_weights_take_under_a_seventh_of_fp32(tmp_path):
+    model = deployable(build_model("resnet8", num_classes=10), edge_bits=None)
+    written = export_onnx(model, tmp_path / "q.onnx", torch.randn(1, 3, 32, 32))
+    assert written.weight_bytes * 7 <= written.fp32_weight_bytes
+    assert written.file_bytes < written.fp32_bytes / 3
+
+
+def test_signed_inputs_are_refused_for_onnxruntime():
+    with pytest.raises(ConfigError, match="uint8 activations"):
+        QuantConfig(target="onnxruntime", symmetric_inputs=True)
