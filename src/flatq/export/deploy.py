@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..quant import integer_range
-from ..quant.target import output_point
+from ..quant.target import fold_batchnorm, output_point
 from .affine import InputGrid, input_grid, integer_weight
 from .onnx_ops import DequantizeAxis0, QuantDequant
 
@@ -50,12 +50,6 @@ class QuantPoint(nn.Module):
         return QuantDequant.apply(x, self.scale, self.zero_point, self.lo, self.hi, self.clip)
 
 
-def folded_batchnorm(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """(k, shift) of a BatchNorm in eval mode: y = k x + shift, per channel."""
-    k = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    return k, bn.bias.detach() - bn.running_mean * k
-
-
 class DeployLayer(nn.Module):
     """Stand-in for a quantized conv/linear in the integer graph: BatchNorm folded into the
     per-channel weight scales and an int32 bias, input and output quantization points."""
@@ -68,26 +62,25 @@ class DeployLayer(nn.Module):
             raise ConfigError(f"{name}: the onnxruntime export needs symmetric weights (zero "
                               "point 0); quantize with quant.target onnxruntime")
         shape = (-1,) + (1,) * (weight.q.dim() - 1)
+        input_step = torch.tensor([grid.scale], dtype=torch.float32)
         q, scale = weight.q, weight.scale
         bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(scale)
+        bias_scale = input_step * scale
         if bn is not None:
-            k, shift = folded_batchnorm(bn)
-            sign = torch.where(k < 0, -1.0, 1.0)
-            q = torch.where(k.view(shape) == 0, torch.zeros_like(q), q * sign.view(shape))
-            scale = torch.where(k == 0, scale, scale * k.abs())
-            bias = bias * k + shift
-        self.bits = weight.bits
-        self.register_buffer("weight_q", q.to(torch.int8))
-        self.register_buffer("weight_scale", scale.float())
-        self.register_buffer("weight_zero_point", torch.zeros_like(scale, dtype=torch.int8))
-        bias_scale = torch.tensor([grid.scale], dtype=torch.float32) * scale.float()
+            folded = fold_batchnorm(layer, bn)
+            q, scale = q * folded.sign.view(shape), folded.scale
+            bias, bias_scale = folded.bias, folded.bias_step
         # A channel whose folded scale is so small that its bias leaves int32 (gamma near 0)
         # contributes under 2^-10 of its bias through the weights: it keeps the bias alone.
         tiny = (bias / bias_scale).abs() > INT32_MAX
         if bool(tiny.any()):
             q = torch.where(tiny.view(shape), torch.zeros_like(q), q)
             scale = torch.where(tiny, weight.scale, scale)
-            bias_scale = torch.tensor([grid.scale], dtype=torch.float32) * scale.float()
+            bias_scale = input_step * scale
+        self.bits = weight.bits
+        self.register_buffer("weight_q", q.to(torch.int8))
+        self.register_buffer("weight_scale", scale.float())
+        self.register_buffer("weight_zero_point", torch.zeros_like(scale, dtype=torch.int8))
         bias_q = torch.round(bias / bias_scale)
         self.register_buffer("bias_q", bias_q.to(torch.int32))
         self.register_buffer("bias_scale", bias_scale)

@@ -14,6 +14,11 @@ from torch import Tensor, nn
 from .quantizers import Quantizer
 
 
+def round_to_step(x: Tensor, step: Tensor) -> Tensor:
+    """x rounded to a multiple of step (the int32 bias grid)."""
+    return torch.round(x / step) * step
+
+
 def bias_step(layer: nn.Module) -> Tensor:
     """Per output channel, the step of an int32 bias added to the integer sums of `layer`:
     input step x weight step (what QLinearConv / QGemm assume)."""
@@ -53,8 +58,7 @@ class _QuantLayer:
         (straight through), else as is."""
         if not self.quantize_bias or self.bias is None:
             return self.bias
-        step = bias_step(self)
-        return self.bias + (torch.round(self.bias / step) * step - self.bias).detach()
+        return self.bias + (round_to_step(self.bias, bias_step(self)) - self.bias).detach()
 
     @property
     def bits(self) -> tuple[int, int]:
