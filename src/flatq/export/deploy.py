@@ -82,6 +82,11 @@ class DeployLayer(nn.Module):
         self.register_buffer("weight_scale", scale.float())
         self.register_buffer("weight_zero_point", torch.zeros_like(scale, dtype=torch.int8))
         bias_q = torch.round(bias / bias_scale)
+        # An input step calibrated on an all-zero input (a dead layer) leaves no int32 step for
+        # the bias: it is then added in float after the integer kernel.
+        self.float_bias = bias if bool((bias_q.abs() > INT32_MAX).any()) else None
+        if self.float_bias is not None:
+            bias_q = torch.zeros_like(bias_q)
         self.register_buffer("bias_q", bias_q.to(torch.int32))
         self.register_buffer("bias_scale", bias_scale)
         self.register_buffer("bias_zero_point", torch.zeros_like(bias_q, dtype=torch.int32))
@@ -91,8 +96,13 @@ class DeployLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = DequantizeAxis0.apply(self.weight_q, self.weight_scale, self.weight_zero_point)
-        bias = DequantizeAxis0.apply(self.bias_q, self.bias_scale, self.bias_zero_point)
-        return self.output_point(self.op(self.input_point(x), weight, bias))
+        if self.float_bias is None:
+            bias = DequantizeAxis0.apply(self.bias_q, self.bias_scale, self.bias_zero_point)
+            return self.output_point(self.op(self.input_point(x), weight, bias))
+        y = self.op(self.input_point(x), weight, None)
+        linear = self.op is nn.functional.linear
+        return self.output_point(y + self.float_bias.view((-1,) if linear
+                                                          else (-1,) + (1,) * (y.dim() - 2)))
 
 
 def output_grid(quantizer: nn.Module) -> InputGrid:
