@@ -207,3 +207,39 @@ def test_paper_target_torchvision_models_that_broke_load_and_match(name, tmp_pat
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     written = export_onnx(model.eval(), tmp_path / "q.onnx", x[:1], check_input=x)
     assert written.check.differing == 0 and written.check.max_relative < 1e-5
+
+
+# -- the target in training -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fp_runs(tmp_path_factory):
+    """A full-precision resnet8 and a DNQ-preconditioned one, one step each on synthetic data."""
+    from flatq.cli import main
+
+    root = tmp_path_factory.mktemp("deploy")
+    assert main(["pretrain", "--model", "resnet8", "--out", str(root / "fp"), *FAST]) == 0
+    assert main(["pretrain", "--method", "dnq", "--target-bits", "w4a4", "--model", "resnet8",
+                 "--out", str(root / "dnq"), *FAST]) == 0
+    return root
+
+
+FAST = ["--data", "synthetic", "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size",
+        "16", "--device", "cpu", "--no-progress"]
+
+
+@pytest.mark.parametrize("method, source, extra", [
+    ("fpq", "fp", []), ("cr", "fp", ["--unlabeled", "split:0.5"]), ("mec", "fp", []),
+    ("lsq", "dnq", [])])
+def test_methods_train_a_step_with_the_onnxruntime_target_and_export(method, source, extra,
+                                                                     fp_runs, capsys):
+    from flatq.cli import main
+
+    out = fp_runs / f"q_{method}"
+    assert main(["qat", "--from", str(fp_runs / source), "--method", method, "--bits", "w4a4",
+                 "--target", "onnxruntime", "--calib-images", "16", *extra, "--out", str(out),
+                 *FAST]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--format", "onnx", "-o", str(out / "q.onnx"),
+                 "--check-images", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert "target onnxruntime" in printed and "4-bit weights as int4 (Cast to int8)" in printed
+    assert "quantized weights" in printed and "checked in onnxruntime on 32 images" in printed

@@ -30,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(opset 20); auto = narrow where the installed onnxruntime runs it "
                    "[default: auto]")
     p.add_argument("--check-images", type=int, default=256, metavar="N",
-                   help="ONNX: compare onnxruntime with PyTorch on N test images, 0 to skip "
-                   "[default: 256]")
+                   help="ONNX: the file is written only if onnxruntime agrees with PyTorch on "
+                   "the first N test images (1 with 0), whose accuracies are then printed "
+                   "unless N is 0 [default: 256]")
     p.add_argument("--data-root", default=None, help="where the data set lives, if not where "
                    "the run found it (ONNX: for the input shape and the check)")
     p.set_defaults(func=run_export)
@@ -71,16 +72,21 @@ def run_export(args: argparse.Namespace) -> None:
         written = export_integer(model, args.output, meta={
             k: meta[k] for k in ("model", "num_classes", "in_channels", "quant")})
         print(f"wrote {written.path}: {written.layers} quantized layers, {written.file_bytes:,} "
-              f"bytes ({written.data_bytes:,} of tensors, the rest manifest and headers) vs {written.fp32_bytes:,} bytes in FP32: {written.ratio:.1f}x smaller")
+              f"bytes ({written.data_bytes:,} of tensors, the rest manifest and headers) vs "
+              f"{written.fp32_bytes:,} bytes in FP32: {written.ratio:.1f}x smaller")
         return
     if args.check_images < 0:
         raise ConfigError(f"--check-images must be >= 0, got {args.check_images}")
     _, data = run_data(state, args.data_root)
-    example = data.eval_pipeline(data.test.images[:1], train=False)
-    written = export_onnx(model, args.output, example, storage=args.storage,
-                          metadata={WEIGHTS_KEY: state_fingerprint(state["model"])})
-    print(f"wrote {written.path}: opset {written.opset}, {len(written.layers)} quantized layers; "
-          f"storage: {written.storage_summary()}")
+    images = data.eval_pipeline(data.test.images[:max(args.check_images, 1)], train=False)
+    written = export_onnx(model, args.output, images[:1], storage=args.storage,
+                          metadata={WEIGHTS_KEY: state_fingerprint(state["model"])},
+                          check_input=images)
+    target = meta["quant"].get("target", "paper")
+    print(f"wrote {written.path}: opset {written.opset}, {len(written.layers)} quantized layers "
+          f"(target {target}); storage: {written.storage_summary()}")
+    print(f"size: {written.size_summary()}")
+    print(written.check.summary())
     if args.check_images:
         agreement = compare(OnnxModel(written.path), model, data.test, data.eval_pipeline,
                             limit=args.check_images)

@@ -19,6 +19,14 @@ def round_to_step(x: Tensor, step: Tensor) -> Tensor:
     return torch.round(x / step) * step
 
 
+def quantize_output(quantizer: Quantizer, x: Tensor) -> Tensor:
+    """`quantizer(x)` at an output point. Under autograd the result is a copy: the fake
+    quantizer keeps its output for the backward pass, and the activation after a conv (or its
+    BatchNorm) is often an in-place ReLU."""
+    out = quantizer(x)
+    return out.clone() if out.requires_grad else out
+
+
 def bias_step(layer: nn.Module) -> Tensor:
     """Per output channel, the step of an int32 bias added to the integer sums of `layer`:
     input step x weight step (what QLinearConv / QGemm assume)."""
@@ -82,7 +90,8 @@ class _QuantConv(_QuantLayer):
     def forward(self, x: Tensor) -> Tensor:
         out = self._conv_forward(self.quantized_input(x), self.quantized_weight(),
                                  self.layer_bias())
-        return out if self.output_quantizer is None else self.output_quantizer(out)
+        return out if self.output_quantizer is None else quantize_output(self.output_quantizer,
+                                                                          out)
 
 
 class QuantConv1d(_QuantConv, nn.Conv1d):

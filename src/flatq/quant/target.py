@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .layers import quant_layers, round_to_step
+from .layers import quant_layers, quantize_output, round_to_step
 from .quantizers import Quantizer
 
 TARGETS = ("paper", "onnxruntime")
@@ -85,7 +85,7 @@ class QuantBatchNorm2d(nn.BatchNorm2d):
             folded = fold_batchnorm(self.conv, self)
             rounding = round_to_step(folded.bias, folded.bias_step) - folded.bias
             y = y + rounding.view(1, -1, 1, 1)
-        return self.output_quantizer(y)
+        return quantize_output(self.output_quantizer, y)
 
 
 def batchnorm_after(model: nn.Module, name: str) -> str | None:
