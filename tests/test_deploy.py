@@ -243,3 +243,20 @@ def test_methods_train_a_step_with_the_onnxruntime_target_and_export(method, sou
     printed = capsys.readouterr().out
     assert "target onnxruntime" in printed and "4-bit weights as int4 (Cast to int8)" in printed
     assert "quantized weights" in printed and "checked in onnxruntime on 32 images" in printed
+
+
+def test_demo_deploy_table_reports_both_models(fp_runs, tmp_path, capsys):
+    from flatq.cli import main
+    from flatq.cli.deploy import deploy_runs, print_deployment
+
+    out = fp_runs / "q_table"
+    assert main(["qat", "--from", str(fp_runs / "fp"), "--bits", "w4a4", "--target",
+                 "onnxruntime", "--calib-images", "16", "--out", str(out), *FAST]) == 0
+    rows = deploy_runs(str(fp_runs / "fp"), str(out), str(tmp_path))
+    assert [r.path.name for r in rows] == ["fp32.onnx", "q_table.onnx"]
+    assert all(r.path.stat().st_size == r.file_bytes and r.latency_ms > 0 for r in rows)
+    assert rows[1].file_bytes < rows[0].file_bytes / 3
+    capsys.readouterr()
+    print_deployment(rows)
+    table = capsys.readouterr().out
+    assert "resnet8 FP32" in table and "resnet8 q_table" in table and "ms/batch" in table

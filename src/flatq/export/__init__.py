@@ -5,7 +5,8 @@ from .affine import InputGrid, IntegerWeight, input_grid, integer_weight
 from .check import ExportCheck, ExportError
 from .integer import (IntegerExport, IntegerModel, export_integer, load_integer, pack_bits,
                       unpack_bits)
-from .onnx import STORAGE_CHOICES, OnnxExport, export_onnx, fp32_bytes, runtime_narrow_bits
+from .onnx import (STORAGE_CHOICES, OnnxExport, export_float_onnx, export_onnx, fp32_bytes,
+                   runtime_narrow_bits)
 from .runtime import WEIGHTS_KEY, Agreement, OnnxModel, compare
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "IntegerModel", "export_integer", "load_integer", "pack_bits", "unpack_bits",
     "STORAGE_CHOICES", "OnnxExport", "export_onnx", "runtime_narrow_bits", "Agreement",
     "OnnxModel", "compare", "WEIGHTS_KEY", "ExportCheck", "ExportError", "fp32_bytes",
+    "export_float_onnx",
 ]

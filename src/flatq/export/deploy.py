@@ -43,8 +43,8 @@ class QuantPoint(nn.Module):
         dtype = torch.int8 if grid.signed else torch.uint8
         self.register_buffer("scale", torch.tensor(grid.scale, dtype=torch.float32))
         self.register_buffer("zero_point", torch.tensor(grid.zero_point, dtype=dtype))
-        self.bits, self.lo, self.hi, self.clip = grid.bits, grid.lo, grid.hi, _clip_needed(grid.lo, grid.hi,
-                                                                     grid.signed)
+        self.bits, self.lo, self.hi = grid.bits, grid.lo, grid.hi
+        self.clip = _clip_needed(grid.lo, grid.hi, grid.signed)
 
     def forward(self, x: Tensor) -> Tensor:
         return QuantDequant.apply(x, self.scale, self.zero_point, self.lo, self.hi, self.clip)

@@ -1,18 +1,21 @@
 """ONNX export with QuantizeLinear/DequantizeLinear (QDQ) nodes and integer weights.
 
-Each quantized layer becomes
+A model quantized for the onnxruntime target is written as the integer graph of
+flatq.export.deploy (BatchNorm folded, int32 biases, output points), which onnxruntime fuses
+into QLinearConv / QGemm / MatMulIntegerToFloat. A paper-target model is written as trained:
+each quantized layer becomes
 
     input -> QuantizeLinear(s_x, z_x) [-> Clip(lo, hi)] -> DequantizeLinear(s_x, z_x) --+
-    weight_q (integer initializer) -> DequantizeLinear(s_w, z_w, axis=0) ------------> Conv/Gemm/MatMul
+    weight_q (integers) -> DequantizeLinear(s_w, z_w, axis=0) ----------> Conv/Gemm/MatMul (+ bias)
 
-and everything else (BatchNorm, residual adds, attention) is exported as trained. The graph
-comes from torch's TorchScript exporter: the quantized layers are swapped for modules whose
-autograd Functions carry an ONNX `symbolic`, with the integers, scales and zero points as named
-buffers (hence named initializers). The exporter knows only 8-bit integer types (opset <= 20);
-afterwards the 2- and 4-bit tensors are retyped to INT2/UINT2 (opset 25) and INT4/UINT4
-(opset 21) where onnxruntime runs them ("narrow" storage). Otherwise they stay int8/uint8
-holding only values of their bit width, and a Clip on the quantized input keeps activations
-on the narrow grid, which QuantizeLinear alone would saturate only to the 8-bit range.
+and everything else (BatchNorm, residual adds, attention) stays float. The graph comes from
+torch's TorchScript exporter: the quantized layers are swapped for stand-ins whose autograd
+Functions carry an ONNX `symbolic`, with the integers, scales and zero points as named buffers
+(hence named initializers). The exporter knows only 8-bit integer types (opset <= 20); 2- and
+4-bit tensors are then retyped to INT2/UINT2 (opset 25) or INT4/UINT4 (opset 21), packed, or
+stay int8/uint8 holding only values of their bit width, a Clip on the quantized input keeping
+activations on the narrow grid (QuantizeLinear alone saturates only to the 8-bit range). Every
+file is run in onnxruntime against the PyTorch model before it replaces the target path.
 """
 
 from __future__ import annotations
@@ -335,6 +338,19 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
                        for init in proto.graph.initializer if init.name in weights)
     return OnnxExport(path, opset, stored, len(data), fp32_bytes(model), weight_bytes,
                       4 * sum(layer.weight.numel() for _, layer in layers), agreement)
+
+
+def export_float_onnx(model: nn.Module, path: str | Path, example_input: Tensor) -> int:
+    """Write a full-precision model as ONNX (eval mode; torch folds BatchNorm into the convs),
+    the baseline of a deployed quantized model. Returns the file's size in bytes."""
+    model = copy.deepcopy(model).cpu().eval()
+    data = _trace(model, example_input).SerializeToString()
+    path = Path(path)
+    try:
+        replace_atomically(path, lambda handle: handle.write(data))
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    return len(data)
 
 
 def _trace(model: nn.Module, example_input: Tensor) -> onnx.ModelProto:
