@@ -103,7 +103,7 @@ def test_target_quantizes_conv_outputs_after_batchnorm_and_bias_is_int32(tmp_pat
     bns = [m for m in model.modules() if isinstance(m, QuantBatchNorm2d)]
     convs = [layer for _, layer in quant_layers(model) if layer.kind == "conv2d"]
     assert len(bns) == len(convs)  # every conv of resnet8 has a BatchNorm
-    assert all(b.output_quantizer.bits == 8 for b in bns)
+    assert all(b.output_point.quantizer.bits == 8 for b in bns)
     proto = onnx.load(export_onnx(model, tmp_path / "q.onnx", torch.randn(1, 3, 32, 32)).path)
     biases = [i for i in proto.graph.initializer if i.name.endswith(".bias_q")]
     assert len(biases) == len(quant_layers(model))
@@ -260,3 +260,36 @@ def test_demo_deploy_table_reports_both_models(fp_runs, tmp_path, capsys):
     print_deployment(rows)
     table = capsys.readouterr().out
     assert "resnet8 FP32" in table and "resnet8 q_table" in table and "ms/batch" in table
+
+
+class Branches(nn.Module):
+    """conv1 feeds only conv2 (through ReLU); conv2 feeds conv3 and a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return (self.conv3(y) + y).mean((2, 3))
+
+
+def test_output_points_stay_only_where_a_float_op_or_two_layers_read(tmp_path):
+    torch.manual_seed(0)
+    model = quantize_model(Branches(), QuantConfig(target="onnxruntime", edge_bits=None))
+    calibrate(model, [torch.randn(8, 3, 16, 16)])
+    active = {name: output_point(model, name)[1] is not None for name, _ in quant_layers(model)}
+    assert active == {"conv1": False, "conv2": True, "conv3": True}
+    assert not model.bn1.output_point.quantizer.scale.requires_grad
+    state = model.state_dict()
+    reloaded = quantize_model(Branches(), QuantConfig(target="onnxruntime", edge_bits=None))
+    reloaded.load_state_dict(state)
+    assert not reloaded.bn1.output_point.on and reloaded.bn2.output_point.on
+    x = torch.randn(16, 3, 16, 16)
+    written = export_onnx(model.eval(), tmp_path / "q.onnx", x[:1], check_input=x)
+    assert written.check.differing == 0
+    ops = optimized_ops(written.path, tmp_path)
+    assert ops["QLinearConv"] == 3 and "Conv" not in ops, ops

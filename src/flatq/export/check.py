@@ -45,8 +45,10 @@ def run_onnx(data: bytes, images: Tensor) -> np.ndarray:
     """Logits of the serialized model `data` in onnxruntime (CPU, default optimizations)."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no notes on the user's terminal
     try:
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         return session.run(None, {session.get_inputs()[0].name: images.float().cpu().numpy()})[0]
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own unrelated types
         raise ExportError(f"onnxruntime cannot run the exported graph: "

@@ -40,6 +40,7 @@ from ..quant.target import has_output_points
 from .affine import check_exportable, input_grid, integer_weight
 from .check import ExportCheck, check_agreement
 from .deploy import DeployLayer, deploy_stand_ins
+from .graph import clips_after_quantize
 from .integer import pack_bits
 from .onnx_ops import DequantizeAxis0, QuantDequant
 
@@ -323,6 +324,8 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
         proto = version_converter.convert_version(proto, opset)
         _retype(proto, narrow)
         _pack_behind_cast(proto, packed)
+    if make is _deploy_stand_ins:
+        clips_after_quantize(proto)
     helper.set_model_props(proto, dict(metadata or {}))
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()

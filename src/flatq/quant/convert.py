@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,7 @@ from .layers import is_quant_layer, quant_layers
 from .plan import plan_quantization, quant_class
 from .quantizers import (DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer,
                          MinMaxQuantizer, PACTQuantizer, Quantizer)
-from .target import OUTPUT_BITS, add_output_points
+from .target import OUTPUT_BITS, add_output_points, output_point_dataflow
 
 
 def _make_quantizers(config: QuantConfig, channels: int, w_bits: int, a_bits: int,
@@ -130,7 +131,9 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor],
     try:
         seen = 0
         for batch in batches:
-            model(batch.to(device))
+            # The first pass also settles which output points the runtime needs.
+            with output_point_dataflow(model) if seen == 0 else nullcontext():
+                model(batch.to(device))
             seen += 1
         if seen == 0:
             raise ConfigError("calibrate(): no calibration batches were given")

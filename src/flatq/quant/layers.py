@@ -19,12 +19,36 @@ def round_to_step(x: Tensor, step: Tensor) -> Tensor:
     return torch.round(x / step) * step
 
 
-def quantize_output(quantizer: Quantizer, x: Tensor) -> Tensor:
-    """`quantizer(x)` at an output point. Under autograd the result is a copy: the fake
-    quantizer keeps its output for the backward pass, and the activation after a conv (or its
-    BatchNorm) is often an in-place ReLU."""
-    out = quantizer(x)
-    return out.clone() if out.requires_grad else out
+class OutputPoint(nn.Module):
+    """A deployment target's requantization point on a layer's output (flatq.quant.target).
+
+    Switched off (`set_active(False)`, kept in the state_dict) where only quantized layers read
+    the tensor: their input quantizers are then the runtime's requantization point. Under
+    autograd the result is a copy: the fake quantizer keeps its output for the backward pass,
+    and the activation after a conv (or its BatchNorm) is often an in-place ReLU.
+    """
+
+    def __init__(self, quantizer: Quantizer) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+        self.register_buffer("active", torch.tensor(True))
+        self.on = True  # `active` as a Python bool: no device sync in forward
+
+    def set_active(self, on: bool) -> None:
+        self.active.fill_(on)
+        self.on = on
+        for parameter in self.quantizer.parameters():
+            parameter.requires_grad_(on)  # an unused step size: no gradient, none for DDP
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.set_active(bool(self.active))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.on:
+            return x
+        out = self.quantizer(x)
+        return out.clone() if out.requires_grad else out
 
 
 def bias_step(layer: nn.Module) -> Tensor:
@@ -42,14 +66,14 @@ class _QuantLayer:
     weight_quantizer: Quantizer
     input_quantizer: Quantizer
     input_perturbation: nn.Module
-    output_quantizer: Quantizer | None
+    output_point: "OutputPoint | None"
 
     def _attach(self, weight_quantizer: Quantizer, input_quantizer: Quantizer) -> None:
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.input_perturbation = nn.Identity()
         # The deployment target's requantization point on the output (flatq.quant.target).
-        self.output_quantizer = None
+        self.output_point = None
 
     def quantized_input(self, x: Tensor) -> Tensor:
         return self.input_perturbation(self.input_quantizer(x))
@@ -90,8 +114,7 @@ class _QuantConv(_QuantLayer):
     def forward(self, x: Tensor) -> Tensor:
         out = self._conv_forward(self.quantized_input(x), self.quantized_weight(),
                                  self.layer_bias())
-        return out if self.output_quantizer is None else quantize_output(self.output_quantizer,
-                                                                          out)
+        return out if self.output_point is None else self.output_point(out)
 
 
 class QuantConv1d(_QuantConv, nn.Conv1d):

@@ -21,13 +21,15 @@ without one applies the output quantizer to its own output.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-from .layers import quant_layers, quantize_output, round_to_step
+from .layers import OutputPoint, is_quant_layer, quant_layers, round_to_step
 from .quantizers import Quantizer
 
 TARGETS = ("paper", "onnxruntime")
@@ -63,7 +65,7 @@ class QuantBatchNorm2d(nn.BatchNorm2d):
     conv before it). Trains like the BatchNorm it replaces; in eval mode its bias, folded with
     the conv's, is rounded to the int32 grid the runtime adds it on."""
 
-    output_quantizer: Quantizer
+    output_point: OutputPoint
 
     @classmethod
     def from_float(cls, bn: nn.BatchNorm2d, conv: nn.Module,
@@ -75,7 +77,7 @@ class QuantBatchNorm2d(nn.BatchNorm2d):
         for name, value in list(bn.named_parameters(recurse=False)) + list(
                 bn.named_buffers(recurse=False)):
             setattr(layer, name, value)
-        layer.output_quantizer = output_quantizer
+        layer.output_point = OutputPoint(output_quantizer)
         layer.__dict__["conv"] = conv
         return layer.train(bn.training)
 
@@ -85,7 +87,7 @@ class QuantBatchNorm2d(nn.BatchNorm2d):
             folded = fold_batchnorm(self.conv, self)
             rounding = round_to_step(folded.bias, folded.bias_step) - folded.bias
             y = y + rounding.view(1, -1, 1, 1)
-        return quantize_output(self.output_quantizer, y)
+        return self.output_point(y)
 
 
 def batchnorm_after(model: nn.Module, name: str) -> str | None:
@@ -114,7 +116,7 @@ def add_output_points(model: nn.Module, make_quantizer: Callable[[], Quantizer])
             continue
         bn_name = batchnorm_after(model, name)
         if bn_name is None:
-            layer.output_quantizer = make_quantizer()
+            layer.output_point = OutputPoint(make_quantizer())
             layer.quantize_bias = True
         else:
             bn = model.get_submodule(bn_name)
@@ -123,17 +125,100 @@ def add_output_points(model: nn.Module, make_quantizer: Callable[[], Quantizer])
 
 
 def output_point(model: nn.Module, name: str) -> tuple[str | None, Quantizer | None]:
-    """(name of the folded BatchNorm or None, the output quantizer or None) of layer `name`."""
+    """(name of the folded BatchNorm or None, the active output quantizer or None) of the
+    quantized layer `name`."""
     layer = model.get_submodule(name)
-    if getattr(layer, "output_quantizer", None) is not None:
-        return None, layer.output_quantizer
     bn_name = batchnorm_after(model, name) if layer.kind == "conv2d" else None
-    if bn_name is not None and isinstance(model.get_submodule(bn_name), QuantBatchNorm2d):
-        return bn_name, model.get_submodule(bn_name).output_quantizer
-    return None, None
+    if bn_name is not None and not isinstance(model.get_submodule(bn_name), QuantBatchNorm2d):
+        bn_name = None
+    point = model.get_submodule(bn_name).output_point if bn_name else layer.output_point
+    return bn_name, point.quantizer if point is not None and point.on else None
 
 
 def has_output_points(model: nn.Module) -> bool:
     """Whether `model` was quantized for the onnxruntime target."""
-    return any(isinstance(m, QuantBatchNorm2d) or getattr(m, "output_quantizer", None)
-               is not None for m in model.modules())
+    return any(isinstance(m, OutputPoint) for m in model.modules())
+
+
+# Activations a tensor passes through on its way to the next quantized layer: the runtime
+# applies them on the integers after the requantization (Relu, Clip), so they keep the tensor a
+# quantized layer's input.
+PASS_THROUGH = (nn.ReLU, nn.ReLU6)
+# Tensor queries that do not read the values.
+_QUERIES = {"size", "dim", "shape", "__get__", "numel", "stride", "is_contiguous", "device",
+            "dtype", "requires_grad", "__len__"}
+
+
+class _Readers(TorchFunctionMode):
+    """Who reads the tensors that output points produce, during one forward pass: quantized
+    layers (their input quantizers requantize it) or anything else (float ops)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.roots: dict[int, OutputPoint] = {}  # id(tensor) -> the point that produced it
+        self.kept: list[Tensor] = []  # keeps those ids alive during the pass
+        self.other: set[int] = set()  # points whose tensor something else reads
+        self.layers: dict[int, int] = {}  # point -> how many quantized layers read its tensor
+        self.inside = 0  # depth inside quantized layers and pass-through activations
+        self.handles = []
+        for module in model.modules():
+            if isinstance(module, OutputPoint):
+                self.handles.append(module.register_forward_hook(self._produced))
+            elif is_quant_layer(module) or isinstance(module, PASS_THROUGH):
+                self.handles.append(module.register_forward_pre_hook(self._enter))
+                self.handles.append(module.register_forward_hook(self._leave))
+
+    def _track(self, tensor: Tensor, point: OutputPoint) -> None:
+        self.roots[id(tensor)] = point
+        self.kept.append(tensor)
+
+    def _produced(self, point: OutputPoint, inputs, output: Tensor) -> None:
+        self._track(output, point)
+
+    def _enter(self, module: nn.Module, inputs) -> None:
+        point = self.roots.get(id(inputs[0])) if inputs and not self.inside else None
+        if point is not None and is_quant_layer(module):
+            self.layers[id(point)] = self.layers.get(id(point), 0) + 1
+        self.inside += 1
+
+    def _leave(self, module: nn.Module, inputs, output) -> None:
+        self.inside -= 1
+        point = self.roots.get(id(inputs[0])) if inputs else None
+        if point is not None and isinstance(module, PASS_THROUGH):
+            self._track(output, point)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.inside and getattr(func, "__name__", "") not in _QUERIES:
+            for value in list(args) + list(kwargs.values()):
+                for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                    point = self.roots.get(id(tensor)) if isinstance(tensor, Tensor) else None
+                    if point is not None:
+                        self.other.add(id(point))
+        return func(*args, **kwargs)
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@contextmanager
+def output_point_dataflow(model: nn.Module) -> Iterator[None]:
+    """Around one forward pass (calibration's first batch): switch off the output points whose
+    tensor one quantized layer reads and nothing else, directly or through a ReLU/ReLU6 module.
+    The runtime then requantizes the conv's sum straight to that layer's input grid (its input
+    quantizer), as QLinearConv does, with no second rounding in between. (Two readers need
+    two grids, hence a point of their own to requantize from.)"""
+    points = [m for m in model.modules() if isinstance(m, OutputPoint)]
+    if not points:
+        yield
+        return
+    readers = _Readers(model)
+    try:
+        with readers:
+            yield
+    finally:
+        readers.close()
+    for point in points:
+        if readers.layers.get(id(point)) == 1 and id(point) not in readers.other:
+            point.set_active(False)
