@@ -262,7 +262,7 @@ class QuantConfig(Section):
     target: str = option("paper", "what QAT models: paper (the papers' fake-quant points: "
                          "each layer's input and weight) or onnxruntime (also what onnxruntime's "
                          "integer kernels execute: symmetric per-channel weights on [-qmax, "
-                         "qmax] and an 8-bit output point after each conv's BatchNorm; see "
+                         "qmax], BatchNorm folded, conv outputs requantized; see "
                          "docs/export.md)", choices=("paper", "onnxruntime"))
 
     def validate(self) -> None:

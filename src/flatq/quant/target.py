@@ -8,7 +8,9 @@ models what onnxruntime's integer kernels compute, so that QAT trains with that 
   a channel's integers when the export folds it);
 - an 8-bit output point after every quantized convolution, after its BatchNorm when one follows
   it: QLinearConv requantizes its int32 sums, with the BatchNorm folded into the per-channel
-  weight scales and the bias, to an 8-bit tensor there;
+  weight scales and the bias, to an 8-bit tensor there. Calibration switches a point off where
+  one quantized layer alone reads the tensor (`output_point_dataflow`): that layer's input
+  quantizer is then the requantization point;
 - biases rounded to the int32 grid the runtime adds them on (step: input step x weight
   step); a conv's bias folded with its BatchNorm's in eval mode (in training the BatchNorm
   uses batch statistics, and the rounding, far below the output step, is left out).
