@@ -293,3 +293,9 @@ def test_output_points_stay_only_where_a_float_op_or_two_layers_read(tmp_path):
     assert written.check.differing == 0
     ops = optimized_ops(written.path, tmp_path)
     assert ops["QLinearConv"] == 3 and "Conv" not in ops, ops
+
+
+def test_torch_export_of_the_target_model_matches():
+    model = deployable(build_model("resnet8", num_classes=10))
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(torch.export.export(model, (x,)).module()(x), model(x))

@@ -19,7 +19,7 @@ from ..errors import FlatqError
 # marks of a graph that computes something else.
 TIE_MARGIN = 0.01
 FLIPPED_SHARE = 0.05
-MEDIAN_RELATIVE = 1e-2
+MEDIAN_RELATIVE = 5e-3
 
 
 class ExportError(FlatqError):
