@@ -299,3 +299,15 @@ def test_torch_export_of_the_target_model_matches():
     model = deployable(build_model("resnet8", num_classes=10))
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(torch.export.export(model, (x,)).module()(x), model(x))
+
+
+def test_integer_file_of_a_target_model_loads_its_float_architecture(tmp_path):
+    from flatq.export import export_integer, load_integer
+
+    model = deployable(build_model("resnet8", num_classes=10))
+    meta = {"model": "resnet8", "num_classes": 10, "in_channels": 3, "quant": {}}
+    loaded = load_integer(export_integer(model, tmp_path / "q.npz", meta).path)
+    float_model = loaded.float_model()
+    for name, layer in quant_layers(model):
+        assert torch.equal(float_model.get_submodule(name).weight,
+                           layer.weight_quantizer(layer.weight).detach())
