@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config, parse_bits
-from flatq.train.runs import load_teacher, pretrain, qat
+from flatq.runs import load_teacher, pretrain, qat
 
 from machine import machine_info
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from flatq.cli.export import run_data
+from flatq.train.run_io import run_data
 from flatq.data import calibration_batches
 from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.train.loop import evaluate
-from flatq.train.runs import load_model
+from flatq.runs import load_model
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

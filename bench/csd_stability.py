@@ -24,7 +24,7 @@ from flatq.config import DataConfig, QuantConfig, parse_bits
 from flatq.data.calibration import calibration_batches
 from flatq.methods import FPQ, FPQConfig
 from flatq.quant import calibrate, quantize_model
-from flatq.train.runs import load_teacher, prepare_data
+from flatq.runs import load_teacher, prepare_data
 
 from machine import machine_info
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from flatq.config import (DataConfig, QuantConfig, RunConfig, TrainConfig, method_config,
                           parse_bits)
-from flatq.train.ptq import ptq
-from flatq.train.runs import load_teacher, pretrain
+from flatq.runs import ptq
+from flatq.runs import load_teacher, pretrain
 
 from machine import machine_info, save_report
 

@@ -40,7 +40,6 @@ import argparse
 import math
 import os
 import statistics
-import time
 import warnings
 
 import numpy as np
@@ -53,9 +52,9 @@ from flatq.analysis.sources import fixed_batches
 from flatq.config import DataConfig, QuantConfig, parse_bits
 from flatq.models import available_models, build_model
 from flatq.quant import calibrate, quantize_model
-from flatq.train.runs import load_model, prepare_data
+from flatq.runs import load_model, prepare_data
 
-from machine import machine_info, save_report
+from machine import machine_info, save_report, timed
 
 try:
     from pyhessian import hessian as PyHessian
@@ -138,14 +137,6 @@ def same_vector_check(model: nn.Module, images: Tensor, labels: Tensor) -> float
     return float((ours - theirs).abs().max() / theirs.abs().max())
 
 
-def timed(fn, *args) -> tuple[float, float, object]:
-    """(wall seconds, this process's CPU seconds, result). CPU time counts only this
-    process's threads, so it is far less sensitive than wall time to other processes' load."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn(*args)
-    return time.perf_counter() - wall, time.process_time() - cpu, out
-
-
 def measure(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,7 +155,8 @@ def measure(args: argparse.Namespace) -> dict:
         for name in order:
             seed = args.seed + 1000 * (r + 1)
             fn = run_flatq if name == "flatq" else run_pyhessian
-            seconds, cpu, out = timed(fn, model, images, labels, args.samples, seed)
+            t = timed(fn, model, images, labels, args.samples, seed)
+            seconds, cpu, out = t.wall, t.cpu, t.result
             (flatq_runs if name == "flatq" else py_runs).append(out)
             times[name].append(seconds)
             cpu_times[name].append(cpu)

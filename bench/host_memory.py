@@ -1,4 +1,4 @@
-"""What retaining freed host memory (flatq.train.host_memory) buys and costs on CPU training.
+"""What retaining freed host memory (flatq.allocator) buys and costs on CPU training.
 
 Runs the same training steps twice, each in a fresh process (the malloc setting is
 process-wide and cannot be undone): once with glibc's default malloc, once with freed memory
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from flatq.train.host_memory import retain_freed_host_memory
+from flatq.allocator import retain_freed_host_memory
 from machine import machine_info, run_in_fresh_process, save_report, status_mib
 from step_time import batch, build_objective
 

@@ -1,12 +1,17 @@
-"""What bench scripts share: where a result ran, its process memory, how it is saved."""
+"""What bench scripts share: where a result ran, its process memory, how a call is timed, how
+a result is saved."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
 import platform
+import resource
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,6 +41,12 @@ def save_report(report: dict, path: str | Path) -> Path:
     return out
 
 
+def print_load(report: dict) -> None:
+    """Print the load averages a report recorded before and after its measurements."""
+    print(f"load average (1, 5, 15 min): before {report['loadavg_before']}, "
+          f"after {report['loadavg_after']}")
+
+
 def status_mib(field: str) -> float:
     """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: its peak) in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -54,3 +65,36 @@ def run_in_fresh_process(target: Callable, *args) -> dict:
     result = queue.get()
     child.join()
     return result
+
+
+def sync(device: torch.device | None) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU needs nothing)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One timed call: wall-clock seconds, this process's CPU seconds (all its threads, user
+    and kernel), the kernel part of those, its minor page faults, and what the call returned.
+
+    On a shared CPU the CPU time is the steadier measure: time spent descheduled while other
+    processes run does not count (with several threads, their spin-waits do). Kernel time in a
+    training step is mostly page faults on fresh memory (flatq.allocator)."""
+    wall: float
+    cpu: float
+    system: float
+    page_faults: int
+    result: Any
+
+
+def timed(fn: Callable, *args: Any, device: torch.device | None = None) -> Timing:
+    """Call fn(*args) and time it, synchronizing `device` (CUDA) before and after."""
+    sync(device)
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    result = fn(*args)
+    sync(device)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    system = after.ru_stime - before.ru_stime
+    return Timing(time.perf_counter() - start, after.ru_utime - before.ru_utime + system, system,
+                  after.ru_minflt - before.ru_minflt, result)

@@ -17,15 +17,13 @@ run or --data-root), so they are used as
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import yaml
 
-import flatq.methods  # noqa: F401  (registers the method configs)
-from flatq.config import RunConfig, method_config
-from recipe_files import replace_block, write_or_check
+from flatq.config import RunConfig, method_config, parse_bits
+from recipe_files import generate, replace_block
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -51,10 +49,10 @@ QUANT = {"quantizer": "lsq", "edge_bits": 8, "calib_images": 100}
 # LSQ+ with its continuous offset and MSE initialization (flatq's defaults: integer, min-max).
 LSQ = {"quantizer": "lsq"}
 METHODS = {
-    "lsq": ("LSQ", "lsq", LSQ, {}),
-    "lsqplus": ("LSQ+", "lsq", {"quantizer": "lsq+", "lsqplus_offset": "continuous",
+    "lsq": ("LSQ", "task", LSQ, {}),
+    "lsqplus": ("LSQ+", "task", {"quantizer": "lsq+", "lsqplus_offset": "continuous",
                                 "range_method": "mse"}, {}),
-    "pact": ("PACT", "lsq", {"quantizer": "pact", "pact_weights": "dorefa"}, {}),
+    "pact": ("PACT", "task", {"quantizer": "pact", "pact_weights": "dorefa"}, {}),
     "kd": ("KD", "kd", LSQ, {}),
     "fpq": ("FPQ", "fpq", LSQ, {}),
     "sam": ("LSQ+SAM", "sam", LSQ, {}),
@@ -127,7 +125,7 @@ def fp_recipe(data: str, model: str) -> dict:
 
 
 def qat_recipe(data: str, bits: str, method: str, quant: dict, options: dict) -> dict:
-    w_bits, a_bits = int(bits[1]), int(bits[3])
+    w_bits, a_bits = parse_bits(bits)
     config = method_config(method, options)
     return {"data": DATA[data], "train": train_section(data, "qat"),
             "quant": {"w_bits": w_bits, "a_bits": a_bits, **QUANT, **quant},
@@ -225,7 +223,7 @@ def readme_block(all_recipes: list[Recipe]) -> str:
              "PACT is "
              "`quantizer: pact` with `pact_weights: dorefa` (the PACT paper's DoReFa weights, "
              "2 quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1, on the inner layers; the first "
-             "and last layer take 8-bit min-max weights), both with method `lsq` (plain "
+             "and last layer take 8-bit min-max weights), both with method `task` (plain "
              "cross-entropy); KD uses our "
              "defaults T = 4, alpha = 0.9 (the paper gives none); LSQ+SAM uses rho = 0.05.", "",
              "Run a cell:", "", "```",
@@ -287,17 +285,11 @@ def readme_text(block: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare instead of writing")
-    args = parser.parse_args(argv)
     all_recipes = recipes()
     files = {r.path: r.text() for r in all_recipes}
     files[README] = readme_text(readme_block(all_recipes))
-    code, stale = write_or_check(files, args.check, ROOT)
-    if args.check:
-        return code
-    print(f"{len(all_recipes)} recipes under {CONFIGS.relative_to(ROOT)}/, {len(stale)} written")
-    return 0
+    return generate(__doc__.splitlines()[0], files, ROOT, f"{len(all_recipes)} recipes under "
+                    f"{CONFIGS.relative_to(ROOT)}/, {{stale}} written", argv)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ against the same labeled half without unlabeled data.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import yaml
 
-from recipe_files import replace_block, write_or_check
+from flatq.config import parse_bits
+from recipe_files import generate, replace_block
 
 ROOT = Path(__file__).resolve().parent.parent / "configs"
 README = ROOT / "README.md"
@@ -40,8 +40,9 @@ PROVENANCE = ("# Our recipe, not a CR-paper setting or table cell: the FPQ paper
 
 
 def recipe(data: dict, bits: str, train: dict, method: dict) -> dict:
+    w_bits, a_bits = parse_bits(bits)
     return {"data": data, "train": train,
-            "quant": {"w_bits": int(bits[1]), "a_bits": int(bits[3]), "quantizer": "lsq"},
+            "quant": {"w_bits": w_bits, "a_bits": a_bits, "quantizer": "lsq"},
             "method": method}
 
 
@@ -112,16 +113,10 @@ def readme_text(block: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare instead of writing")
-    args = parser.parse_args(argv)
     files = recipes()
     files[README] = readme_text(readme_block(sorted(files)))
-    code, stale = write_or_check(files, args.check, ROOT.parent)
-    if args.check:
-        return code
-    print(f"{len(files) - 1} CR recipes under configs/, {len(stale)} files written")
-    return 0
+    return generate(__doc__.splitlines()[0], files, ROOT.parent,
+                    f"{len(files) - 1} CR recipes under configs/, {{stale}} files written", argv)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
@@ -34,17 +32,7 @@ from flatq.methods import MEC, MECConfig, TaskObjective
 from flatq.models import available_models, build_model
 from flatq.quant import calibrate, quantize_model
 
-from machine import machine_info, save_report
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+from machine import machine_info, save_report, timed
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -83,7 +71,7 @@ def measure(args: argparse.Namespace) -> dict:
         last = {}
         for name in names[round_ % 3:] + names[:round_ % 3]:  # rotate: no order bias
             fn, repeats = runs[name]
-            seconds = [timed(fn, device) for _ in range(repeats)]
+            seconds = [timed(fn, device=device).wall for _ in range(repeats)]
             last[name] = statistics.median(seconds)
             if round_ >= args.warmup:
                 times[name].extend(seconds)

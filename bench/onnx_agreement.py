@@ -3,8 +3,9 @@
 Both quantize as round(x/s) + z in float32, but onnxruntime sums convolutions in another
 order, so now and then an activation rounds to the neighbouring integer and moves the rest of
 that image's forward pass. Models are calibrated on random images (no training), as in
-tests/test_export.py; an image counts as affected when its largest logit difference exceeds
-1e-5 of the logit scale.
+tests/export/test_export.py; an image counts as affected when its largest logit difference
+exceeds 1e-5 of the logit scale. (`flatq.export.compare` measures accuracy agreement on a data
+set; this bench measures the per-image logit difference on random inputs.)
 
     .venv/bin/python bench/onnx_agreement.py
 Writes results/bench_onnx_agreement.json (docs/export.md quotes it).
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from flatq import QuantConfig, calibrate, quantize_model
+from flatq.config import parse_bits
 from flatq.export import OnnxModel, export_onnx
 from flatq.models import build_model
 from flatq.models.vit import VisionTransformer
@@ -36,10 +38,11 @@ def make_model(name: str) -> torch.nn.Module:
     return build_model(name, num_classes=10)
 
 
-def compare(name: str, bits: str, seed: int, images: int, folder: Path) -> dict:
+def disagreement(name: str, bits: str, seed: int, images: int, folder: Path) -> dict:
     """Affected images, largest relative logit difference and argmax agreement of one model."""
     torch.manual_seed(seed)
-    model = quantize_model(make_model(name), QuantConfig(w_bits=int(bits[1]), a_bits=int(bits[3])))
+    w_bits, a_bits = parse_bits(bits)
+    model = quantize_model(make_model(name), QuantConfig(w_bits=w_bits, a_bits=a_bits))
     calibrate(model, [torch.randn(32, 3, 32, 32)])
     model.eval()
     x = torch.randn(images, 3, 32, 32, generator=torch.Generator().manual_seed(1000 + seed))
@@ -63,7 +66,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         for name, bits in CASES:
-            runs = [compare(name, bits, seed, args.images, Path(folder))
+            runs = [disagreement(name, bits, seed, args.images, Path(folder))
                     for seed in range(args.seeds)]
             affected = sum(r["affected"] for r in runs)
             total = sum(r["images"] for r in runs)

@@ -3,6 +3,7 @@ configs/README.md, and writing (or checking) the files they generate."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -27,3 +28,17 @@ def write_or_check(files: dict[Path, str], check: bool, root: Path) -> tuple[int
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(files[path])
     return 0, stale
+
+
+def generate(description: str, files: dict[Path, str], root: Path, summary: str,
+             argv: list[str] | None = None) -> int:
+    """The generators' command line: write the out-of-date `files` and print `summary`
+    (formatted with `stale`, the number written), or with --check list them and return 1."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--check", action="store_true", help="compare instead of writing")
+    args = parser.parse_args(argv)
+    code, stale = write_or_check(files, args.check, root)
+    if args.check:
+        return code
+    print(summary.format(stale=len(stale)))
+    return 0

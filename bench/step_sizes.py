@@ -1,8 +1,8 @@
 """The largest learned weight step size of each layer in finished QAT runs.
 
-A weight step size larger than the layer's largest |weight| quantizes a whole channel to its
-zero point: the channel is dead. On the short Fashion-MNIST schedule the runs that collapsed
-share this in their 8-bit stem (README, Results; bench/csd_stability.py shows why).
+A weight step size larger than twice a channel's largest |weight| quantizes the whole channel
+to its zero point: the channel is dead (flatq.quant.health; docs/soundness.md says how the 8-bit
+stem gets there).
 
     .venv/bin/python bench/step_sizes.py runs/accuracy/resnet8/w4a4/*/seed* --out results/accuracy/step_sizes.json
 """
@@ -12,26 +12,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flatq.quant import quant_layers
-from flatq.train.runs import load_model
+from flatq.analysis.step_sizes import weight_step_sizes
+from flatq.runs import load_model
 from machine import save_report
 
 
 def layer_step_sizes(run: str) -> list[dict]:
     """Per quantized layer: largest weight step size, largest |weight|, dead channels."""
-    model, _ = load_model(run)
-    rows = []
-    for name, layer in quant_layers(model):
-        quantizer = layer.weight_quantizer
-        if not hasattr(quantizer, "scale_and_zero_point"):
-            continue
-        scale, _ = quantizer.scale_and_zero_point()
-        weight = layer.weight.detach().flatten(1).abs().amax(dim=1)
-        scale = scale.detach().flatten().expand_as(weight)
-        rows.append({"layer": name, "max_step": scale.max().item(),
-                     "max_abs_weight": weight.max().item(),
-                     "dead_channels": int((scale > 2 * weight).sum())})
-    return rows
+    return weight_step_sizes(load_model(run)[0])
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ over the timed steps; on CPU, each setting runs in a fresh child process and we 
 peak resident set size of its first two training steps (VmHWM, reset once the models are
 built) and how far it rises above the resident size before them: the memory training needs
 (activations, gradients, optimizer state) beyond the models. Host memory: like the `flatq`
-command, the bench first has glibc keep freed memory for reuse (flatq.train.host_memory);
+command, the bench first has glibc keep freed memory for reuse (flatq.allocator);
 `--glibc-malloc` measures with glibc's default instead.
 
     .venv/bin/python bench/step_time.py                      # CPU, batch 32
@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -37,32 +35,17 @@ from flatq.methods import FPQ, FPQConfig, TaskObjective
 from flatq.methods.base import Objective
 from flatq.models import build_model
 from flatq.quant import calibrate, quantize_model
-from flatq.train.host_memory import retain_freed_host_memory
+from flatq.train.batchnorm import reestimate_batchnorm
+from flatq.allocator import retain_freed_host_memory
 from flatq.train.optim import build_optimizer
 
-from machine import machine_info, run_in_fresh_process, save_report, status_mib
+from machine import (machine_info, print_load, run_in_fresh_process, save_report, status_mib,
+                     timed)
 
 METHODS = ("fp", "lsq", "fpq")
 PARTS = ("lsq+teacher", "fpq-sfp")
 TARGETS = {"lsq": 1.3, "fpq": 1.7}
 NUM_CLASSES = 10
-
-
-@torch.no_grad()
-def settle_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> None:
-    """Give an untrained model the BatchNorm statistics of `images`, as a trained teacher has.
-
-    Otherwise calibration (eval mode) sees the activations of BN's initial running stats,
-    far smaller than the training-mode ones, and the CSD gradient of the badly clipped
-    student overflows within a step on MobileNetV2.
-    """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: one batch sets the statistics exactly
-    model.train()(images)
-    for m in norms:
-        m.momentum = 0.1
 
 
 class TeacherForward(TaskObjective):
@@ -84,7 +67,11 @@ def build_objective(method: str, model_name: str, images: torch.Tensor,
     """The objective and optimizer of one setting, ready for `objective.step`."""
     torch.manual_seed(0)
     fp = build_model(model_name, num_classes=NUM_CLASSES, in_channels=3).to(device)
-    settle_batchnorm(fp, images)
+    # An untrained model gets the BatchNorm statistics of `images`, as a trained teacher has:
+    # otherwise calibration (eval mode) sees the activations of BN's initial running stats,
+    # far smaller than the training-mode ones, and the CSD gradient of the badly clipped
+    # student overflows within a step on MobileNetV2.
+    reestimate_batchnorm(fp, [images])
     if method == "fp":
         objective: Objective = TaskObjective(fp)
     else:
@@ -98,27 +85,12 @@ def build_objective(method: str, model_name: str, images: torch.Tensor,
     return objective, build_optimizer(objective.student, TrainConfig())
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_step(objective: Objective, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor, device: torch.device) -> tuple[float, float, float, int]:
-    """One step's wall-clock seconds, this process's CPU seconds (all its threads), the part
-    of those spent in the kernel, and its minor page faults.
-
-    On a shared CPU the CPU time is the steadier measure: time spent descheduled while
-    other processes run does not count (with several threads, their spin-waits do). Kernel
-    time in a training step is mostly page faults on fresh memory (flatq.train.host_memory)."""
-    sync(device)
-    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    objective.step(images, labels, optimizer)
-    sync(device)
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    system = after.ru_stime - before.ru_stime
-    return (time.perf_counter() - start, after.ru_utime - before.ru_utime + system, system,
-            after.ru_minflt - before.ru_minflt)
+    """One step's wall-clock seconds, CPU seconds, kernel part of those and minor page faults
+    (see machine.Timing)."""
+    t = timed(objective.step, images, labels, optimizer, device=device)
+    return t.wall, t.cpu, t.system, t.page_faults
 
 
 def summarize(times: list[tuple[float, float, float, int]]) -> dict[str, float]:
@@ -202,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--glibc-malloc", action="store_true",
                         help="keep glibc's default malloc instead of retaining freed host memory "
-                        "as the flatq command does (flatq.train.host_memory)")
+                        "as the flatq command does (flatq.allocator)")
     parser.add_argument("--breakdown", action="store_true",
                         help=f"also time {' and '.join(PARTS)}: FPQ's parts one by one")
     parser.add_argument("--out", default="results/bench_step_time.json")
@@ -218,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "image": [3, 32, 32], "bits": "w4a4", "quantizer": "lsq",
                            "fpq": {"p": 0.1, "csd": True, "csd_weight": 1.0},
                            "optimizer": "SGD momentum 0.9, wd 5e-4 (flatq build_optimizer)",
-                           "host_memory": ("freed memory retained (flatq.train.host_memory)"
+                           "host_memory": ("freed memory retained (flatq.allocator)"
                                            if retained else "malloc as configured")},
               "targets": TARGETS, "models": {}}
     for name in args.models.split(","):
@@ -260,8 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  {m} memory: peak {mem['peak_mib']:.0f} MiB, steps add "
                       f"{mem['step_mib']:.0f} MiB ({mem['kind']})")
     report["loadavg_after"] = os.getloadavg()
-    print(f"load average (1, 5, 15 min): before {report['loadavg_before']}, "
-          f"after {report['loadavg_after']}")
+    print_load(report)
     save_report(report, args.out)
     return report
 

@@ -35,10 +35,11 @@ from flatq.config import QuantConfig, TrainConfig
 from flatq.methods import TaskObjective
 from flatq.models import build_model
 from flatq.quant import calibrate, quant_layers, quantize_model
+from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.train.optim import build_optimizer
 
-from machine import machine_info, save_report
-from step_time import NUM_CLASSES, batch, settle_batchnorm, summarize, timed_step
+from machine import machine_info, print_load, save_report
+from step_time import NUM_CLASSES, batch, summarize, timed_step
 
 SETTINGS = ("fp", "flatq", "brevitas")
 TARGET = 0.5  # flatq overhead / Brevitas overhead
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     images, labels = batch(args.batch, device)
     torch.manual_seed(0)
     fp = build_model("resnet18", num_classes=NUM_CLASSES, in_channels=3)
-    settle_batchnorm(fp, images)
+    reestimate_batchnorm(fp, [images])   # the BatchNorm statistics a trained model has
     flat = quantize_model(fp, QUANT)
     calibrate(flat, [images], device)
     brev = brevitas_model(fp, flat)
@@ -186,8 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  by CPU time: overhead flatq {cpu['flatq']:+.2f}, Brevitas {cpu['brevitas']:+.2f}, "
           f"flatq / Brevitas = {cpu['flatq'] / cpu['brevitas']:.2f}")
     print("comparable because:\n" + "\n".join(f"  - {c}" for c in comparable))
-    print(f"load average (1, 5, 15 min): before {report['loadavg_before']}, "
-          f"after {report['loadavg_after']}")
+    print_load(report)
     save_report(report, args.out)
     return report
 

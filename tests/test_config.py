@@ -204,3 +204,40 @@ def test_qat_without_quant_flags_uses_default_bits():
     config = build_run_config(args, "lsq", quantized=True)
     assert config.quant == QuantConfig() and config.quant.bits == "w4a4"
     assert config.method == method_config("lsq")
+
+
+def test_method_configs_known_after_plain_import():
+    # A fresh interpreter: only `import flatq`, no import of flatq.methods by hand.
+    import subprocess
+    import sys
+    code = ("import flatq\nfrom flatq.config import RunConfig\n"
+            "c = RunConfig.from_dict({'method': {'name': 'fpq'}})\nprint(c.method.name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "fpq"
+
+
+def test_load_recipe_merges_sections_over_a_base(tmp_path):
+    from flatq.config import load_recipe, merge_sections
+    path = tmp_path / "r.yaml"
+    path.write_text("train: {epochs: 3}\nquant: {w_bits: 2}\n")
+    base = {"data": {"name": "synthetic"}, "train": {"lr": 0.5, "epochs": 9}}
+    raw = load_recipe(path, base)
+    assert raw == {"data": {"name": "synthetic"}, "train": {"lr": 0.5, "epochs": 3},
+                   "quant": {"w_bits": 2}}
+    assert base["train"] == {"lr": 0.5, "epochs": 9}        # the base is left as it was
+    assert merge_sections({"model": "a"}, {"model": "b"}) == {"model": "b"}
+    path.write_text("train: {epochs: 0}\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: train\.epochs"):
+        load_recipe(path)
+
+
+def test_weight_and_input_quantizer_flags_and_the_lsq_alias():
+    args = build_parser().parse_args([
+        "qat", "--from", "fp", "--out", "q", "--method", "lsq", "--weight-quantizer", "lsq",
+        "--input-quantizer", "pact"])
+    config = build_run_config(args, "task", quantized=True)
+    assert (config.quant.weight_family, config.quant.input_family) == ("lsq", "pact")
+    assert config.method.name == "task" and config.method == method_config("lsq")
+    with pytest.raises(ConfigError, match="weight_quantizer: 'nope' is not one of lsq"):
+        QuantConfig(weight_quantizer="nope")

@@ -18,7 +18,7 @@ from flatq.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 # file-name suffix -> (method, quantizer), as configs/README.md documents them
-SUFFIXES = {"lsq": ("lsq", "lsq"), "lsqplus": ("lsq", "lsq+"), "pact": ("lsq", "pact"),
+SUFFIXES = {"lsq": ("task", "lsq"), "lsqplus": ("task", "lsq+"), "pact": ("task", "pact"),
             "kd": ("kd", "lsq"), "fpq": ("fpq", "lsq"), "sam": ("sam", "lsq")}
 
 

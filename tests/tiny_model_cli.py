@@ -1,6 +1,6 @@
 """The flatq command with one more model registered: `tiny_nobn`, two convolutions and a
 linear layer without BatchNorm. Without BatchNorm a DDP step over N shards computes the same
-gradient as one process over the whole batch, which is what tests/test_ddp.py checks.
+gradient as one process over the whole batch, which is what tests/train/test_ddp.py checks.
 
 Usage (as `flatq`): python tests/tiny_model_cli.py pretrain --model tiny_nobn ...
              or:    torchrun --nproc_per_node 2 tests/tiny_model_cli.py pretrain ...

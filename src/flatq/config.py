@@ -3,7 +3,8 @@
 Every field carries its help text and its allowed values in `field(metadata=...)`; the same
 metadata drives validation (errors name the field and what is allowed), YAML loading (unknown
 keys are refused) and the command-line flags (one flag per field, generated in the CLI).
-Method-specific configs live beside their methods and register here by name.
+Method-specific configs live beside their methods and register here by name; `import flatq`
+imports the methods, so every method is known once any part of flatq is imported.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class Section:
             low, high = meta.get("low"), meta.get("high")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if (low is not None and value < low) or (high is not None and value > high):
-                    span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+                    span = (f"{low if low is not None else '-inf'}.."
+                            f"{high if high is not None else 'inf'}")
                     raise ConfigError(f"{where}: {value} is outside the allowed range {span}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +141,8 @@ class Section:
         if unknown:
             where = f" in {cls.section}" if cls.section else ""
             raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(map(repr, unknown))}{where}; allowed: {', '.join(names)}")
+                              f"{', '.join(map(repr, unknown))}{where}; allowed: "
+                              f"{', '.join(names)}")
         start = base.to_dict() if base is not None else {}
         start.update(values)
         return cls(**start)
@@ -169,15 +172,23 @@ def check_device(name: str) -> str:
 class DataConfig(Section):
     section: ClassVar[str] = "data"
     name: str = option("fashion_mnist", "data set: cifar10, cifar100, fashion_mnist, digits, "
-                       "synthetic", flag="--data")
+                       "synthetic, imagefolder (DIR/train/CLASS/*.jpg and DIR/val/CLASS/..., "
+                       "read from disk as it trains)", flag="--data")
     root: str | None = option(None, "folder holding the data set (CIFAR: the folder containing "
-                              "cifar-10-batches-py; Fashion-MNIST: the idx files; default: "
-                              "FLATQ_DATA or the Debian package's folder)", flag="--data-root")
+                              "cifar-10-batches-py; Fashion-MNIST: the idx files; imagefolder: "
+                              "the folder holding train/ and val/; default: FLATQ_DATA or the "
+                              "Debian package's folder)", flag="--data-root")
     image_size: int | None = option(None, "pad images to this square size (e.g. 32 for the "
-                                    "CIFAR models on 28x28 Fashion-MNIST)", low=8, high=1024)
+                                    "CIFAR models on 28x28 Fashion-MNIST); imagefolder: the "
+                                    "crop size (default: the model's ImageNet input size, "
+                                    "else 224)", low=8, high=1024)
     channels: int | None = option(None, "repeat a gray channel to this many (3 for CIFAR models)",
                                   choices=(1, 3))
-    augment: bool = option(True, "random crop with padding and (where sensible) horizontal flip")
+    augment: bool = option(True, "random crop with padding and (where sensible) horizontal "
+                           "flip; imagefolder: RandomResizedCrop and flip")
+    workers: int | None = option(None, "imagefolder: DataLoader worker processes per rank that "
+                                 "decode images (default: min(8, CPUs per rank)); in-memory "
+                                 "data sets need none", low=0, high=256)
 
 
 @dataclass
@@ -190,6 +201,12 @@ class TrainConfig(Section):
     weight_decay: float = option(5e-4, "weight decay of weights (not of step sizes or zero "
                                  "points; PACT's alpha gets it as its L2 penalty)", low=0.0)
     nesterov: bool = option(False, "use Nesterov momentum")
+    bn_freeze: float = option(0.0, "fraction of training at its end during which every "
+                              "BatchNorm normalizes with, and keeps, its running statistics "
+                              "(eval mode), so the last steps train the network that is "
+                              "evaluated (torch.ao's QAT recipe)", low=0.0, high=1.0)
+    quantizer_lr: float = option(1.0, "learning rate of the quantizers' step sizes, offsets and "
+                                 "clipping values, as a multiple of --lr", low=0.0)
     warmup_epochs: int = option(0, "linear learning-rate warm-up before the cosine decay", low=0)
     seed: int = option(0, "random seed (data order, augmentation, noise, initialization)", low=0,
                        high=2**32 - 1)
@@ -212,14 +229,25 @@ class TrainConfig(Section):
         check_device(self.device)
 
 
+# Names of the registered quantizer families, filled by `flatq.quant.quantizers` (which
+# `import flatq` imports): the choices of quant.quantizer / weight_quantizer / input_quantizer.
+QUANTIZER_NAMES: list[str] = []
+
+
 @dataclass
 class QuantConfig(Section):
     section: ClassVar[str] = "quant"
     w_bits: int = option(4, "weight bit width of the inner layers", low=2, high=8)
     a_bits: int = option(4, "input (activation) bit width of the inner layers", low=2, high=8)
-    quantizer: str = option("lsq", "lsq (learned step), lsq+ (learned step and offset), "
-                            "pact (learned clipping; min-max weights), minmax (fixed ranges)",
-                            choices=("lsq", "lsq+", "pact", "minmax"))
+    quantizer: str = option("lsq", "quantizer family of weights and inputs: lsq (learned "
+                            "step), lsq+ (learned step and offset; LSQ weights), pact (learned "
+                            "clipping; min-max weights), minmax (fixed ranges)",
+                            choices=QUANTIZER_NAMES)
+    weight_quantizer: str | None = option(None, "the weights' quantizer family when it differs "
+                                          "from --quantizer (e.g. lsq weights with pact inputs)",
+                                          choices=QUANTIZER_NAMES)
+    input_quantizer: str | None = option(None, "the inputs' quantizer family when it differs "
+                                         "from --quantizer", choices=QUANTIZER_NAMES)
     lsqplus_offset: str = option("integer", "LSQ+'s learned offset beta in the forward pass: "
                                  "integer (as the zero point round(-beta / s), exportable) or "
                                  "continuous (beta itself, as the LSQ+ paper; with its min-max "
@@ -244,6 +272,9 @@ class QuantConfig(Section):
                                "current weights' range every step: no step size to learn, so no "
                                "channel can die; see bench/step_sizes.py)",
                                choices=("learned", "minmax"))
+    edge_init: str | None = option(None, "initial step size of the first and last layer's "
+                                   "weights: minmax or lsq (none: as --init)",
+                                   choices=("minmax", "lsq"))
     skip: list[str] = option([], "modules to leave float: names or fnmatch patterns, comma "
                              "separated (e.g. 'features.*.attn'); a pattern naming a module "
                              "leaves every layer inside it float too")
@@ -264,6 +295,10 @@ class QuantConfig(Section):
                          "integer kernels execute: symmetric per-channel weights on [-qmax, "
                          "qmax], BatchNorm folded, conv outputs requantized; see "
                          "docs/export.md)", choices=("paper", "onnxruntime"))
+
+    def weight_init(self, edge: bool) -> str:
+        """Initial step-size rule of a layer's weights (`edge`: the first or last layer)."""
+        return self.edge_init if edge and self.edge_init else self.init
 
     def validate(self) -> None:
         super().validate()
@@ -286,25 +321,51 @@ class QuantConfig(Section):
     def bits(self) -> str:
         return f"w{self.w_bits}a{self.a_bits}"
 
+    @property
+    def weight_family(self) -> str:
+        """The weights' quantizer family: `weight_quantizer`, or `quantizer` when unset."""
+        return self.weight_quantizer or self.quantizer
+
+    @property
+    def input_family(self) -> str:
+        """The inputs' quantizer family: `input_quantizer`, or `quantizer` when unset."""
+        return self.input_quantizer or self.quantizer
+
 
 @dataclass
 class MethodConfig(Section):
-    """Base of the per-method configs; subclasses set `name` and register themselves."""
+    """Base of the per-method configs; subclasses set `name` (and any older `aliases` that
+    configs and checkpoints may still say) and register themselves."""
     section: ClassVar[str] = "method"
     name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
 
 
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+METHOD_ALIASES: dict[str, str] = {}     # an accepted older name -> the method's name
 
 
 def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
     METHOD_CONFIGS[cls.name] = cls
+    METHOD_ALIASES.update((alias, cls.name) for alias in cls.aliases)
     return cls
 
 
+def canonical_method(name: str) -> str:
+    """The method's own name for `name`, which may be one of its aliases (e.g. lsq -> task)."""
+    return METHOD_ALIASES.get(name, name)
+
+
 def method_config(name: str, values: dict[str, Any] | None = None) -> MethodConfig:
+    """The config of method `name` (or an alias of it) with `values` over its defaults.
+
+    Raises:
+        ConfigError: an unknown method, or values it does not accept.
+    """
+    name = canonical_method(name)
     if name not in METHOD_CONFIGS:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHOD_CONFIGS))}")
+        raise ConfigError(f"unknown method {name!r}; available: "
+                          f"{', '.join(sorted(METHOD_CONFIGS))}")
     return METHOD_CONFIGS[name].from_dict(values)
 
 
@@ -313,6 +374,9 @@ class RunConfig:
     """Everything one run needs; what `config.yaml` in a run folder holds."""
     model: str = "resnet8"
     data: DataConfig = field(default_factory=DataConfig)
+    # A local weights file (state_dict) the model starts from: pretrain's initialization,
+    # or qat's teacher when no --from run is given.
+    pretrained: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: QuantConfig | None = None
     method: MethodConfig | None = None
@@ -320,6 +384,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "data": self.data.to_dict(),
                                "train": self.train.to_dict()}
+        if self.pretrained is not None:
+            out["pretrained"] = self.pretrained
         if self.quant is not None:
             out["quant"] = self.quant.to_dict()
         if self.method is not None:
@@ -329,13 +395,15 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
         if not isinstance(values, dict):
-            raise ConfigError(f"a config must be a mapping of sections, got {type(values).__name__}")
-        allowed = ("model", "data", "train", "quant", "method")
+            raise ConfigError("a config must be a mapping of sections, got "
+                              f"{type(values).__name__}")
+        allowed = ("model", "pretrained", "data", "train", "quant", "method")
         unknown = sorted(set(values) - set(allowed))
         if unknown:
             raise ConfigError(f"unknown top-level key(s) {', '.join(map(repr, unknown))}; "
                               f"allowed: {', '.join(allowed)}")
         model = coerce(values.get("model", cls.model), str, "model")
+        pretrained = coerce(values.get("pretrained"), str | None, "pretrained")
         sections = {}
         for key in ("data", "train", "quant"):
             raw = values.get(key)
@@ -354,7 +422,7 @@ class RunConfig:
                 raise ConfigError("method: expected a mapping with a 'name' key")
             method = dict(method)
             method = method_config(method.pop("name"), method)
-        return cls(model=model, method=method, **sections)
+        return cls(model=model, pretrained=pretrained, method=method, **sections)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -369,6 +437,38 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
     return data or {}
+
+
+def merge_sections(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`: a section that is a mapping in both merges key by key, any
+    other value replaces; neither argument is changed."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_recipe(path: str | Path, base: dict[str, Any] | None = None,
+                default_method: str = "ce") -> dict[str, Any]:
+    """A YAML recipe merged over `base` (a config mapping), as a mapping flags can still
+    override. The file must be valid on its own (with `default_method` when it names none).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, not a mapping of sections, or invalid;
+            the message starts with the path.
+    """
+    loaded = load_yaml(path)
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections")
+    raw = merge_sections(base or {}, loaded)
+    try:  # the file must be valid on its own, even where flags override it
+        RunConfig.from_dict({**raw, "method": raw.get("method") or default_method})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return raw
 
 
 def save_yaml(config: RunConfig, path: str | Path) -> None:

@@ -6,6 +6,8 @@ that are written as JSON and drawn by `plots`.
 - noise: output variance under Gaussian input noise
 - features: per-channel statistics of one layer's output
 - tracking: step callbacks that log hessian_trace / grad_norm during training
+- step_sizes: weight step sizes per layer and the channels they killed
+- sources, reports: finished runs opened for analysis, and the JSON files `flatq plot` draws
 """
 
 from .features import feature_layers, feature_statistics
@@ -13,10 +15,11 @@ from .gradnorm import grad_norm, task_grad_norm
 from .hessian import Hessian, batch_loss, hessian_report, model_hessian
 from .noise import output_variance
 from .params import layer_weights, select_params
-from .state import measuring
+from .measuring import measuring
+from .step_sizes import weight_step_sizes
 from .tracking import tracking_callbacks
 
 __all__ = ["Hessian", "batch_loss", "hessian_report", "model_hessian", "grad_norm",
            "task_grad_norm", "output_variance",
            "feature_layers", "feature_statistics", "layer_weights", "select_params",
-           "measuring", "tracking_callbacks"]
+           "measuring", "tracking_callbacks", "weight_step_sizes"]

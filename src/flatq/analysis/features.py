@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DataError
-from .state import measuring
+from .measuring import measuring
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
@@ -58,7 +58,23 @@ def feature_statistics(model: nn.Module, name: str, images: Tensor, bins: int = 
                        percentiles: Sequence[float] = PERCENTILES,
                        batch_size: int = 256) -> dict:
     """Per-channel mean, std, min, max and percentiles of layer `name`'s output over
-    `images` (channel c pools batch and spatial positions), plus one histogram of all values."""
+    `images` (channel c pools batch and spatial positions), plus one histogram of all values.
+
+    Args:
+        model: float or quantized (run in eval mode; its state is restored).
+        name: a conv or linear layer's module name (`feature_layers` lists them).
+        images: normalized images.
+        bins, percentiles, batch_size: histogram bins; percentiles per channel; images per
+            forward pass.
+
+    Returns:
+        A dict of per-channel lists (mean, std, min, max, percentiles) and the histogram.
+
+    Raises:
+        ConfigError: `name` is not a conv or linear layer (the valid names are listed), or
+            `bins` / `batch_size` < 1.
+        DataError: the layer gives non-finite outputs.
+    """
     if bins < 1:
         raise ConfigError(f"feature analysis: bins must be >= 1, got {bins}")
     values = layer_outputs(model, name, images, batch_size).numpy()

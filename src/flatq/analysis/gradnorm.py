@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .hessian import batch_loss
 from .params import layer_weights
-from .state import measuring
+from .measuring import measuring
 
 
 def _norm(grads: Iterable[Tensor]) -> float:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from .params import select_params
-from .state import measuring
+from .measuring import measuring
 
 Closure = Callable[[], Tensor]
 
@@ -263,6 +263,23 @@ def hessian_report(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
 
     The model runs in eval mode (BatchNorm uses its running statistics, quantizers still
     fake-quantize); its parameters, buffers and train/eval flags are left as they were.
+
+    Args:
+        model: float or quantized.
+        batches: fixed (images, labels) batches, e.g. `flatq.analysis.sources.fixed_batches`.
+        params: 'weights' (conv/linear weights) or 'all' trainable parameters.
+        samples: Hutchinson vectors per batch.
+        top_k, iters, tol: eigenvalues to find; most power iterations each; stop when
+            ||Hv - lambda v|| <= tol |lambda|.
+        seed: of the random vectors.
+        progress: show a progress bar.
+
+    Returns:
+        A dict: trace (value, stderr), eigenvalues (value, residual, converged), trace per
+        layer, num_params, num_images and seconds per part.
+
+    Raises:
+        ConfigError: `top_k` < 0, an unknown `params`, or no parameter to differentiate.
     """
     if top_k < 0:
         raise ConfigError(f"top-k eigenvalues: k must be >= 0, got {top_k}")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .state import measuring
+from .measuring import measuring
 
 OUTPUTS = ("logits", "probs")
 
@@ -31,6 +31,20 @@ def output_variance(model: nn.Module, images: Tensor, labels: Tensor, sigmas: Se
     `images` are normalized model inputs. `output` is `logits` (the paper's "outputs") or
     `probs` (softmax). The noise generator restarts from `seed` for every model, so models
     compared on the same images see the same noise.
+
+    Args:
+        model: float or quantized (run in eval mode; its state is restored).
+        images, labels: normalized test images and their labels.
+        sigmas: noise standard deviations (>= 0).
+        repeats: noisy copies per image (>= 2).
+        output, seed, batch_size: see above; images per forward pass.
+
+    Returns:
+        One dict per sigma: sigma, variance, stderr, acc.
+
+    Raises:
+        ConfigError: an unknown `output`, fewer than 2 repeats, or a negative or non-finite
+            sigma.
     """
     if output not in OUTPUTS:
         raise ConfigError(f"output: {output!r} is not one of {', '.join(OUTPUTS)}")

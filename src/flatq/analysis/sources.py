@@ -9,19 +9,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import DataConfig
-from ..data import BatchPipeline, ImageTensorDataset
+from ..data import BatchPipeline, DataBundle, ImageFolderSet, ImageTensorDataset
 from ..errors import ConfigError
-from ..train.runs import DataBundle, load_model, prepare_data
+from ..train.run_io import load_model, run_data
 
 
 @dataclass
 class Run:
-    """A finished run opened for analysis: its label, model (on `device`), metadata, data."""
+    """A finished run opened for analysis: its label, model (on `device`), metadata, data,
+    and the path it was opened from."""
     label: str
     model: nn.Module
     meta: dict[str, Any]
     data: DataBundle
+    path: str = ""
 
     @property
     def bits(self) -> str:
@@ -40,14 +41,12 @@ def open_run(path: str | Path, device: torch.device, data_root: str | None = Non
     """Load a run folder or model.pt with the data set it was trained on (or under
     `data_root`); the model comes back on `device`, in eval mode."""
     model, state = load_model(path)
-    data_cfg = DataConfig.from_dict(state["meta"]["data"])
-    if data_root:
-        data_cfg = DataConfig.from_dict({"root": data_root}, base=data_cfg)
-    return Run(label or run_label(path), model.to(device), state["meta"], prepare_data(data_cfg))
+    _, data = run_data(state, data_root)
+    return Run(label or run_label(path), model.to(device), state["meta"], data, str(path))
 
 
-def fixed_batches(dataset: ImageTensorDataset, pipeline: BatchPipeline, count: int,
-                  batch_size: int, seed: int, device: torch.device
+def fixed_batches(dataset: ImageTensorDataset | ImageFolderSet, pipeline: BatchPipeline,
+                  count: int, batch_size: int, seed: int, device: torch.device
                   ) -> list[tuple[Tensor, Tensor]]:
     """`count` batches of `batch_size` images drawn without replacement by `seed`, passed
     through `pipeline` without augmentation (train=False)."""
@@ -59,16 +58,15 @@ def fixed_batches(dataset: ImageTensorDataset, pipeline: BatchPipeline, count: i
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     batches = []
     for i in range(count):
-        index = order[i * batch_size:(i + 1) * batch_size]
-        batches.append((pipeline(dataset.images[index].to(device), train=False),
-                        dataset.labels[index].to(device)))
+        images, labels = dataset.take(order[i * batch_size:(i + 1) * batch_size])
+        batches.append((pipeline(images.to(device), train=False), labels.to(device)))
     return batches
 
 
-def first_images(dataset: ImageTensorDataset, pipeline: BatchPipeline, count: int,
-                 device: torch.device) -> tuple[Tensor, Tensor]:
+def first_images(dataset: ImageTensorDataset | ImageFolderSet, pipeline: BatchPipeline,
+                 count: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """The first `count` images of `dataset` (all of them if fewer), normalized."""
     if count < 1:
         raise ConfigError(f"need at least 1 image, got {count}")
-    images = dataset.images[:count].to(device)
-    return pipeline(images, train=False), dataset.labels[:count].to(device)
+    images, labels = dataset.take(range(min(count, len(dataset))))
+    return pipeline(images.to(device), train=False), labels.to(device)

@@ -14,7 +14,7 @@ from ..methods.base import Objective
 from .gradnorm import grad_norm, task_grad_norm
 from .hessian import model_hessian
 from .params import layer_weights
-from .state import measuring
+from .measuring import measuring
 
 # Hutchinson vectors per tracked step: a rough but cheap estimate (the standard error is
 # logged beside it).

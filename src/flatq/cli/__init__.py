@@ -2,7 +2,7 @@
 
 User mistakes (FlatqError) end with one line on stderr and exit status 2; Ctrl-C ends with a
 hint to resume. Anything else is a bug and keeps its traceback. Every command first has glibc
-keep freed host memory for reuse (flatq.train.host_memory), so that large-batch CPU steps stop
+keep freed host memory for reuse (flatq.allocator), so that large-batch CPU steps stop
 page-faulting in fresh memory (docs/speed.md).
 """
 
@@ -12,11 +12,11 @@ import argparse
 import sys
 
 from ..errors import FlatqError
-from ..train.host_memory import retain_freed_host_memory
-from . import analyze, demo, evaluate, export, plot, ptq, train
+from ..allocator import retain_freed_host_memory
+from . import analyze, demo, evaluate, export, plot, pretrain, ptq, qat
 
 # Each module has `register(subparsers)`, which adds its parser with `func` set.
-COMMANDS = [train, evaluate, demo, ptq, export, analyze, plot]
+COMMANDS = [pretrain, qat, evaluate, demo, ptq, export, analyze, plot]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

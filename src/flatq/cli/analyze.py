@@ -7,16 +7,11 @@ draws, and prints a short summary.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
-from typing import Any
 
-from ..analysis.features import PERCENTILES, feature_statistics
-from ..analysis.hessian import hessian_report
-from ..analysis.noise import OUTPUTS, output_variance
+from ..analysis.noise import OUTPUTS
 from ..analysis.params import PARAM_SETS
-from ..analysis.sources import Run, first_images, fixed_batches, open_run
-from ..errors import ConfigError
+from ..analysis.reports import (features_entry, hessian_entry, noise_entry, open_runs, report,
+                                write_report)
 from ..train.loop import resolve_device, show_progress
 
 
@@ -94,66 +89,46 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _runs(args: argparse.Namespace):
     """Open each RUN in turn (one model in memory at a time)."""
-    labels = [s.strip() for s in args.labels.split(",")] if args.labels else [None] * len(args.runs)
-    if len(labels) != len(args.runs):
-        raise ConfigError(f"--labels gives {len(labels)} labels for {len(args.runs)} runs")
-    device = resolve_device(args.device)
-    for path, label in zip(args.runs, labels):
-        yield open_run(path, device, args.data_root, label), device
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    return open_runs(args.runs, resolve_device(args.device), labels, args.data_root)
 
 
-def _entry(run: Run, path: str) -> dict[str, Any]:
-    return {"label": run.label, "path": str(path), "model": run.meta["model"], "bits": run.bits}
-
-
-def _write(result: dict[str, Any], out: str) -> None:
-    path = Path(out)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot write ({exc.strerror})") from None
-    print(f"-> {path}")
+def _write(result: dict, out: str) -> None:
+    print(f"-> {write_report(result, out)}")
 
 
 def run_hessian(args: argparse.Namespace) -> None:
     entries = []
-    for (run, device), path in zip(_runs(args), args.runs):
-        batches = fixed_batches(run.data.train, run.data.eval_pipeline, args.batches,
-                                args.batch_size, args.seed, device)
-        report = hessian_report(run.model, batches, args.params, args.samples, args.top_k,
-                                args.iters, args.tol, args.seed, show_progress(True))
-        entries.append({**_entry(run, path), **report})
+    for run in _runs(args):
+        entry = hessian_entry(run, args.batches, args.batch_size, args.params, args.samples,
+                              args.top_k, args.iters, args.tol, args.seed, show_progress(True))
+        entries.append(entry)
         eig = ", ".join(f"{e['value']:.4g}{'' if e['converged'] else '?'} ± {e['residual']:.2g}"
-                        for e in report["eigenvalues"])
-        print(f"{run.label}: Tr(H) = {report['trace']['value']:.5g} ± "
-              f"{report['trace']['stderr']:.2g}  top eigenvalues [{eig}]  "
-              f"({report['num_params']} params, {args.samples} vectors x {args.batches} batches, "
-              f"{sum(report['seconds'].values()):.1f}s)")
-    _write({"kind": "hessian", "params": args.params, "runs": entries}, args.out)
+                        for e in entry["eigenvalues"])
+        print(f"{run.label}: Tr(H) = {entry['trace']['value']:.5g} ± "
+              f"{entry['trace']['stderr']:.2g}  top eigenvalues [{eig}]  "
+              f"({entry['num_params']} params, {args.samples} vectors x {args.batches} batches, "
+              f"{sum(entry['seconds'].values()):.1f}s)")
+    _write(report("hessian", entries, params=args.params), args.out)
 
 
 def run_noise(args: argparse.Namespace) -> None:
     entries = []
-    for (run, device), path in zip(_runs(args), args.runs):
-        images, labels = first_images(run.data.test, run.data.eval_pipeline, args.images, device)
-        curve = output_variance(run.model, images, labels, args.sigmas, args.repeats,
-                                args.output, args.seed)
-        entries.append({**_entry(run, path), "images": len(images), "curve": curve})
+    for run in _runs(args):
+        entry = noise_entry(run, args.sigmas, args.repeats, args.images, args.output, args.seed)
+        entries.append(entry)
         print(f"{run.label}: " + "  ".join(f"sigma {c['sigma']:g}: var {c['variance']:.4g} "
-                                           f"(acc {c['acc']:.1f}%)" for c in curve))
-    _write({"kind": "noise", "output": args.output, "repeats": args.repeats,
-            "seed": args.seed, "runs": entries}, args.out)
+                                           f"(acc {c['acc']:.1f}%)" for c in entry["curve"]))
+    _write(report("noise", entries, output=args.output, repeats=args.repeats, seed=args.seed),
+           args.out)
 
 
 def run_features(args: argparse.Namespace) -> None:
     entries = []
-    for (run, device), path in zip(_runs(args), args.runs):
-        images, _ = first_images(run.data.test, run.data.eval_pipeline, args.images, device)
-        stats = feature_statistics(run.model, args.layer, images, args.bins)
-        entries.append({**_entry(run, path), "images": len(images), **stats})
+    for run in _runs(args):
+        stats = features_entry(run, args.layer, args.images, args.bins)
+        entries.append(stats)
         print(f"{run.label}: {stats['channels']} channels, channel means "
               f"{min(stats['mean']):.3g}..{max(stats['mean']):.3g}, channel stds "
               f"{min(stats['std']):.3g}..{max(stats['std']):.3g}")
-    _write({"kind": "features", "layer": args.layer, "percentiles": list(PERCENTILES),
-            "runs": entries}, args.out)
+    _write(report("features", entries, layer=args.layer), args.out)

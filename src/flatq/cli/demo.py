@@ -16,7 +16,7 @@ from ..methods import QAT_METHODS
 from ..models import check_model_name
 from ..train.run_folder import check_run_folder
 from ..quant.target import TARGETS
-from ..train.runs import load_teacher, pretrain, qat
+from ..runs import load_teacher, pretrain, qat
 from .deploy import deploy_runs, print_deployment
 
 
@@ -25,10 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a small FP ResNet on Fashion-MNIST, quantize it and "
                        "fine-tune it, then print FP and quantized test accuracy. Existing runs in "
                        "OUT/fp and OUT/WxAy are replaced only with --overwrite.")
-    p.add_argument("--out", default="runs/demo", help="folder for the two runs [default: runs/demo]")
+    p.add_argument("--out", default="runs/demo",
+                   help="folder for the two runs [default: runs/demo]")
     p.add_argument("--model", default="resnet8", help="architecture [default: resnet8]")
     p.add_argument("--bits", default="w4a4", help="quantized bit widths [default: w4a4]")
-    p.add_argument("--method", default="lsq", choices=QAT_METHODS, help="QAT method [default: lsq]")
+    p.add_argument("--method", default="task", choices=QAT_METHODS + ["lsq"],
+                   help="QAT method (lsq: the former name of task) [default: task]")
     p.add_argument("--fp-epochs", type=int, default=4, help="full-precision epochs [default: 4]")
     p.add_argument("--qat-epochs", type=int, default=2, help="QAT epochs [default: 2]")
     p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: FLATQ_DATA "

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..export import OnnxModel, compare, export_float_onnx, export_onnx
-from ..train.runs import load_model
-from .export import run_data
+from ..train.run_io import load_model, run_data
 
 LATENCY_BATCH = 32
 
@@ -32,7 +31,8 @@ def deploy_runs(fp_dir: str, qat_dir: str, out: str) -> list[Deployed]:
         model, state = load_model(run)
         model = model.cpu()
         _, data = run_data(state, None)
-        images = data.eval_pipeline(data.test.images[:256], train=False)
+        count = min(256, len(data.test))
+        images = data.eval_pipeline(data.test.take(list(range(count)))[0], train=False)
         quantized = state["meta"].get("quant") is not None
         path = Path(out) / f"{Path(run).name if quantized else 'fp32'}.onnx"
         if quantized:

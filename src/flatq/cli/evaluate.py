@@ -8,13 +8,13 @@ import json
 from ..export import OnnxModel, compare
 from ..train.checkpoint import state_fingerprint
 from ..train.loop import evaluate, resolve_device
-from ..train.runs import load_model
-from .export import describe_agreement, run_data
+from ..train.run_io import load_model, run_data
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="test accuracy of a run",
-                       description="Evaluate a run folder or model.pt on its data set's test split.")
+                       description="Evaluate a run folder or model.pt on its data set's test "
+                       "split.")
     p.add_argument("run", metavar="RUN", help="run folder or model.pt")
     p.add_argument("--data-root", default=None, help="where the data set lives, if not where "
                    "the run found it")
@@ -47,4 +47,4 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"{result['model']} {result['bits']} on {result['data']}: test acc "
               f"{result['acc']:.2f}%  loss {result['loss']:.4f}")
         if agreement is not None:
-            print(describe_agreement(agreement))
+            print(agreement.describe())

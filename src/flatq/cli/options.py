@@ -11,12 +11,17 @@ import argparse
 import dataclasses
 from typing import Any
 
-from ..config import (METHOD_CONFIGS, DataConfig, QuantConfig, RunConfig, Section, TrainConfig,
-                      load_yaml, parse_bits)
+from ..config import (METHOD_ALIASES, METHOD_CONFIGS, DataConfig, QuantConfig, RunConfig,
+                      Section, TrainConfig, canonical_method, load_recipe, merge_sections,
+                      parse_bits)
 from ..errors import ConfigError
+from ..models import available_models
 
 SECTIONS: dict[str, type[Section]] = {"data": DataConfig, "train": TrainConfig,
                                       "quant": QuantConfig}
+MODEL_HELP = (f"architecture: {', '.join(available_models())}; torchvision:NAME (any "
+              "torchvision classification model, weights=None); or package.module:factory (your "
+              "own: called with num_classes and in_channels where it takes them)")
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -65,8 +70,10 @@ def add_section_flags(parser: argparse.ArgumentParser, sections: list[str],
 
 def add_method_flags(parser: argparse.ArgumentParser, methods: list[str], default: str) -> None:
     """--method, and one flag per option of the given methods (shared names share a flag)."""
-    parser.add_argument("--method", default=argparse.SUPPRESS, choices=methods,
-                        help=f"training objective (default: {default})")
+    aliases = [alias for alias, name in METHOD_ALIASES.items() if name in methods]
+    parser.add_argument("--method", default=argparse.SUPPRESS, choices=methods + aliases,
+                        help=f"training objective (default: {default})"
+                        + "".join(f"; {a} = {METHOD_ALIASES[a]}" for a in aliases))
     group = parser.add_argument_group("method options (each applies to the methods named)")
     defaults: dict[str, dict[str, Any]] = {}   # option -> {method: its default}
     fields: dict[str, tuple[dataclasses.Field, Any]] = {}
@@ -83,6 +90,18 @@ def add_method_flags(parser: argparse.ArgumentParser, methods: list[str], defaul
         _add_field(group, f, f"method.{key}", f" ({', '.join(owners)})", hint, default)
 
 
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """--out, --resume and --overwrite of the training commands, and --config."""
+    parser.add_argument("--out", required=True, metavar="DIR", help="run folder to write "
+                        "(config.yaml, metrics.jsonl, checkpoint.pt, model.pt, summary.json)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from "
+                        "its last complete checkpoint, with its config.yaml (flags given now "
+                        "override it, e.g. --epochs to train longer)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run in --out")
+    add_common_flags(parser)
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="YAML", help="YAML recipe (e.g. configs/...); flags "
                         "given on the command line override its values")
@@ -91,27 +110,17 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 def build_run_config(args: argparse.Namespace, default_method: str,
                      base: dict[str, Any] | None = None, quantized: bool = False) -> RunConfig:
     """Defaults <- `base` (e.g. the data config of a --from run) <- YAML <- flags."""
-    raw: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in (base or {}).items()}
+    raw = merge_sections(base or {}, {})
     if getattr(args, "config", None):
-        loaded = load_yaml(args.config)
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{args.config}: a config must be a mapping of sections")
-        for key, value in loaded.items():
-            if isinstance(value, dict) and isinstance(raw.get(key), dict):
-                raw[key] = {**raw[key], **value}
-            else:
-                raw[key] = value
-        try:  # the file must be valid on its own, even where flags override it
-            RunConfig.from_dict({**raw, "method": raw.get("method") or default_method})
-        except ConfigError as exc:
-            raise ConfigError(f"{args.config}: {exc}") from None
+        raw = load_recipe(args.config, raw, default_method)
     given = vars(args)
-    if "model" in given and given["model"] is not None:
-        raw["model"] = given["model"]
+    for key in ("model", "pretrained"):
+        if given.get(key) is not None:
+            raw[key] = given[key]
     method = raw.get("method") or {"name": default_method}
     method = {"name": method} if isinstance(method, str) else dict(method)
     if "method" in given:
-        if given["method"] != method.get("name"):
+        if canonical_method(given["method"]) != canonical_method(method.get("name", "")):
             method = {"name": given["method"]}
     if quantized:
         raw["quant"] = dict(raw.get("quant") or {})
@@ -122,7 +131,7 @@ def build_run_config(args: argparse.Namespace, default_method: str,
             continue
         section, key = dest.split(".", 1)
         if section == "method":
-            cls = METHOD_CONFIGS.get(method["name"])
+            cls = METHOD_CONFIGS.get(canonical_method(method["name"]))
             if cls is not None and key not in {f.name for f in dataclasses.fields(cls)}:
                 raise ConfigError(f"option --{key.replace('_', '-')} does not apply to method "
                                   f"{method['name']!r}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..train.ptq import ptq
-from ..train.runs import load_teacher
+from ..runs import ptq
+from ..runs import load_teacher
 from .options import add_common_flags, add_section_flags, build_run_config
 
 
@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cpu, cuda, cuda:N or auto [default: auto]")
     add_common_flags(p)
     # PTQ always uses the fixed min-max quantizers: the learned families' options do not apply.
-    add_section_flags(p, ["quant"], exclude=("quant.quantizer", "quant.init"))
+    add_section_flags(p, ["quant"], exclude=("quant.quantizer", "quant.weight_quantizer",
+                                              "quant.input_quantizer", "quant.init"))
     p.set_defaults(func=run_ptq)
 
 

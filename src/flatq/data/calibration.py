@@ -11,10 +11,11 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .datasets import ImageTensorDataset
+from .folder import ImageFolderSet
 from .transforms import BatchPipeline
 
 
-def calibration_batches(dataset: ImageTensorDataset, pipeline: BatchPipeline,
+def calibration_batches(dataset: ImageTensorDataset | ImageFolderSet, pipeline: BatchPipeline,
                         num_images: int = 100, seed: int = 0,
                         batch_size: int = 50) -> list[Tensor]:
     """`num_images` random training images (chosen by `seed`), transformed with train=False,
@@ -26,5 +27,5 @@ def calibration_batches(dataset: ImageTensorDataset, pipeline: BatchPipeline,
         raise ConfigError(f"calibration batch size must be >= 1, got {batch_size}")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     chosen = order[:num_images]
-    return [pipeline(dataset.images[chosen[i:i + batch_size]], train=False)
+    return [pipeline(dataset.take(chosen[i:i + batch_size])[0], train=False)
             for i in range(0, num_images, batch_size)]

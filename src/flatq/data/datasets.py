@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
+from .folder import load_image_folder
 
 Split = tuple["ImageTensorDataset", "ImageTensorDataset"]
 
@@ -26,6 +27,8 @@ FASHION_MNIST_DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 class ImageTensorDataset(torch.utils.data.Dataset):
     """Images as a uint8 (N, C, H, W) tensor and labels as an int64 (N,) tensor."""
+
+    workers = 0   # DataLoader worker processes: none, batches are one indexing op in memory
 
     def __init__(self, images: Tensor, labels: Tensor, num_classes: int, name: str) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
@@ -48,6 +51,13 @@ class ImageTensorDataset(torch.utils.data.Dataset):
         """A whole batch with one indexing op; the DataLoader calls this when it exists."""
         index = torch.as_tensor(indices, dtype=torch.long)
         return self.images[index], self.labels[index]
+
+    take = __getitems__   # images (unaugmented uint8) and labels at `indices`, as data sets do
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return tuple(self.images.shape[1:])
 
     def __repr__(self) -> str:
         return (f"ImageTensorDataset({self.name!r}, {len(self)} images of "
@@ -246,6 +256,7 @@ _LOADERS: dict[str, Callable[..., Split]] = {
     "fashion_mnist": lambda root: load_fashion_mnist(root),
     "digits": lambda root: load_digits(),
     "synthetic": lambda root, **kw: make_synthetic(**kw),
+    "imagefolder": lambda root, **kw: load_image_folder(root, **kw),
 }
 
 
@@ -265,5 +276,6 @@ def canonical_name(name: str) -> str:
 
 
 def load_dataset(name: str, root: str | Path | None = None, **kw) -> Split:
-    """(train, test) of the named data set; `kw` go to the loader (only synthetic takes any)."""
+    """(train, test) of the named data set; `kw` go to the loader (synthetic: sizes and seed;
+    imagefolder: size, augment, workers)."""
     return _LOADERS[canonical_name(name)](root, **kw)

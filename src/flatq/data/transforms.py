@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .datasets import canonical_name
+from .folder import IMAGENET_MEAN, IMAGENET_STD
 
 
 class BatchPipeline:
@@ -81,7 +82,7 @@ class BatchPipeline:
             x = random_flip(x, generator)
         mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(-1, 1, 1)
-        return (x.float() / 255 - mean) / std
+        return x.float().div_(255).sub_(mean).div_(std)   # in place: (x / 255 - mean) / std
 
 
 def _uniform_ints(high: int, n: int, generator: torch.Generator | None,
@@ -118,6 +119,8 @@ _DEFAULTS: dict[str, tuple[tuple[float, ...], tuple[float, ...], int, int, bool]
     "fashion_mnist": ((0.2860,), (0.3530,), 28, 2, True),
     "digits": ((0.3053,), (0.3760,), 8, 1, False),
     "synthetic": ((0.5,), (0.22,), 32, 0, False),
+    # cropped and flipped per image as it is decoded (folder.py); the batch is only normalized
+    "imagefolder": (IMAGENET_MEAN, IMAGENET_STD, 224, 0, False),
 }
 
 

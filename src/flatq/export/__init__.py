@@ -1,10 +1,11 @@
 """Export: ONNX with QDQ nodes and integer weights (checked in onnxruntime), and a packed
 integer file with a loader that dequantizes it back to float weights."""
 
-from .affine import InputGrid, IntegerWeight, input_grid, integer_weight
 from .check import ExportCheck, ExportError
-from .integer import (IntegerExport, IntegerModel, export_integer, load_integer, pack_bits,
-                      unpack_bits)
+from .formats import EXPORT_FORMATS, ExportFormat, ExportOptions, export_run, register_format
+from .integer_view import InputGrid, IntegerWeight, input_grid, integer_weight
+from .packed import (IntegerExport, IntegerModel, export_integer, load_integer, pack_bits,
+                     unpack_bits)
 from .onnx import (STORAGE_CHOICES, OnnxExport, export_float_onnx, export_onnx, fp32_bytes,
                    runtime_narrow_bits)
 from .runtime import WEIGHTS_KEY, Agreement, OnnxModel, compare
@@ -13,6 +14,7 @@ __all__ = [
     "InputGrid", "IntegerWeight", "input_grid", "integer_weight", "IntegerExport",
     "IntegerModel", "export_integer", "load_integer", "pack_bits", "unpack_bits",
     "STORAGE_CHOICES", "OnnxExport", "export_onnx", "runtime_narrow_bits", "Agreement",
-    "OnnxModel", "compare", "WEIGHTS_KEY", "ExportCheck", "ExportError", "fp32_bytes",
+    "OnnxModel", "compare", "WEIGHTS_KEY", "EXPORT_FORMATS", "ExportFormat", "ExportOptions",
+    "export_run", "register_format", "ExportCheck", "ExportError", "fp32_bytes",
     "export_float_onnx",
 ]

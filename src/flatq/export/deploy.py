@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..quant import integer_range
 from ..quant.target import fold_batchnorm, output_point
-from .affine import InputGrid, input_grid, integer_weight
+from .integer_view import InputGrid, input_grid, integer_weight
 from .onnx_ops import DequantizeAxis0, QuantDequant
 
 INT32_MAX = 2**31 - 1

@@ -35,14 +35,14 @@ from torch import Tensor, nn
 
 from ..atomic import replace_atomically, write_error
 from ..errors import ConfigError
-from ..quant import integer_range, quant_layers, quantizers
+from ..quant import integer_range, named_quantizers, quant_layers
 from ..quant.target import has_output_points
-from .affine import check_exportable, input_grid, integer_weight
 from .check import ExportCheck, check_agreement
 from .deploy import DeployLayer, deploy_stand_ins
 from .graph import clips_after_quantize
-from .integer import pack_bits
+from .integer_view import check_exportable, input_grid, integer_weight
 from .onnx_ops import DequantizeAxis0, QuantDequant
+from .packed import pack_bits
 
 STORAGE_CHOICES = ("auto", "narrow", "int8")
 EXPORTER_OPSET = 20  # the newest opset of torch's TorchScript exporter
@@ -250,7 +250,7 @@ def _pack_behind_cast(model: onnx.ModelProto, names: set[str]) -> None:
 def fp32_bytes(model: nn.Module) -> int:
     """4 bytes per floating-point element of the model's state, quantizers left out: the size
     of the full-precision model's weights."""
-    skip = tuple(f"{name}." for name, _ in quantizers(model))
+    skip = tuple(f"{name}." for name, _ in named_quantizers(model))
     return 4 * sum(v.numel() for k, v in model.state_dict().items()
                    if isinstance(v, Tensor) and v.is_floating_point()
                    and not k.startswith(skip))
@@ -298,14 +298,28 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
     graph keeps BatchNorm as trained, and `storage` says how 2/4-bit tensors are typed:
     "narrow" INT2/UINT2/INT4/UINT4 (opset 25/21), "int8" int8/uint8 (opset 20), "auto" narrow
     weights where the installed onnxruntime runs them. The batch dimension is dynamic.
-    `metadata` goes into the file's metadata_props (flatq records the run's weights there).
 
-    Before the file replaces `path`, onnxruntime (default optimizations) runs it on
-    `check_input` (default `example_input`) and an ExportError is raised, nothing written, if
-    its predictions or logits are off the PyTorch model's (see `check_agreement`).
-    `verify=False` skips that check: for speed measurements of untrained networks, whose
-    near-tie roundings can spread past it (bench/deploy.py reports agreement itself); the
-    command line always checks.
+    Args:
+        model: a quantized, calibrated model (`quantize_model` + `calibrate`).
+        path: the .onnx file to write.
+        example_input: one input batch (normalized, as the model takes it) to trace with.
+        storage: "auto", "narrow" or "int8" (see above).
+        metadata: strings for the file's metadata_props (flatq records the run's weights).
+        check_input: the images of the export's own check (default `example_input`): before
+            the file replaces `path`, onnxruntime (default optimizations) runs them against
+            the PyTorch model (`check_agreement`).
+        verify: False skips that check, for speed measurements of untrained networks whose
+            near-tie roundings can spread past it (bench/deploy.py reports agreement itself).
+
+    Returns:
+        An OnnxExport: the path, opset, quantized layers, how each tensor is stored, the
+        sizes and the check.
+
+    Raises:
+        ConfigError: a float model, an unknown `storage`, or quantized layers or quantizers
+            with no integer form (attention's fused in-projection, DoReFa weights, LSQ+
+            with a continuous offset).
+        ExportError: the check found the graph computing something else; nothing written.
     """
     layers = quant_layers(model)
     if not layers:

@@ -91,12 +91,28 @@ class Agreement:
     def onnx_acc(self) -> float:
         return 100.0 * self.onnx_correct / max(self.count, 1)
 
+    def describe(self) -> str:
+        """One line: both accuracies, differing predictions and the largest logit difference."""
+        return (f"onnxruntime {self.onnx_acc:.2f}% vs PyTorch fake-quant "
+                f"{self.torch_acc:.2f}% on {self.count} test images, "
+                f"{self.differing} predictions differ, max |logit diff| "
+                f"{self.max_abs_diff:.3g} (logits up to {self.max_abs_logit:.3g})")
+
 
 @torch.no_grad()
 def compare(onnx_model: OnnxModel, model: nn.Module, dataset: ImageTensorDataset,
             pipeline: BatchPipeline, batch_size: int = 256,
             limit: int | None = None) -> Agreement:
     """Accuracy of both models on (the first `limit` images of) `dataset`, and how they differ.
+
+    Args:
+        onnx_model: the export, in onnxruntime.
+        model: the PyTorch model it was exported from.
+        dataset, pipeline: the images, normalized by `pipeline` without augmentation.
+        batch_size, limit: images per batch; how many images at most (default: all).
+
+    Returns:
+        An Agreement: both accuracies, differing predictions, largest logit difference.
 
     `model` runs on the CPU in eval mode, as onnxruntime does.
     """

@@ -22,11 +22,12 @@ from torch import Tensor, nn
 
 from ..config import MethodConfig, option, register_method_config
 from ..data import BatchPipeline, ImageTensorDataset
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .base import Objective
 from .ema import EMATeacher
 from .kd import kd_loss
-from .unlabeled import draw_unlabeled, load_unlabeled_folder, parse_unlabeled, split_training_set
+from ..data.unlabeled import (draw_unlabeled, load_unlabeled_folder, parse_unlabeled,
+                              split_training_set)
 
 SCHEDULES = ("sigmoid", "linear", "cosine", "constant")
 
@@ -92,6 +93,18 @@ class CR(Objective):
         objective.step(images, labels, optimizer, **extra)   # updates the EMA teacher
 
     The frozen FP model that `qat` offers as `teacher` is not used.
+
+    Args:
+        student: the model being trained (the quantized student; its EMA copy is the teacher).
+        teacher: the frozen full-precision model (not used).
+        config: the method's options (default: CRConfig()).
+        **context: what a run offers beyond the models (the trainer passes `data`, `seed`);
+            ignored where unused.
+
+    Raises:
+        ConfigError: a malformed `config.unlabeled`.
+        DataError (from `training_set`): unlabeled images that are missing, of another shape,
+            or the labeled set itself.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
@@ -108,6 +121,10 @@ class CR(Objective):
 
     def training_set(self, dataset: ImageTensorDataset) -> ImageTensorDataset:
         """The labeled part of `dataset`; the unlabeled images are kept for `prepare`."""
+        if not isinstance(dataset, ImageTensorDataset):
+            raise ConfigError("CR draws its two augmented views of every image from the "
+                              "in-memory batch; an image folder is augmented once per image as "
+                              "it is decoded, so CR runs on the in-memory data sets only")
         cfg = self.config
         fraction = self.source.fraction if self.source.kind == "split" else 0.0
         labeled, self.unlabeled_images = split_training_set(dataset, fraction,

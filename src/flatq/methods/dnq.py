@@ -86,6 +86,17 @@ class DNQ(Objective):
     follows the run's --seed); their states and the input ranges are in `state_dict`.
     Counters `calls` / `fired` per layer make the realized activation-noise frequency
     observable.
+
+    Args:
+        student: the model being trained (the full-precision model being pretrained).
+        teacher: the frozen full-precision model (not used).
+        config: the method's options (default: DNQConfig()).
+        seed: the seed of the noise generators (see above).
+        **context: what a run offers beyond the models (the trainer passes `data`, `seed`);
+            ignored where unused.
+
+    Raises:
+        ConfigError: as `quantize_model`'s plan for `config.target_bits`.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,

@@ -76,6 +76,18 @@ class FPQ(Objective):
         with FPQ(student, teacher, FPQConfig(p=0.1)) as objective:
             losses = objective.losses(images, labels)   # {'ce': ..., 'csd': ...}
             sum(losses.values()).backward()
+
+    Args:
+        student: the model being trained (the quantized student).
+        teacher: the frozen full-precision model (required: CSD's target; a copy is kept).
+        config: the method's options (default: FPQConfig()).
+        seed: the seed of SFP's coin flips.
+        **context: what a run offers beyond the models (the trainer passes `data`, `seed`);
+            ignored where unused.
+
+    Raises:
+        ConfigError: no teacher, no layer for CSD, or an SFP/CSD layer pattern that matches
+            nothing.
     """
 
     needs_teacher = True

@@ -29,7 +29,19 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
 
 
 class KD(Objective):
-    """(1 - alpha) CE + alpha T^2 KL(teacher || student)."""
+    """(1 - alpha) CE + alpha T^2 KL(teacher || student).
+
+    Args:
+        student: the model being trained (the quantized student).
+        teacher: the frozen full-precision model (required: the logits it distills; a copy
+            is kept).
+        config: the method's options (default: KDConfig()).
+        **context: what a run offers beyond the models (the trainer passes `data`, `seed`);
+            ignored where unused.
+
+    Raises:
+        ConfigError: no teacher.
+    """
 
     needs_teacher = True
 

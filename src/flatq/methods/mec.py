@@ -143,6 +143,17 @@ class MEC(Objective):
         with MEC(student, config=MECConfig(beta=1.0)) as objective:
             losses = objective.losses(images, labels)   # {'ce': ..., 'mec': -beta * L(Z)/mu}
             sum(losses.values()).backward()
+
+    Args:
+        student: the model being trained (the quantized student).
+        teacher: the frozen full-precision model (not used).
+        config: the method's options (default: MECConfig()).
+        **context: what a run offers beyond the models (the trainer passes `data`, `seed`);
+            ignored where unused.
+
+    Raises:
+        ConfigError: `config.layer` names no module, the model has no quantized layer, or
+            more experts than the representation has dimensions.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,

@@ -25,7 +25,16 @@ class SAMConfig(MethodConfig):
 
 
 class SAM(Objective):
-    """Cross-entropy minimized with SAM's two-pass update."""
+    """Cross-entropy minimized with SAM's two-pass update.
+
+    Args:
+        student: the model being trained (float or quantized; quantizer parameters are not
+            perturbed).
+        teacher: the frozen full-precision model (not used).
+        config: the method's options (default: SAMConfig()).
+        **context: what a run offers beyond the models (the trainer passes `data`, `seed`);
+            ignored where unused.
+    """
 
     def _perturbed_params(self) -> list[torch.nn.Parameter]:
         quantizer_params = {id(p) for m in self.student.modules() if isinstance(m, Quantizer)

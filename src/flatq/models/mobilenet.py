@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import conv_bn
+from .blocks import conv_bn
 from .registry import register_model
 
 # Output width, or (width, stride), of each depthwise-separable block.

@@ -1,4 +1,8 @@
-"""Model registry: maps a name such as ``resnet18`` to a factory of (num_classes, in_channels)."""
+"""Model registry: maps a name such as ``resnet18`` to a factory of (num_classes, in_channels).
+
+Names with a ':' (``torchvision:resnet50``, ``package.module:factory``) are resolved by
+`external.py` instead, so every entry point that takes a model name takes those too.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Callable, TypeVar
 from torch import nn
 
 from ..errors import ConfigError
+from .external import build_external, check_external, is_external
 
 ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
@@ -40,9 +45,13 @@ def _check_positive(value: int, parameter: str) -> None:
 
 
 def check_model_name(name: str) -> None:
-    """Refuse a model name the registry does not know (before any data is loaded for it)."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    """Refuse a model name the registry does not know (before any data is loaded for it);
+    a `torchvision:NAME` or `module:factory` name must resolve."""
+    if is_external(name):
+        check_external(name)
+    elif name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(available_models())}, "
+                          "torchvision:NAME or package.module:factory")
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
@@ -50,4 +59,6 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Mo
     check_model_name(name)
     _check_positive(num_classes, "num_classes")
     _check_positive(in_channels, "in_channels")
+    if is_external(name):
+        return build_external(name, num_classes, in_channels)
     return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels)

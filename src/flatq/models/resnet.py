@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .layers import conv_bn
+from .blocks import conv_bn
 from .registry import register_model
 
 

@@ -7,6 +7,7 @@ included), keeps state_dict names, and keeps the float model untouched to serve 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -18,22 +19,17 @@ from ..config import QuantConfig
 from ..errors import ConfigError
 from .layers import is_quant_layer, quant_layers
 from .plan import plan_quantization, quant_class
-from .quantizers import (DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer,
-                         MinMaxQuantizer, PACTQuantizer, Quantizer)
+from .quantizers import MinMaxQuantizer, Quantizer, quantizer_family
 from .target import OUTPUT_BITS, add_output_points, output_point_dataflow
 
 
 def _make_quantizers(config: QuantConfig, channels: int, w_bits: int, a_bits: int,
                      is_edge: bool = False) -> tuple[Quantizer, Quantizer]:
-    """(weight quantizer, input quantizer) of one layer for the configured quantizer family.
+    """(weight quantizer, input quantizer) of one layer.
 
-    lsq: LSQ for both. lsq+: LSQ weights, LSQ+ inputs (learned offset, as in the LSQ+ paper;
-    snapped to an integer zero point unless lsqplus_offset is continuous).
-    pact: PACT inputs; weights min-max recomputed every step, or with pact_weights dorefa
-    DoReFa's tanh quantizer (the PACT paper's) on all but the first and last layer (the
-    classifier has no BatchNorm to absorb DoReFa's [-1, 1] weight scale, so those keep
-    min-max). minmax: fixed min-max for both (weights recomputed every step too, unless
-    range_method is mse: then calibrated once).
+    Each comes from its registered family (`config.weight_family`, `config.input_family`:
+    `quantizer` unless `weight_quantizer` / `input_quantizer` say otherwise), which knows how
+    it quantizes a weight and an input (see `Quantizer.for_weights` / `for_inputs`).
     config.range_method sets the inputs' calibration; weights use min-max, or MSE per channel
     when it is mse (percentiles would cut real weights, not noise). With edge_weights
     minmax the first and last layer's weights take min-max ranges recomputed every step: a
@@ -41,32 +37,18 @@ def _make_quantizers(config: QuantConfig, channels: int, w_bits: int, a_bits: in
     LSQ gradient, and on short schedules it can grow past the weights and kill the channel.
     config.target onnxruntime makes weights symmetric on [-qmax, qmax] (flatq.quant.target).
     """
-    deploy = config.target == "onnxruntime"
-    w_kw = dict(signed=config.symmetric_weights or deploy, per_channel=True,
-                num_channels=channels, init=config.init)
-    a_kw = dict(signed=config.symmetric_inputs, init=config.init)
     w_range = "mse" if config.range_method == "mse" else "minmax"
-    kind = config.quantizer
-    if kind == "lsq":
-        pair = LSQQuantizer(w_bits, **w_kw), LSQQuantizer(a_bits, **a_kw)
-    elif kind == "lsq+":
-        continuous = config.lsqplus_offset == "continuous"
-        pair = LSQQuantizer(w_bits, **w_kw), LSQPlusQuantizer(a_bits, continuous=continuous,
-                                                              **a_kw)
-    elif kind == "pact":
-        weight: Quantizer = (DoReFaWeightQuantizer(w_bits)
-                             if config.pact_weights == "dorefa" and not is_edge
-                             else MinMaxQuantizer(w_bits, dynamic=True, **w_kw))
-        pair = weight, PACTQuantizer(a_bits, **a_kw)
-    else:
-        pair = (MinMaxQuantizer(w_bits, dynamic=w_range == "minmax", **w_kw),
-                MinMaxQuantizer(a_bits, **a_kw))
-    if is_edge and config.edge_weights == "minmax" and not isinstance(pair[0], MinMaxQuantizer):
-        pair = MinMaxQuantizer(w_bits, dynamic=True, **w_kw), pair[1]
-    pair[0].narrow_range = deploy
-    pair[0].set_range_method(w_range)
-    pair[1].set_range_method(config.range_method, config.percentile)
-    return pair
+    deploy = config.target == "onnxruntime"
+    w_config = dataclasses.replace(config, symmetric_weights=True) if deploy else config
+    weight = quantizer_family(config.weight_family).for_weights(w_bits, channels, w_config,
+                                                                is_edge)
+    inputs = quantizer_family(config.input_family).for_inputs(a_bits, config)
+    if is_edge and config.edge_weights == "minmax" and not isinstance(weight, MinMaxQuantizer):
+        weight = MinMaxQuantizer.for_weights(w_bits, channels, w_config, is_edge, dynamic=True)
+    weight.narrow_range = deploy
+    weight.set_range_method(w_range)
+    inputs.set_range_method(config.range_method, config.percentile)
+    return weight, inputs
 
 
 def layer_plan(model: nn.Module,
@@ -85,6 +67,20 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
     Which layers are swapped, at which bits, and why the other weight-bearing modules stay
     float is the copy's `quant_plan` (a QuantPlan; print it). A plan with no layer at the
     inner bit width is also reported as a warning.
+
+    Args:
+        model: any float nn.Module; its Conv1d/Conv2d/Linear/MultiheadAttention layers are
+            swapped (see `flatq.quant.plan` for what stays float and why).
+        config: bit widths, quantizer families, skip patterns and per-layer overrides
+            (default: `QuantConfig()`, W4A4 LSQ with 8-bit first and last layers).
+
+    Returns:
+        The quantized copy, uncalibrated, with its `quant_plan`.
+
+    Raises:
+        ConfigError: `model` is already quantized or has no layer to quantize, a skip or
+            override pattern matches no layer, or a parent reads a layer's weight directly
+            (the layers are named, with the `skip` option that leaves them float).
     """
     config = config or QuantConfig()
     if any(is_quant_layer(m) for m in model.modules()):
@@ -106,7 +102,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
     return qmodel
 
 
-def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+def named_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    """(name, quantizer) of every quantizer in `model`, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Quantizer)]
 
 
@@ -118,8 +115,20 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor],
     The model runs in eval mode (BatchNorm statistics are not touched) with quantization
     bypassed, each quantizer recording the min/max of the tensor it sees; then step sizes
     and zero points are set from those statistics.
+
+    Args:
+        model: a model from `quantize_model`.
+        batches: float input batches (e.g. `flatq.data.calibration_batches`).
+        device: where to run them (default: the model's device).
+
+    Returns:
+        `model` itself, calibrated, in the train/eval mode it had.
+
+    Raises:
+        ConfigError: the model has no quantizer, no batch was given, or a quantized layer
+            never ran (it is named, with the `skip` option that leaves it float).
     """
-    named = quantizers(model)
+    named = named_quantizers(model)
     if not named:
         raise ConfigError("calibrate(): the model has no quantizer; call quantize_model first")
     if device is None:

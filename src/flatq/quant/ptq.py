@@ -23,9 +23,9 @@ def ptq_config(config: QuantConfig, range_method: str | None = None,
                percentile: float | None = None) -> QuantConfig:
     """`config` with the fixed min-max quantizer family and, when given, the range method.
 
-    This is the config a PTQ model is rebuilt from (`flatq.train.runs.load_model`).
+    This is the config a PTQ model is rebuilt from (`flatq.train.run_io.load_model`).
     """
-    changes: dict = {"quantizer": "minmax"}
+    changes: dict = {"quantizer": "minmax", "weight_quantizer": None, "input_quantizer": None}
     if range_method is not None:
         changes["range_method"] = range_method
     if percentile is not None:
@@ -38,9 +38,21 @@ def post_training_quantize(model: nn.Module, config: QuantConfig, batches: Itera
                            device: torch.device | str | None = None) -> nn.Module:
     """A calibrated quantized copy of `model` in eval mode; `model` is left untouched.
 
-    `config.quantizer` is replaced by 'minmax' (PTQ has nothing to learn a step size with);
-    `range_method` / `percentile` override the config's when given. `batches` are float input
-    batches (e.g. `flatq.data.calibration_batches`).
+    `config.quantizer` (weights' and inputs' alike) is replaced by 'minmax' (PTQ has nothing
+    to learn a step size with).
+
+    Args:
+        model: the trained float model.
+        config: bit widths, skip patterns, overrides and calibration settings.
+        batches: float input batches (e.g. `flatq.data.calibration_batches`).
+        range_method, percentile: override the config's when given.
+        device: where to calibrate (default: the model's device).
+
+    Returns:
+        The calibrated quantized copy, in eval mode.
+
+    Raises:
+        ConfigError: as `quantize_model` and `calibrate`.
     """
     config = ptq_config(config, range_method, percentile)
     qmodel = quantize_model(model, config)

@@ -5,18 +5,32 @@ per tensor). It starts uninitialized; `flatq.calibrate` runs data through the mo
 every quantizer observes its tensor, then sets the initial step size and zero point. Bit
 width and signedness travel in the state_dict (as extra state), so a checkpoint of another
 bit width is recognised instead of silently loaded.
+
+A quantizer family registers itself by name (`@register_quantizer("lsq")`, the name
+`quant.quantizer`, `quant.weight_quantizer` and `quant.input_quantizer` accept) and carries
+everything the rest of flatq asks of it: how it is built for a layer's weight and input
+(`for_weights`, `for_inputs`), which of its parameters take no weight decay
+(`no_weight_decay`, read by the optimizer) and its integer view for export (`integer_grid`).
+Adding a quantizer is its class, its test and that one decorator line.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ..config import QUANTIZER_NAMES
+from ..errors import ConfigError
 from .functional import fake_quantize, integer_range
 from .observers import RANGE_METHODS, MinMaxObserver, make_observer
+
+if TYPE_CHECKING:
+    from ..config import QuantConfig
 
 EPS = 1e-8
 INIT_METHODS = ("minmax", "lsq")
@@ -85,6 +99,9 @@ class Quantizer(nn.Module, ABC):
     """
 
     learnable = True
+    # Names of the quantizer's own parameters that are ranges, not weights: the optimizer
+    # gives them no weight decay (decaying a step size would shrink the grid).
+    no_weight_decay: ClassVar[tuple[str, ...]] = ()
     # Data-parallel ranks the quantized tensor's batch is split over (the trainer sets it on
     # input quantizers under DDP), so LSQ's N counts the global batch as in one process.
     replicas = 1
@@ -106,6 +123,20 @@ class Quantizer(nn.Module, ABC):
         # without a device sync or a data-dependent branch (torch.compile, torch.export).
         self.calibrated = False
         self.observer: MinMaxObserver | None = None
+
+    # -- construction from a QuantConfig ---------------------------------------------------
+    @classmethod
+    def for_weights(cls, bits: int, channels: int, config: "QuantConfig",
+                    edge: bool = False) -> "Quantizer":
+        """The quantizer this family puts on a layer's weight (`channels` output channels;
+        `edge`: the first or last layer). Default: this class, per output channel."""
+        return cls(bits, signed=config.symmetric_weights, per_channel=True,
+                   num_channels=channels, init=config.weight_init(edge))
+
+    @classmethod
+    def for_inputs(cls, bits: int, config: "QuantConfig") -> "Quantizer":
+        """The quantizer this family puts on a layer's input. Default: this class, per tensor."""
+        return cls(bits, signed=config.symmetric_inputs, init=config.init)
 
     # -- integer grid ---------------------------------------------------------------------
     # A signed grid without its most negative level ([-qmax, qmax], as onnxruntime's and
@@ -193,6 +224,17 @@ class Quantizer(nn.Module, ABC):
         """The current step size, detached (per channel for weight quantizers)."""
         return self.scale_and_zero_point()[0]
 
+    # -- export ---------------------------------------------------------------------------
+    def integer_grid(self) -> tuple[Tensor, Tensor, int, int]:
+        """The integer view exporters write: (scale, zero point, lo, hi), so that the
+        quantizer computes (clamp(round(x / scale) + zero point, lo, hi) - zero point) * scale.
+
+        Raises:
+            ConfigError: the quantizer computes no such integer grid.
+        """
+        scale, zero_point = self.scale_and_zero_point()
+        return scale, zero_point, self.qmin, self.qmax
+
     # -- state ----------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
         return {"bits": self.bits, "signed": self.signed, "type": type(self).__name__}
@@ -213,8 +255,33 @@ class Quantizer(nn.Module, ABC):
         return f"bits={self.bits}, {grid}, per_channel={self.per_channel}"
 
 
+QUANTIZERS: dict[str, type[Quantizer]] = {}
+
+
+def register_quantizer(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
+    """Class decorator: make a quantizer family choosable by `name` in QuantConfig."""
+
+    def register(cls: type[Quantizer]) -> type[Quantizer]:
+        QUANTIZERS[name] = cls
+        if name not in QUANTIZER_NAMES:
+            QUANTIZER_NAMES.append(name)
+        return cls
+
+    return register
+
+
+def quantizer_family(name: str) -> type[Quantizer]:
+    """The quantizer class registered as `name`."""
+    if name not in QUANTIZERS:
+        raise ConfigError(f"unknown quantizer {name!r}; available: {', '.join(QUANTIZERS)}")
+    return QUANTIZERS[name]
+
+
+@register_quantizer("lsq")
 class LSQQuantizer(Quantizer):
     """Learned step size (Esser et al. 2019) with a zero point fixed after calibration."""
+
+    no_weight_decay = ("scale",)
 
     def __init__(self, bits: int, signed: bool = False, per_channel: bool = False,
                  num_channels: int = 1, init: str = "minmax") -> None:
@@ -240,6 +307,7 @@ class LSQQuantizer(Quantizer):
         return self.scale.detach().clamp_min(EPS), self._zero_point().detach()
 
 
+@register_quantizer("lsq+")
 class LSQPlusQuantizer(LSQQuantizer):
     """LSQ+ (Bhalgat et al. 2020): the offset beta is learned too.
 
@@ -251,7 +319,20 @@ class LSQPlusQuantizer(LSQQuantizer):
     0), d x_hat / d beta = 1 outside the range and 0 inside, and LSQ's gradient scale g on
     beta as on s. A learned integer zero point z = -beta / s would move beta s^2 times slower
     than the paper's updates: on ReLU inputs it never left 0 in a 200-step fine-tune.
+    As a family (`quantizer: lsq+`), weights take plain LSQ, as in the LSQ+ paper.
     """
+
+    no_weight_decay = ("scale", "offset")
+
+    @classmethod
+    def for_weights(cls, bits: int, channels: int, config: "QuantConfig",
+                    edge: bool = False) -> Quantizer:
+        return LSQQuantizer.for_weights(bits, channels, config, edge)
+
+    @classmethod
+    def for_inputs(cls, bits: int, config: "QuantConfig") -> Quantizer:
+        return cls(bits, signed=config.symmetric_inputs, init=config.init,
+                   continuous=config.lsqplus_offset == "continuous")
 
     def __init__(self, bits: int, signed: bool = False, per_channel: bool = False,
                  num_channels: int = 1, init: str = "minmax", continuous: bool = False) -> None:
@@ -286,6 +367,12 @@ class LSQPlusQuantizer(LSQQuantizer):
         return fake_quantize(x - beta, scale, beta.new_zeros(shape), self.qmin, self.qmax,
                              factor) + beta
 
+    def integer_grid(self) -> tuple[Tensor, Tensor, int, int]:
+        if self.continuous:
+            raise ConfigError("an LSQ+ input quantizer with a continuous offset has no integer "
+                              "zero point to export; train with quant.lsqplus_offset integer")
+        return super().integer_grid()
+
     def get_extra_state(self) -> dict:
         return {**super().get_extra_state(), "continuous": self.continuous}
 
@@ -298,14 +385,28 @@ class LSQPlusQuantizer(LSQQuantizer):
                              "(quant.lsqplus_offset)")
 
 
+@register_quantizer("pact")
 class PACTQuantizer(Quantizer):
     """PACT (Choi et al. 2018): clip to a learned alpha, then quantize [0, alpha] uniformly.
 
     y = 0.5 (|x| - |x - alpha| + alpha); the gradient of alpha is 1 where x >= alpha (STE
     through the rounding). Inputs that calibration finds negative (e.g. a normalized image)
     use the symmetric form clip(x, -alpha, alpha) on a signed grid. alpha gets weight decay
-    (PACT's L2 penalty) from the trainer; step sizes and zero points do not.
+    (PACT's L2 penalty) from the trainer; step sizes and zero points do not. As a family
+    (`quantizer: pact`), weights take min-max ranges recomputed every step, or with
+    `pact_weights: dorefa` DoReFa's tanh quantizer (the PACT paper's) on all but the first
+    and last layer (the classifier has no BatchNorm to absorb DoReFa's [-1, 1] weight scale,
+    so those keep min-max).
     """
+
+    no_weight_decay = ()    # alpha is decayed on purpose: PACT's L2 penalty
+
+    @classmethod
+    def for_weights(cls, bits: int, channels: int, config: "QuantConfig",
+                    edge: bool = False) -> Quantizer:
+        if config.pact_weights == "dorefa" and not edge:
+            return DoReFaWeightQuantizer(bits)
+        return MinMaxQuantizer.for_weights(bits, channels, config, edge, dynamic=True)
 
     def __init__(self, bits: int, signed: bool = False, per_channel: bool = False,
                  num_channels: int = 1, init: str = "minmax") -> None:
@@ -317,7 +418,8 @@ class PACTQuantizer(Quantizer):
     def init_from_observer(self, observer: MinMaxObserver) -> None:
         lo, hi = observer.range()
         self.signed = bool(lo.min() < 0)
-        self.alpha.copy_(torch.maximum(hi, -lo).clamp_min(EPS) if self.signed else hi.clamp_min(EPS))
+        self.alpha.copy_(torch.maximum(hi, -lo).clamp_min(EPS) if self.signed
+                         else hi.clamp_min(EPS))
 
     def quantize(self, x: Tensor) -> Tensor:
         alpha = positive_ste(self.alpha)
@@ -327,8 +429,13 @@ class PACTQuantizer(Quantizer):
         return y + (torch.round(y / step) * step - y).detach()
 
     def scale_and_zero_point(self) -> tuple[Tensor, Tensor]:
-        return (self.alpha.detach().clamp_min(EPS) / self.qmax), torch.zeros(1,
-                                                                             device=self.alpha.device)
+        return (self.alpha.detach().clamp_min(EPS) / self.qmax,
+                torch.zeros(1, device=self.alpha.device))
+
+    def integer_grid(self) -> tuple[Tensor, Tensor, int, int]:
+        scale, zero_point, lo, hi = super().integer_grid()
+        # Signed PACT clips symmetrically to [-alpha, alpha] = [-qmax, qmax] steps.
+        return scale, zero_point, (-hi if self.signed else lo), hi
 
 
 class DoReFaWeightQuantizer(Quantizer):
@@ -363,12 +470,15 @@ class DoReFaWeightQuantizer(Quantizer):
                 torch.tensor([self.qmax / 2], device=self.initialized.device))
 
 
+@register_quantizer("minmax")
 class MinMaxQuantizer(Quantizer):
     """Fixed quantizer from min/max: no learned parameters, straight-through for the input.
 
     `dynamic=True` recomputes the range from the tensor at every call (weights, which are
     always at hand); otherwise the calibrated range is kept and, while training, follows an
     exponential moving average of each batch's min/max (as torch.ao's moving-average observer).
+    As a family (`quantizer: minmax`), weights are dynamic (recomputed every step) unless
+    `range_method` is mse: then calibrated once.
     """
 
     learnable = False
@@ -380,6 +490,15 @@ class MinMaxQuantizer(Quantizer):
         self.dynamic, self.momentum = dynamic, momentum
         self.register_buffer("running_min", torch.zeros(self.num_channels))
         self.register_buffer("running_max", torch.zeros(self.num_channels))
+
+    @classmethod
+    def for_weights(cls, bits: int, channels: int, config: "QuantConfig", edge: bool = False,
+                    dynamic: bool | None = None) -> Quantizer:
+        """`dynamic` None: recomputed every step unless `config.range_method` is mse."""
+        if dynamic is None:
+            dynamic = config.range_method != "mse"
+        return cls(bits, signed=config.symmetric_weights, per_channel=True,
+                   num_channels=channels, init=config.weight_init(edge), dynamic=dynamic)
 
     def init_from_observer(self, observer: MinMaxObserver) -> None:
         lo, hi = observer.range()
@@ -407,10 +526,3 @@ class MinMaxQuantizer(Quantizer):
         return range_to_affine(self.running_min, self.running_max, self.qmin, self.qmax,
                                self.signed)
 
-
-QUANTIZERS: dict[str, type[Quantizer]] = {
-    "lsq": LSQQuantizer,
-    "lsq+": LSQPlusQuantizer,
-    "pact": PACTQuantizer,
-    "minmax": MinMaxQuantizer,
-}

@@ -1,4 +1,4 @@
-"""Re-estimating BatchNorm running statistics at the end of QAT.
+"""BatchNorm policies of QAT: statistics frozen at the end of training, re-estimated after it.
 
 The running statistics average over training steps whose weights and quantization ranges kept
 changing (and, under FPQ, over perturbed forward passes), so the eval-mode network normalizes
@@ -41,3 +41,12 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
     for module, training in modes.items():
         module.training = training
     return len(norms)
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm of `model` in eval mode: it normalizes with its running statistics
+    and stops updating them; its affine parameters still train. The rest of the model keeps
+    its mode (quantizers and SFP noise are untouched)."""
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            module.eval()

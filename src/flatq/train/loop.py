@@ -25,13 +25,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..config import RunConfig
-from ..data import BatchPipeline, ImageTensorDataset, collate_batch
+from ..config import RunConfig, canonical_method
+from ..data import (BatchPipeline, ImageFolderSet, ImageTensorDataset, ResumableSampler,
+                    make_loader)
 from ..errors import CheckpointError, NonFiniteLossError
 from ..methods.base import Objective
+from ..quant.health import count_dead, dead_channels, describe_dead
+from .batchnorm import freeze_batchnorm
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from .distributed import (all_gather, all_reduce_sum, broadcast_buffers, check_global_batch,
                           is_main_process, rank, resolve_device, world_size)
@@ -81,7 +83,8 @@ def meta_mismatch(saved: Any, meta: dict[str, Any]) -> str | None:
 # Anything else would silently not apply (the optimizer state comes from the checkpoint) or
 # would train another run under this one's name.
 RESUMABLE_OPTIONS = ("train.epochs", "train.lr", "train.device", "train.progress",
-                     "train.test_batch_size", "train.checkpoint_every_steps", "data.root")
+                     "train.test_batch_size", "train.checkpoint_every_steps", "data.root",
+                     "data.workers")
 
 
 def _flat(config: dict[str, Any]) -> dict[str, Any]:
@@ -104,9 +107,9 @@ def resume_changes(saved: dict[str, Any], config: RunConfig) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: ImageTensorDataset, pipeline: BatchPipeline,
-             device: torch.device, batch_size: int = 512, progress: bool = False,
-             distributed: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, dataset: ImageTensorDataset | ImageFolderSet,
+             pipeline: BatchPipeline, device: torch.device, batch_size: int = 512,
+             progress: bool = False, distributed: bool = False) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy of `model` on `dataset`, in eval mode.
 
     `distributed`: every rank evaluates its share of the images (every `world`-th) and the
@@ -115,7 +118,7 @@ def evaluate(model: nn.Module, dataset: ImageTensorDataset, pipeline: BatchPipel
     was_training = model.training
     model.eval()
     shard = range(rank(), len(dataset), world_size()) if distributed else range(len(dataset))
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=shard, collate_fn=collate_batch)
+    loader = make_loader(dataset, batch_size, shard, device=device)
     correct, loss, count = 0, 0.0, 0
     for images, labels in tqdm(loader, desc="eval", leave=False, disable=not show_progress(progress)):
         images, labels = pipeline(images.to(device), train=False), labels.to(device)
@@ -140,8 +143,8 @@ class Trainer:
     """
 
     objective: Objective
-    train_set: ImageTensorDataset
-    test_set: ImageTensorDataset
+    train_set: ImageTensorDataset | ImageFolderSet
+    test_set: ImageTensorDataset | ImageFolderSet
     train_pipeline: BatchPipeline
     eval_pipeline: BatchPipeline
     config: RunConfig
@@ -159,20 +162,20 @@ class Trainer:
         check_global_batch(train.batch_size)
         # One permutation of the training set per (seed, epoch), rank r taking every
         # world-th index: the union of the ranks' batches is the single-process batch.
-        self.sampler = DistributedSampler(self.train_set, num_replicas=self.world,
-                                          rank=self.rank, seed=train.seed, drop_last=True)
-        self.loader = DataLoader(self.train_set, batch_size=train.batch_size // self.world,
-                                 sampler=self.sampler,
-                                 drop_last=len(self.train_set) >= train.batch_size,
-                                 collate_fn=collate_batch,
-                                 # each epoch's iterator draws a seed from this, not from the
-                                 # global RNG (SFP noise), which a mid-epoch resume restores
-                                 generator=torch.Generator())
+        self.sampler = ResumableSampler(self.train_set, num_replicas=self.world,
+                                        rank=self.rank, seed=train.seed, drop_last=True)
+        self.loader = make_loader(self.train_set, train.batch_size // self.world, self.sampler,
+                                  drop_last=len(self.train_set) >= train.batch_size,
+                                  # each epoch's iterator draws a seed from this, not from the
+                                  # global RNG (SFP noise), which a mid-epoch resume restores
+                                  generator=torch.Generator(), device=self.device)
         self.steps_per_epoch = len(self.loader)
         if train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, train.max_steps_per_epoch)
         self.optimizer = build_optimizer(self.model, train)
         self.total_steps = train.epochs * self.steps_per_epoch
+        self.bn_freeze_step = round((1.0 - train.bn_freeze) * self.total_steps)
+        self.dead = 0                            # dead weight channels at the last epoch's end
         self.scheduler = build_scheduler(self.optimizer, self.total_steps,
                                          train.warmup_epochs * self.steps_per_epoch)
         if train.amp and self.device.type == "cuda":
@@ -245,13 +248,17 @@ class Trainer:
         drops the metrics records it will redo."""
         state = load_checkpoint(self.run_dir, CHECKPOINT_NAME)
         mismatch = meta_mismatch(state.get("meta"), self.meta)
-        method = state.get("config", {}).get("method", {}).get("name")
+        saved = state.get("config", {})
+        method = saved.get("method", {}).get("name")
+        if method is not None:      # a checkpoint may say a method's former name (lsq)
+            method = canonical_method(method)
+            saved = {**saved, "method": {**saved["method"], "name": method}}
         if not mismatch and self.config.method and method and method != self.config.method.name:
             mismatch = f"method {method} (this run: {self.config.method.name})"
         if mismatch:
             raise CheckpointError(f"{self.run_dir / CHECKPOINT_NAME} was written for {mismatch}; "
                                   "resume with the run's own settings or use another --out")
-        changed = resume_changes(state.get("config", {}), self.config)
+        changed = resume_changes(saved, self.config)
         if changed:
             raise CheckpointError(f"--resume cannot change {'; '.join(changed)}; only "
                                   f"{', '.join(RESUMABLE_OPTIONS)} may change (start a new run "
@@ -275,6 +282,7 @@ class Trainer:
         self.epoch_step = state.get("epoch_step", 0)
         self.epoch_sums = dict(state.get("epoch_sums", {}))
         self.result = dict(state.get("result", {}))
+        self.dead = self.result.get("dead_channels", 0)
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rngs) == self.world:
             self._set_rng_state(rngs[self.rank])
@@ -287,16 +295,21 @@ class Trainer:
         if saved_lr is not None and saved_lr != lr and is_main_process():
             print(f"--resume: peak learning rate {saved_lr:g} -> {lr:g}; the schedule continues "
                   f"at step {self.step}", flush=True)
-        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
-        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
-            group["initial_lr"] = lr
-            group["lr"] = lr * factor(self.scheduler.last_epoch)
+        groups = self.optimizer.param_groups
+        self.scheduler.base_lrs = [lr * group.get("lr_scale", 1.0) for group in groups]
+        for group, base, factor in zip(groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(self.scheduler.last_epoch)
 
     # -- loop -----------------------------------------------------------------------------
     def _epoch_batches(self):
-        """This epoch's batches not yet done, in an order fixed by (seed, epoch)."""
-        self.sampler.set_epoch(self.epoch)
-        return itertools.islice(self.loader, self.epoch_step, self.steps_per_epoch)
+        """This epoch's batches not yet done, in an order fixed by (seed, epoch): the sampler
+        starts after the images of the done steps, so none of them is read again."""
+        self.sampler.set_epoch(self.epoch, start=self.epoch_step * self.loader.batch_size)
+        if isinstance(self.train_set, ImageFolderSet):   # crops drawn per (seed, epoch, image)
+            self.train_set.set_epoch(self.epoch, self.config.train.seed)
+        return itertools.islice(self.loader, self.steps_per_epoch - self.epoch_step)
 
     def train_epoch(self) -> dict[str, float]:
         train = self.config.train
@@ -310,6 +323,8 @@ class Trainer:
             images, labels, extra = self.objective.prepare(
                 images.to(self.device), labels.to(self.device), self.train_pipeline, aug)
             self.objective.progress = self.step / self.total_steps
+            if self.step >= self.bn_freeze_step and train.bn_freeze:
+                freeze_batchnorm(self.model)
             try:
                 losses = self.objective.step(images, labels, self.optimizer, **extra)
             except NonFiniteLossError as exc:
@@ -340,6 +355,20 @@ class Trainer:
         if record and is_main_process():
             self.metrics.write({"step": self.step, "epoch": self.epoch + 1, **record})
 
+    def _dead_channels(self) -> dict[str, Any]:
+        """The epoch record's dead weight channels (quantized models only), with a warning when
+        more channels are dead than at the last epoch's end."""
+        if not self.meta.get("quant"):
+            return {}
+        dead = dead_channels(self._bare_model())
+        count = count_dead(dead)
+        if count > self.dead and is_main_process():
+            print(f"warning: {count} weight channel(s) dead (every weight quantizes to 0, the "
+                  f"channel outputs a constant): {describe_dead(dead)}; see docs/soundness.md",
+                  file=sys.stderr, flush=True)
+        self.dead = count
+        return {"dead_channels": count, "dead_channel_layers": dead}
+
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to the last epoch; returns the final evaluation."""
         if resume:
@@ -360,7 +389,7 @@ class Trainer:
                             train.test_batch_size, distributed=True)
             result = {"epoch": self.epoch, "step": self.step, **record, "test_acc": test["acc"],
                       "test_loss": test["loss"], "lr": self.optimizer.param_groups[0]["lr"],
-                      "seconds": time.perf_counter() - start}
+                      **self._dead_channels(), "seconds": time.perf_counter() - start}
             self.result = result
             if is_main_process():
                 self.metrics.write(result)

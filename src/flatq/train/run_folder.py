@@ -18,11 +18,14 @@ import errno
 import fcntl
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 from ..errors import CheckpointError, FlatqError
 from .checkpoint import CHECKPOINT_NAME, MODEL_NAME
+from .distributed import main_first
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -162,3 +165,16 @@ def claim_run_folder(run_dir: str | Path, resume: bool, overwrite: bool) -> RunF
         lock.release()
         raise
     return lock
+
+
+@contextmanager
+def claimed_run_folder(run_dir: str | Path, resume: bool, overwrite: bool) -> Iterator[Path]:
+    """The run folder, created, locked and (with `overwrite`) cleared by rank 0 for the
+    duration of the block. Enter it only once the whole run has validated."""
+    locks: list[RunFolderLock] = []
+    main_first(lambda: locks.append(claim_run_folder(run_dir, resume, overwrite)))
+    try:
+        yield Path(run_dir)
+    finally:
+        for lock in locks:
+            lock.release()

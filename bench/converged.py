@@ -1,0 +1,188 @@
+"""The converged grid on the Fashion-MNIST stand-in (issue: sound QAT), written down before it ran.
+
+The pilot (README, bench/evidence.sh) fine-tuned for 200 steps; its differences between
+methods were as large as float rounding moved single runs. This grid trains each QAT run until
+LSQ plateaus, with flatq's defaults at the time it runs (each result stores its full config).
+
+Model and data: ResNet-8 (CIFAR form, 78k parameters) on Fashion-MNIST padded to 32x32x3,
+full test set (10,000 images), CPU, one thread per run.
+
+FP model: one for all seeds (seed 0), batch 128, SGD lr 0.1 cosine, momentum 0.9, weight decay
+5e-4, FP_EPOCHS full epochs. Plateau rule: the test accuracy at the end and at 80% of training
+differ by less than 0.2 points (checked and reported, not assumed).
+
+QAT: from that model, batch 128, lr 0.01 cosine, QAT_EPOCHS "epochs" of QAT_STEPS steps each
+(each a fresh shuffle; evaluated after each), first and last layer 8 bits. Plateau rule as
+above (LSQ must meet it, or the schedule is too short and the report says so). Every run also
+reports its accuracy before BatchNorm re-estimation and its dead weight channels.
+
+Cells (3 seeds each, seeds 0, 1, 2):
+  W2A2 and W2A4: LSQ, KD, FPQ
+  W2A4 only: +SFP (FPQ without CSD), +CSD (FPQ without SFP), FPQ with SFP before the input
+  quantizer (the paper does not say which side of it; `after` is the default)
+Runs are ordered seed-major within each stage so a stopped grid has whole seeds; finished runs
+are skipped, so rerunning continues where it stopped. Several processes can share the work:
+
+    python bench/converged.py fp                       # the FP model (once)
+    for k in 0 1; do python bench/converged.py qat --worker $k/2 & done; wait
+    python bench/converged.py report                   # results/converged/*.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config
+from flatq.runs import load_teacher, pretrain, qat
+from machine import machine_info, save_report
+
+FP_EPOCHS = 15
+QAT_EPOCHS, QAT_STEPS = 10, 60
+BATCH = 128
+SEEDS = (0, 1, 2)
+BN_IMAGES = 12800   # re-estimated after training: the summary keeps the accuracy before too
+# cell -> (bits, method, method options)
+CELLS = {
+    "LSQ": (("w2a2", "w2a4"), "lsq", {}),
+    "KD": (("w2a2", "w2a4"), "kd", {}),
+    "FPQ": (("w2a2", "w2a4"), "fpq", {}),
+    "+SFP": (("w2a4",), "fpq", {"csd": False}),
+    "+CSD": (("w2a4",), "fpq", {"sfp": False}),
+    "FPQ, SFP before the quantizer": (("w2a4",), "fpq", {"sfp_site": "before"}),
+}
+DATA = DataConfig(name="fashion_mnist", image_size=32, channels=3)
+
+
+def plateau_change(accuracies: list[float]) -> float:
+    """Test accuracy at the end minus at 80% of training (evaluations equally spaced)."""
+    at = round(0.8 * len(accuracies)) - 1
+    return accuracies[-1] - accuracies[at]
+
+
+def epoch_accuracies(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["test_acc"] for r in map(json.loads, lines) if "test_acc" in r]
+
+
+def train_fp(out: Path) -> None:
+    config = RunConfig(model="resnet8", data=DATA, method=method_config("ce"),
+                       train=TrainConfig(epochs=FP_EPOCHS, batch_size=BATCH, lr=0.1, seed=0,
+                                         device="cpu", progress=False))
+    if not (out / "fp" / "model.pt").is_file():
+        pretrain(config, out / "fp", resume=(out / "fp" / "checkpoint.pt").is_file())
+
+
+def qat_runs() -> list[tuple[str, str, int, str, dict]]:
+    """(cell, bits, seed, method, options) of every QAT run, seed-major."""
+    return [(cell, bits, seed, method, options) for seed in SEEDS
+            for cell, (widths, method, options) in CELLS.items() for bits in widths]
+
+
+def run_folder(out: Path, cell: str, bits: str, seed: int) -> Path:
+    slug = cell.lower().replace("+", "plus-").replace(",", "").replace(" ", "-")
+    return out / bits / slug / f"seed{seed}"
+
+
+def train_qat(out: Path, results: Path, worker: int, workers: int) -> None:
+    teacher, state = load_teacher(out / "fp")
+    for index, (cell, bits, seed, method, options) in enumerate(qat_runs()):
+        run_dir = run_folder(out, cell, bits, seed)
+        if index % workers != worker or (run_dir / "model.pt").is_file():
+            continue
+        w, a = int(bits[1]), int(bits[3])
+        config = RunConfig(model="resnet8", data=DATA, method=method_config(method, options),
+                           quant=QuantConfig(w_bits=w, a_bits=a, bn_images=BN_IMAGES),
+                           train=TrainConfig(epochs=QAT_EPOCHS, batch_size=BATCH, lr=0.01,
+                                             seed=seed, device="cpu", progress=False,
+                                             max_steps_per_epoch=QAT_STEPS))
+        started = time.perf_counter()
+        qat(config, teacher, state, run_dir, resume=(run_dir / "checkpoint.pt").is_file(),
+            overwrite=not (run_dir / "checkpoint.pt").is_file())
+        save_report(run_record(run_dir, cell, bits, seed, time.perf_counter() - started),
+                    results / "runs" / run_dir.relative_to(out).with_suffix(".json"))
+
+
+def run_record(run_dir: Path, cell: str, bits: str, seed: int, seconds: float) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    accuracies = epoch_accuracies(run_dir)
+    return {"cell": cell, "bits": bits, "seed": seed, "test_acc": summary["test_acc"],
+            "test_acc_before_bn": summary.get("test_acc_before_bn"),
+            "dead_channels": summary.get("dead_channels"),
+            "dead_channel_layers": summary.get("dead_channel_layers"),
+            "epoch_test_acc": accuracies, "plateau_change": plateau_change(accuracies),
+            "seconds": seconds, "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+            "machine": machine_info()}
+
+
+def report(out: Path, results: Path) -> None:
+    records = [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
+    fp = epoch_accuracies(out / "fp") if (out / "fp" / "metrics.jsonl").is_file() else []
+    rows = []
+    for cell, (widths, *_) in CELLS.items():
+        for bits in widths:
+            runs = sorted((r for r in records if r["cell"] == cell and r["bits"] == bits),
+                          key=lambda r: r["seed"])
+            if not runs:
+                continue
+            values = [r["test_acc"] for r in runs]
+            rows.append({"bits": bits, "cell": cell, "n": len(runs),
+                         "mean": statistics.fmean(values),
+                         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                         "values": values,
+                         "before_bn": [r["test_acc_before_bn"] for r in runs],
+                         "dead_channels": [r["dead_channels"] for r in runs],
+                         "plateau_change": [r["plateau_change"] for r in runs]})
+    rows.sort(key=lambda r: r["bits"])
+    fp_row = {"test_acc": fp[-1], "plateau_change": plateau_change(fp)} if fp else None
+    save_report({"fp": fp_row, "cells": rows, "machine": machine_info(),
+                 "schedule": {"fp_epochs": FP_EPOCHS, "qat_epochs": QAT_EPOCHS,
+                              "qat_steps_per_epoch": QAT_STEPS, "batch_size": BATCH}},
+                results / "converged.json")
+    (results / "converged.md").write_text(markdown(fp_row, rows))
+    print(markdown(fp_row, rows))
+
+
+def markdown(fp: dict | None, rows: list[dict]) -> str:
+    def seeds(values: list, fmt: str = ".2f") -> str:
+        return " / ".join("-" if v is None else format(v, fmt) for v in values)
+
+    lines = []
+    if fp:
+        lines += [f"FP model: {fp['test_acc']:.2f}% (last fifth changed it by "
+                  f"{fp['plateau_change']:+.2f} points)", ""]
+    lines += ["| W/A | method | accuracy | per seed | before BN re-estimation | dead channels | "
+              "last fifth |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['bits']} | {r['cell']} | {r['mean']:.2f} ± {r['std']:.2f} | "
+              f"{seeds(r['values'])} | {seeds(r['before_bn'])} | "
+              f"{seeds(r['dead_channels'], 'd')} | {seeds(r['plateau_change'], '+.2f')} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=("fp", "qat", "report"))
+    parser.add_argument("--worker", default="0/1", help="k/n: train every n-th run from the k-th")
+    parser.add_argument("--out", default="runs/converged")
+    parser.add_argument("--results", default="results/converged")
+    args = parser.parse_args()
+    worker, workers = map(int, args.worker.split("/"))
+    torch.set_num_threads(1)
+    out, results = Path(args.out), Path(args.results)
+    if args.stage == "fp":
+        train_fp(out)
+    elif args.stage == "qat":
+        train_qat(out, results, worker, workers)
+    else:
+        report(out, results)
+
+
+if __name__ == "__main__":
+    main()

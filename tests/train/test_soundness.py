@@ -1,0 +1,152 @@
+"""QAT's soundness options (issue 24): dead weight channels are counted and warned about, the
+quantizers' learning rate is their own, and BatchNorm statistics freeze for the end of training
+without touching quantizer ranges and resume exactly mid-run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from flatq import calibrate, quantize_model
+from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config
+from flatq.quant import quant_layers
+from flatq.quant.health import count_dead, dead_channels
+from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from flatq.train.optim import build_optimizer
+from flatq.runs import load_model, load_teacher, pretrain, qat
+
+
+def small_quantized_net(w_bits: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 6 * 6, 3))
+    model = quantize_model(net, QuantConfig(w_bits=w_bits, a_bits=4, edge_bits=None))
+    calibrate(model, [torch.randn(8, 3, 8, 8)])
+    return model
+
+
+def test_a_channel_is_dead_exactly_when_all_its_weights_quantize_to_zero():
+    model = small_quantized_net()
+    conv = model[0]
+    assert dead_channels(model) == {}
+    weight_max = conv.weight.detach().flatten(1).abs().amax(1)
+    with torch.no_grad():
+        # LSQ's symmetric-free grid: a step just above twice a channel's largest |w| rounds
+        # every weight of it to the zero point; just below, its largest weight survives.
+        scale = conv.weight_quantizer.scale
+        scale[2] = 2.01 * weight_max[2]
+        scale[1] = 1.9 * weight_max[1]
+    reference = conv.weight_quantizer(conv.weight).detach()
+    assert (reference[2] == 0).all() and (reference[1] != 0).any()
+    assert dead_channels(model) == {"0": [2]} and count_dead(dead_channels(model)) == 1
+
+
+def test_quantizer_parameters_learn_at_their_own_multiple_of_the_rate():
+    model = small_quantized_net()
+    config = TrainConfig(lr=0.1, quantizer_lr=0.01, momentum=0.0, weight_decay=0.0)
+    optimizer = build_optimizer(model, config)
+    scale, weight = model[0].weight_quantizer.scale, model[0].weight
+    model(torch.randn(8, 3, 8, 8)).square().mean().backward()
+    expected_scale = scale.detach() - 0.1 * 0.01 * scale.grad
+    expected_weight = weight.detach() - 0.1 * weight.grad
+    optimizer.step()
+    torch.testing.assert_close(scale.detach(), expected_scale)
+    torch.testing.assert_close(weight.detach(), expected_weight)
+    rates = sorted(group["lr"] for group in optimizer.param_groups)
+    assert rates == [0.1 * 0.01, 0.1]
+
+
+def test_at_multiple_one_the_groups_are_the_earlier_two():
+    """Checkpoints from before the option resume: weights (decayed) first, ranges second."""
+    groups = build_optimizer(small_quantized_net(), TrainConfig()).param_groups
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
+    assert [g["lr_scale"] for g in groups] == [1.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("soundness") / "fp"
+    pretrain(RunConfig(model="resnet8", data=DataConfig(name="synthetic"),
+                       method=method_config("ce"), train=train_config(epochs=1)), out)
+    return out
+
+
+def train_config(**changes) -> TrainConfig:
+    values = dict(epochs=2, batch_size=64, lr=0.05, device="cpu", progress=False,
+                  max_steps_per_epoch=3, track_every=1)
+    return TrainConfig(**{**values, **changes})
+
+
+def qat_config(quant: dict | None = None, **train) -> RunConfig:
+    return RunConfig(model="resnet8", data=DataConfig(name="synthetic"),
+                     method=method_config("lsq"),
+                     quant=QuantConfig(w_bits=2, a_bits=4, **(quant or {})),
+                     train=train_config(**train))
+
+
+def norms(model: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_frozen_batchnorm_keeps_its_statistics_and_leaves_quantizers_training(teacher, tmp_path):
+    seen = []
+
+    def record(step, objective, images, labels):
+        student = objective.student
+        seen.append((step, [n.running_mean.clone() for n in norms(student)],
+                     all(not n.training for n in norms(student)),
+                     all(q.training for _, layer in quant_layers(student)
+                         for q in (layer.weight_quantizer, layer.input_quantizer))))
+
+    qat(qat_config(bn_freeze=0.5), *load_teacher(teacher), tmp_path / "run",
+        callbacks=[record])
+    # 6 steps, frozen from step 3 on: the callback after step s sees steps 1..s done
+    frozen = {step: means for step, means, bn_eval, _ in seen if step >= 4}
+    assert [step for step, *_ in seen] == [1, 2, 3, 4, 5, 6]
+    assert all(bn_eval for step, _, bn_eval, _ in seen if step >= 4)
+    assert not any(bn_eval for step, _, bn_eval, _ in seen if step <= 3)
+    assert all(quantizers_training for *_, quantizers_training in seen)
+    at_freeze = dict((step, means) for step, means, *_ in seen)[3]
+    for means in frozen.values():
+        assert all(torch.equal(a, b) for a, b in zip(means, at_freeze))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_frozen_batchnorm_resumes_exactly_mid_run(teacher, tmp_path):
+    def interrupt(step, objective, images, labels):
+        if step == 5:
+            raise Interrupted
+
+    config = qat_config(bn_freeze=0.5, checkpoint_every_steps=2)
+    qat(config, *load_teacher(teacher), tmp_path / "whole")
+    with pytest.raises(Interrupted):
+        qat(config, *load_teacher(teacher), tmp_path / "cut", callbacks=[interrupt])
+    assert load_checkpoint(tmp_path / "cut", CHECKPOINT_NAME)["step"] == 4   # frozen already
+    qat(config, *load_teacher(teacher), tmp_path / "cut", resume=True)
+    whole, cut = load_model(tmp_path / "whole")[0], load_model(tmp_path / "cut")[0]
+    for (key, a), b in zip(whole.state_dict().items(), cut.state_dict().values()):
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, key
+
+
+def test_qat_warns_when_a_channel_dies_and_the_summary_counts_it(teacher, tmp_path, capsys):
+    def kill_stem_channel(step, objective, images, labels):
+        if step == 1:
+            stem = quant_layers(objective.student)[0][1]
+            with torch.no_grad():
+                stem.weight_quantizer.scale[0] = 1e3 * stem.weight.abs().max()
+
+    # LSQ's own init for the 8-bit edges: no other channel dies (docs/soundness.md)
+    qat(qat_config({"edge_init": "lsq"}), *load_teacher(teacher), tmp_path / "run",
+        callbacks=[kill_stem_channel])
+    err = capsys.readouterr().err
+    assert err.count("warning: 1 weight channel(s) dead") == 1      # once, when it died
+    assert "stem.0 [0]" in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dead_channels"] == 1 and summary["dead_channel_layers"] == {"stem.0": [0]}

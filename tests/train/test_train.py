@@ -1,0 +1,189 @@
+"""Whole runs through the Python API on the synthetic data set: pre-training, QAT, the run
+folder's files, loading a finished model, and resume ending where an uninterrupted run ends."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import flatq.methods  # noqa: F401  (registers the method configs)
+from flatq import calibrate, quantize_model
+from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, load_yaml, method_config
+from flatq.data import calibration_batches
+from flatq.errors import CheckpointError, ConfigError, FlatqError
+from flatq.train.checkpoint import load_checkpoint
+from flatq.train.loop import evaluate
+from flatq.runs import load_model, load_teacher, prepare_data, pretrain, qat
+
+DATA = DataConfig(name="synthetic")
+CPU = torch.device("cpu")
+
+
+def train_config(epochs: int, lr: float) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=32, lr=lr, device="cpu", progress=False,
+                       max_steps_per_epoch=4, seed=3, track_every=1)
+
+
+def qat_config() -> RunConfig:
+    return RunConfig(model="resnet8", data=DATA, method=method_config("lsq"),
+                     quant=QuantConfig(w_bits=4, a_bits=4, quantizer="lsq"),
+                     train=train_config(epochs=2, lr=0.01))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One FP run and one QAT run from it, shared by the tests below."""
+    root = tmp_path_factory.mktemp("runs")
+    fp_config = RunConfig(model="resnet8", data=DATA, method=method_config("ce"),
+                          train=train_config(epochs=3, lr=0.1))
+    fp_summary = pretrain(fp_config, root / "fp")
+    teacher, state = load_teacher(root / "fp")
+    data = prepare_data(DATA)
+    quant = qat_config().quant
+    calibrated = calibrate(quantize_model(teacher, quant),
+                           calibration_batches(data.train, data.eval_pipeline, quant.calib_images,
+                                               quant.calib_seed))
+    after_calibration = evaluate(calibrated, data.test, data.eval_pipeline, CPU)
+    q_summary = qat(qat_config(), teacher, state, root / "q")
+    return {"root": root, "fp": fp_summary, "q": q_summary, "data": data,
+            "calibrated": after_calibration, "teacher": teacher, "state": state}
+
+
+def test_fp_training_learns(runs):
+    chance = 100.0 / runs["data"].num_classes
+    assert runs["fp"]["test_acc"] > 4 * chance
+    records = [json.loads(line) for line in (runs["root"] / "fp" / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert records[-1]["train_ce"] < records[0]["train_ce"]
+
+
+def test_qat_improves_on_calibration(runs):
+    q, calibrated = runs["q"], runs["calibrated"]
+    assert q["kind"] == "qat" and q["bits"] == "w4a4" and q["method"] == "task"
+    assert q["fp_test_acc"] == runs["fp"]["test_acc"]
+    # Fine-tuning must lower the test loss of the freshly calibrated model and keep its accuracy.
+    assert q["test_loss"] < calibrated["loss"]
+    assert q["test_acc"] >= calibrated["acc"] - 2.0
+    assert q["test_acc"] > 40.0
+
+
+@pytest.mark.parametrize("run", ["fp", "q"])
+def test_run_folder_files(runs, run):
+    folder = runs["root"] / run
+    for name in ("checkpoint.pt", "model.pt", "metrics.jsonl", "config.yaml", "summary.json"):
+        assert (folder / name).is_file(), name
+    config = RunConfig.from_dict(load_yaml(folder / "config.yaml"))
+    assert config.model == "resnet8" and config.data == DATA
+    assert (config.quant is None) == (run == "fp")
+    assert json.loads((folder / "summary.json").read_text()) == runs[run]
+
+
+@pytest.mark.parametrize("run", ["fp", "q"])
+def test_model_file_loads_safely_and_reproduces_summary(runs, run):
+    folder = runs["root"] / run
+    raw = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    assert raw["meta"]["model"] == "resnet8"
+    model, state = load_model(folder / "model.pt")
+    assert not model.training
+    assert (state["meta"]["quant"] is None) == (run == "fp")
+    result = evaluate(model, runs["data"].test, runs["data"].eval_pipeline, CPU)
+    assert result["acc"] == runs[run]["test_acc"]
+    assert result["loss"] == pytest.approx(runs[run]["test_loss"], abs=1e-6)
+
+
+def test_teacher_file_untouched_by_qat(runs):
+    model, _ = load_model(runs["root"] / "fp")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, runs["teacher"].state_dict()[key]), key
+
+
+def test_qat_leaves_the_teacher_object_as_it_was_and_a_second_run_trains_its_weights(runs):
+    """Objectives freeze a copy of the teacher, never the teacher itself: after a qat run
+    (lsq in the fixture, then fpq, which hooks and freezes its teacher) the object keeps its
+    requires_grad flags, mode and hooks, and a second run from it trains the student's weights,
+    not only its quantizers."""
+    teacher = runs["teacher"]
+    flags = [p.requires_grad for p in teacher.parameters()]
+    assert all(flags)
+    mode = teacher.training
+    config = dataclasses.replace(qat_config(), method=method_config("fpq"))
+    qat(config, teacher, runs["state"], runs["root"] / "q2")
+    assert [p.requires_grad for p in teacher.parameters()] == flags
+    assert teacher.training == mode
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())
+    student, _ = load_model(runs["root"] / "q2")
+    trained, start = student.state_dict(), teacher.state_dict()
+    for name in ("stem.0.weight", "stages.1.0.residual.0.0.weight", "linear.weight"):
+        assert not torch.equal(trained[name], start[name]), name
+
+
+def test_qat_with_bn_images_records_both_accuracies_and_saves_the_new_statistics(runs):
+    config = qat_config()
+    config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, bn_images=64))
+    summary = qat(config, runs["teacher"], runs["state"], runs["root"] / "bn")
+    assert summary["bn_images"] == 64 and "test_acc_before_bn" in summary
+    model, state = load_model(runs["root"] / "bn")
+    trained = load_checkpoint(runs["root"] / "bn" / "checkpoint.pt")["model"]
+    saved = model.state_dict()
+    assert int(saved["stem.1.num_batches_tracked"]) == 64 // config.train.batch_size
+    assert not torch.equal(saved["stem.1.running_mean"], trained["stem.1.running_mean"])
+    assert torch.equal(saved["stem.0.weight"], trained["stem.0.weight"])   # weights untouched
+    assert state["summary"]["test_acc"] == summary["test_acc"]
+
+
+def test_bn_images_beyond_the_training_set_is_refused_before_the_run_folder(runs, tmp_path):
+    config = qat_config()
+    config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, bn_images=10**7))
+    with pytest.raises(ConfigError, match="--bn-images 10000000 exceeds"):
+        qat(config, runs["teacher"], runs["state"], tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_qat_refuses_quantized_source(runs):
+    with pytest.raises(FlatqError, match="expected a full-precision run"):
+        load_teacher(runs["root"] / "q")
+
+
+class Interrupt(KeyboardInterrupt):
+    """Stands for Ctrl-C in the middle of the second epoch."""
+
+
+def test_resume_matches_uninterrupted_run(runs, tmp_path):
+    config = qat_config()
+    steps = config.train.max_steps_per_epoch
+
+    def interrupt(step, objective, images, labels):
+        if step == steps + 1:  # one optimizer step into epoch 2, after epoch 1's checkpoint
+            raise Interrupt
+
+    teacher, state = load_teacher(runs["root"] / "fp")
+    with pytest.raises(Interrupt):
+        qat(config, teacher, state, tmp_path / "q", callbacks=[interrupt])
+    assert (tmp_path / "q" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "q" / "model.pt").exists()
+    with pytest.raises(FlatqError, match="already holds a run"):
+        qat(config, teacher, state, tmp_path / "q")
+
+    teacher, state = load_teacher(runs["root"] / "fp")
+    resumed = qat(config, teacher, state, tmp_path / "q", resume=True)
+    reference = runs["q"]
+    assert resumed["step"] == reference["step"] == 2 * steps
+    assert resumed["test_acc"] == reference["test_acc"]
+    for key in ("test_loss", "train_ce"):
+        assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
+    records = [json.loads(line) for line in (tmp_path / "q" / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    ours, theirs = load_model(tmp_path / "q")[0].state_dict(), \
+        load_model(runs["root"] / "q")[0].state_dict()
+    for key, value in theirs.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(ours[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_without_checkpoint_refused(tmp_path):
+    config = RunConfig(model="resnet8", data=DATA, method=method_config("ce"),
+                       train=train_config(epochs=1, lr=0.1))
+    with pytest.raises(CheckpointError, match="no checkpoint.pt"):
+        pretrain(config, tmp_path / "nothing", resume=True)
