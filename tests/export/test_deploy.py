@@ -311,3 +311,17 @@ def test_integer_file_of_a_target_model_loads_its_float_architecture(tmp_path):
     for name, layer in quant_layers(model):
         assert torch.equal(float_model.get_submodule(name).weight,
                            layer.weight_quantizer(layer.weight).detach())
+
+
+def test_narrow_activation_storage_that_onnxruntime_mishandles_is_refused(tmp_path):
+    """Issue 22: INT4/UINT4 activations next to Clip/MaxPool; `auto` narrows weights only."""
+    torch.manual_seed(0)
+    model = quantize_model(ConvBias(), QuantConfig(w_bits=4, a_bits=4, edge_bits=None))
+    calibrate(model, [torch.randn(16, 3, 16, 16)])
+    x = torch.randn(8, 3, 16, 16)
+    with pytest.raises(ExportError, match="storage 'narrow'"):
+        export_onnx(model.eval(), tmp_path / "q.onnx", x[:1], storage="narrow", check_input=x)
+    assert not list(tmp_path.iterdir())
+    written = export_onnx(model, tmp_path / "q.onnx", x[:1], check_input=x)
+    assert "4-bit weights as uint4" in written.storage_summary()
+    assert "4-bit inputs as uint8 + Clip" in written.storage_summary()

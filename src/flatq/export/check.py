@@ -46,7 +46,7 @@ def run_onnx(data: bytes, images: Tensor) -> np.ndarray:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: no notes on the user's terminal
+    options.log_severity_level = 4  # fatal only: a failure is reported once, as ExportError
     try:
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         return session.run(None, {session.get_inputs()[0].name: images.float().cpu().numpy()})[0]

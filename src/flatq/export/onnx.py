@@ -37,7 +37,7 @@ from ..atomic import replace_atomically, write_error
 from ..errors import ConfigError
 from ..quant import integer_range, named_quantizers, quant_layers
 from ..quant.target import has_output_points
-from .check import ExportCheck, check_agreement
+from .check import ExportCheck, ExportError, check_agreement
 from .deploy import DeployLayer, deploy_stand_ins
 from .graph import clips_after_quantize
 from .integer_view import check_exportable, input_grid, integer_weight
@@ -346,8 +346,15 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
     helper.set_model_props(proto, dict(metadata or {}))
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
-    agreement = check_agreement(data, model, example_input if check_input is None
-                                else check_input) if verify else None
+    try:
+        agreement = check_agreement(data, model, example_input if check_input is None
+                                    else check_input) if verify else None
+    except ExportError as exc:
+        if storage != "narrow" or make is _deploy_stand_ins:
+            raise
+        raise ExportError(f"{exc}; storage 'narrow' types activations INT2/INT4, which "
+                          "onnxruntime's graph optimizations do not all handle: use 'auto' "
+                          "(narrow weights only) or 'int8'") from None
     path = Path(path)
     try:
         replace_atomically(path, lambda handle: handle.write(data))
