@@ -292,6 +292,11 @@ class QuantConfig(Section):
                                "or mse (the clipping range with least quantization MSE, weights "
                                "per channel too)", choices=("minmax", "percentile", "mse"))
     percentile: float = option(99.99, "p of --range-method percentile", low=50.0, high=100.0)
+    target: str = option("paper", "what QAT models: paper (the papers' fake-quant points: "
+                         "each layer's input and weight) or onnxruntime (also what onnxruntime's "
+                         "integer kernels execute: symmetric per-channel weights on [-qmax, "
+                         "qmax], BatchNorm folded, conv outputs requantized; see "
+                         "docs/export.md)", choices=("paper", "onnxruntime"))
 
     def weight_init(self, edge: bool) -> str:
         """Initial step-size rule of a layer's weights (`edge`: the first or last layer)."""
@@ -299,6 +304,10 @@ class QuantConfig(Section):
 
     def validate(self) -> None:
         super().validate()
+        if self.target == "onnxruntime" and self.symmetric_inputs:
+            raise ConfigError("quant.symmetric_inputs does not go with quant.target "
+                              "onnxruntime: its integer convolutions take uint8 activations "
+                              "with a zero point")
         for rule in self.overrides:
             if not isinstance(rule, dict) or "pattern" not in rule:
                 raise ConfigError(f"quant.overrides: each rule needs a 'pattern', got {rule!r}")

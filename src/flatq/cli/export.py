@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(opset 20); auto = narrow where the installed onnxruntime runs it "
                    "[default: auto]")
     p.add_argument("--check-images", type=int, default=256, metavar="N",
-                   help="ONNX: compare onnxruntime with PyTorch on N test images, 0 to skip "
-                   "[default: 256]")
+                   help="ONNX: the file is written only if onnxruntime agrees with PyTorch on "
+                   "the first N test images (1 with 0), whose accuracies are then printed "
+                   "unless N is 0 [default: 256]")
     p.add_argument("--data-root", default=None, help="where the data set lives, if not where "
                    "the run found it (ONNX: for the input shape and the check)")
     p.set_defaults(func=run_export)

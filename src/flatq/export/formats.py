@@ -100,11 +100,15 @@ def _write_onnx(model: nn.Module, state: dict[str, Any], output: Path,
     if options.check_images < 0:
         raise ConfigError(f"--check-images must be >= 0, got {options.check_images}")
     _, data = run_data(state, options.data_root)
-    example = data.eval_pipeline(data.test.take([0])[0], train=False)
-    written = export_onnx(model, output, example, storage=options.storage,
-                          metadata={WEIGHTS_KEY: state_fingerprint(state["model"])})
+    count = min(max(options.check_images, 1), len(data.test))
+    images = data.eval_pipeline(data.test.take(list(range(count)))[0], train=False)
+    written = export_onnx(model, output, images[:1], storage=options.storage,
+                          metadata={WEIGHTS_KEY: state_fingerprint(state["model"])},
+                          check_input=images)
+    target = state["meta"]["quant"].get("target", "paper")
     lines = [f"wrote {written.path}: opset {written.opset}, {len(written.layers)} quantized "
-             f"layers; storage: {written.storage_summary()}"]
+             f"layers (target {target}); storage: {written.storage_summary()}",
+             f"size: {written.size_summary()}", written.check.summary()]
     if options.check_images:
         agreement = compare(OnnxModel(written.path), model, data.test, data.eval_pipeline,
                             limit=options.check_images)

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
-from ..quant import named_quantizers, quant_layers
+from ..quant import Quantizer, quant_layers
+from ..quant.layers import OutputPoint
 from .integer_view import (InputGrid, IntegerWeight, check_exportable, input_grid,
                            integer_weight)
 
@@ -137,8 +138,10 @@ class IntegerExport:
 
 
 def _other_tensors(model: nn.Module, layer_names: list[str]) -> dict[str, Tensor]:
-    """State entries outside the quantizers and the quantized weights (biases, BN, ...)."""
-    skip = tuple(f"{name}." for name, _ in named_quantizers(model))
+    """State entries outside the quantizers, output points and quantized weights (biases,
+    BN, ...)."""
+    skip = tuple(f"{name}." for name, module in model.named_modules()
+                 if isinstance(module, (Quantizer, OutputPoint)))
     weights = {f"{name}.weight" for name in layer_names}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()
             if not k.startswith(skip) and k not in weights}

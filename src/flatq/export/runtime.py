@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +22,21 @@ WEIGHTS_KEY = "flatq.weights"
 
 
 class OnnxModel:
-    """An onnxruntime CPU session over an exported model: float images in, logits out."""
+    """An onnxruntime CPU session over an exported model: float images in, logits out.
+    `threads` limits onnxruntime's thread pools (default: its own choice)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such ONNX file")
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = options.inter_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options,
+                                                providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own unrelated types
             raise CheckpointError(f"{path}: onnxruntime cannot load it: "
                                   f"{str(exc).splitlines()[0]}") from None
@@ -52,6 +59,17 @@ class OnnxModel:
                                             for e, g in zip(expected, got)):
             raise ConfigError(f"{self.path} takes images of shape {expected}, got {got}")
         return self.session.run(None, {self.input.name: images.float().cpu().numpy()})[0]
+
+    def latency_ms(self, images: Tensor, seconds: float = 1.0) -> float:
+        """Median milliseconds of one run on `images`, over runs filling about `seconds` (at
+        least 3) after a warm-up run."""
+        self(images)
+        times: list[float] = []
+        while len(times) < 3 or sum(times) < seconds:
+            start = time.perf_counter()
+            self(images)
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ included), keeps state_dict names, and keeps the float model untouched to serve 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +20,7 @@ from ..errors import ConfigError
 from .layers import is_quant_layer, quant_layers
 from .plan import plan_quantization, quant_class
 from .quantizers import MinMaxQuantizer, Quantizer, quantizer_family
+from .target import OUTPUT_BITS, add_output_points, output_point_dataflow
 
 
 def _make_quantizers(config: QuantConfig, channels: int, w_bits: int, a_bits: int,
@@ -32,13 +35,17 @@ def _make_quantizers(config: QuantConfig, channels: int, w_bits: int, a_bits: in
     minmax the first and last layer's weights take min-max ranges recomputed every step: a
     learned 8-bit per-channel step size is ~20x smaller than a 4-bit one for about the same
     LSQ gradient, and on short schedules it can grow past the weights and kill the channel.
+    config.target onnxruntime makes weights symmetric on [-qmax, qmax] (flatq.quant.target).
     """
     w_range = "mse" if config.range_method == "mse" else "minmax"
-    weight = quantizer_family(config.weight_family).for_weights(w_bits, channels, config,
+    deploy = config.target == "onnxruntime"
+    w_config = dataclasses.replace(config, symmetric_weights=True) if deploy else config
+    weight = quantizer_family(config.weight_family).for_weights(w_bits, channels, w_config,
                                                                 is_edge)
     inputs = quantizer_family(config.input_family).for_inputs(a_bits, config)
     if is_edge and config.edge_weights == "minmax" and not isinstance(weight, MinMaxQuantizer):
-        weight = MinMaxQuantizer.for_weights(w_bits, channels, config, is_edge, dynamic=True)
+        weight = MinMaxQuantizer.for_weights(w_bits, channels, w_config, is_edge, dynamic=True)
+    weight.narrow_range = deploy
     weight.set_range_method(w_range)
     inputs.set_range_method(config.range_method, config.percentile)
     return weight, inputs
@@ -86,6 +93,9 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
         weight_q, input_q = _make_quantizers(config, weight.shape[0], row.w_bits, row.a_bits,
                                              row.edge)
         qmodel.set_submodule(row.name, quant_class(layer).from_float(layer, weight_q, input_q))
+    if config.target == "onnxruntime":
+        add_output_points(qmodel, lambda: _make_quantizers(config, 1, OUTPUT_BITS,
+                                                           OUTPUT_BITS)[1])
     qmodel.quant_plan = plan
     for message in plan.warnings:
         warnings.warn(message, stacklevel=2)
@@ -130,7 +140,9 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor],
     try:
         seen = 0
         for batch in batches:
-            model(batch.to(device))
+            # The first pass also settles which output points the runtime needs.
+            with output_point_dataflow(model) if seen == 0 else nullcontext():
+                model(batch.to(device))
             seen += 1
         if seen == 0:
             raise ConfigError("calibrate(): no calibration batches were given")

@@ -8,9 +8,54 @@ subclassing the layer. The training forward always uses the quantized weight.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .quantizers import Quantizer
+
+
+def round_to_step(x: Tensor, step: Tensor) -> Tensor:
+    """x rounded to a multiple of step (the int32 bias grid)."""
+    return torch.round(x / step) * step
+
+
+class OutputPoint(nn.Module):
+    """A deployment target's requantization point on a layer's output (flatq.quant.target).
+
+    Switched off (`set_active(False)`, kept in the state_dict) where only quantized layers read
+    the tensor: their input quantizers are then the runtime's requantization point. Under
+    autograd the result is a copy: the fake quantizer keeps its output for the backward pass,
+    and the activation after a conv (or its BatchNorm) is often an in-place ReLU.
+    """
+
+    def __init__(self, quantizer: Quantizer) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+        self.register_buffer("active", torch.tensor(True))
+        self.on = True  # `active` as a Python bool: no device sync in forward
+
+    def set_active(self, on: bool) -> None:
+        self.active.fill_(on)
+        self.on = on
+        for parameter in self.quantizer.parameters():
+            parameter.requires_grad_(on)  # an unused step size: no gradient, none for DDP
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.set_active(bool(self.active))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.on:
+            return x
+        out = self.quantizer(x)
+        return out.clone() if out.requires_grad else out
+
+
+def bias_step(layer: nn.Module) -> Tensor:
+    """Per output channel, the step of an int32 bias added to the integer sums of `layer`:
+    input step x weight step (what QLinearConv / QGemm assume)."""
+    input_step = layer.input_quantizer.scale_and_zero_point()[0].reshape(-1)[:1]
+    return input_step * layer.weight_quantizer.scale_and_zero_point()[0].reshape(-1)
 
 
 class _QuantLayer:
@@ -21,17 +66,31 @@ class _QuantLayer:
     weight_quantizer: Quantizer
     input_quantizer: Quantizer
     input_perturbation: nn.Module
+    output_point: "OutputPoint | None"
 
     def _attach(self, weight_quantizer: Quantizer, input_quantizer: Quantizer) -> None:
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.input_perturbation = nn.Identity()
+        # The deployment target's requantization point on the output (flatq.quant.target).
+        self.output_point = None
 
     def quantized_input(self, x: Tensor) -> Tensor:
         return self.input_perturbation(self.input_quantizer(x))
 
     def quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self.weight)
+
+    # The onnxruntime target (flatq.quant.target) sets this on layers whose own bias the
+    # runtime adds as int32 in steps of input step x weight step.
+    quantize_bias = False
+
+    def layer_bias(self) -> Tensor | None:
+        """The bias as the forward adds it: rounded to the int32 grid when `quantize_bias`
+        (straight through), else as is."""
+        if not self.quantize_bias or self.bias is None:
+            return self.bias
+        return self.bias + (round_to_step(self.bias, bias_step(self)) - self.bias).detach()
 
     @property
     def bits(self) -> tuple[int, int]:
@@ -53,7 +112,9 @@ class _QuantConv(_QuantLayer):
         return layer.train(conv.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        out = self._conv_forward(self.quantized_input(x), self.quantized_weight(),
+                                 self.layer_bias())
+        return out if self.output_point is None else self.output_point(out)
 
 
 class QuantConv1d(_QuantConv, nn.Conv1d):
@@ -83,7 +144,8 @@ class QuantLinear(_QuantLayer, nn.Linear):
         return layer.train(linear.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return nn.functional.linear(self.quantized_input(x), self.quantized_weight(),
+                                    self.layer_bias())
 
 
 # Float base class -> its quantized layer. Subclasses of a base are swapped too, unless they

@@ -139,9 +139,15 @@ class Quantizer(nn.Module, ABC):
         return cls(bits, signed=config.symmetric_inputs, init=config.init)
 
     # -- integer grid ---------------------------------------------------------------------
+    # A signed grid without its most negative level ([-qmax, qmax], as onnxruntime's and
+    # TensorRT's symmetric weights): negating the integers (a negative BatchNorm scale folded
+    # into the weights) stays on the grid.
+    narrow_range = False
+
     @property
     def qmin(self) -> int:
-        return integer_range(self.bits, self.signed)[0]
+        lo, hi = integer_range(self.bits, self.signed)
+        return -hi if self.narrow_range and self.signed else lo
 
     @property
     def qmax(self) -> int:
