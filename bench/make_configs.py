@@ -43,10 +43,11 @@ DATA = {"cifar10": {"name": "cifar10"}, "cifar100": {"name": "cifar100"},
         "fashion_mnist": {"name": "fashion_mnist", "image_size": 32, "channels": 3}}
 # The paper's 8-bit first/last layers and 100 calibration images (Sec. 4), stated explicitly.
 QUANT = {"quantizer": "lsq", "edge_bits": 8, "calib_images": 100}
-# The FPQ paper initializes every step size from the calibration range (its Eq. 5), the 8-bit
-# first and last layer too; flatq's default gives those two LSQ's own initial step instead,
-# which stops their channels from dying (docs/soundness.md). Paper cells keep the paper's.
-PAPER_INIT = {"init": "minmax", "edge_init": "minmax"}
+# The FPQ paper learns every step size from a calibration-range start (its Eq. 5), the 8-bit
+# first and last layer too; flatq's default gives those two min-max ranges recomputed every
+# step instead, which stops their channels from dying (docs/soundness.md). Paper cells keep
+# the paper's setting.
+PAPER_INIT = {"init": "minmax", "edge_weights": "learned", "edge_init": "minmax"}
 
 # file suffix -> (table row, method name, quantizer options, method options). A baseline runs
 # as its paper defines it: PACT with DoReFa weights (its paper's; flatq's default is min-max),

@@ -267,16 +267,16 @@ class QuantConfig(Section):
                        "splits the grid as the data's range)", choices=("minmax", "lsq"))
     edge_bits: int | None = option(8, "bit width of the first and last layer (none: same as "
                                    "the others)", low=2, high=8)
-    edge_weights: str = option("learned", "weight quantizer of the first and last layer: "
-                               "learned (the family's own, e.g. LSQ step sizes) or minmax (the "
-                               "current weights' range every step: no step size to learn, so no "
-                               "channel can die; see bench/step_sizes.py)",
-                               choices=("learned", "minmax"))
-    edge_init: str | None = option("lsq", "initial step size of the first and last layer's "
-                                   "weights: lsq (LSQ's 2 mean|w| / sqrt(Qp): a min-max 8-bit "
-                                   "step is so small that one SGD update can overshoot it and "
-                                   "kill the channel, docs/soundness.md), minmax, or none (as "
-                                   "--init)", choices=("minmax", "lsq"))
+    edge_weights: str = option("minmax", "weight quantizer of the first and last layer: "
+                               "minmax (the current weights' range every step, full 8-bit "
+                               "resolution, no step size to learn, so no channel can die) or "
+                               "learned (the family's own, e.g. LSQ step sizes; a min-max-"
+                               "initialized 8-bit step can be overshot by one update and kill "
+                               "its channel, docs/soundness.md)", choices=("learned", "minmax"))
+    edge_init: str | None = option(None, "initial step size of learned first and last layer "
+                                   "weights: minmax, lsq (LSQ's 2 mean|w| / sqrt(Qp), which "
+                                   "also keeps channels alive but uses ~14 of the 8-bit levels) "
+                                   "or none (as --init)", choices=("minmax", "lsq"))
     skip: list[str] = option([], "modules to leave float: names or fnmatch patterns, comma "
                              "separated (e.g. 'features.*.attn'); a pattern naming a module "
                              "leaves every layer inside it float too")

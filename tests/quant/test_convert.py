@@ -442,7 +442,8 @@ def test_quantized_attention_computes_what_multihead_attention_does(batch_first,
 def test_quantized_attention_keeps_parameter_names_and_quantizes_at_8_bits_closely():
     torch.manual_seed(0)
     model = Attend(True).eval()
-    qmodel = quantize_model(model, QuantConfig(w_bits=8, a_bits=8))
+    # learned edges: the block is the first layer, and its step size must learn
+    qmodel = quantize_model(model, QuantConfig(w_bits=8, a_bits=8, edge_weights="learned"))
     assert set(model.state_dict()) <= set(qmodel.state_dict())
     assert {"attn.in_proj_weight", "attn.out_proj.weight"} <= set(model.state_dict())
     x = torch.randn(4, 5, 6)

@@ -24,7 +24,8 @@ def small_quantized_net(w_bits: int = 4) -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                         nn.Linear(4 * 6 * 6, 3))
-    model = quantize_model(net, QuantConfig(w_bits=w_bits, a_bits=4, edge_bits=None))
+    model = quantize_model(net, QuantConfig(w_bits=w_bits, a_bits=4, edge_bits=None,
+                                            edge_weights="learned"))
     calibrate(model, [torch.randn(8, 3, 8, 8)])
     return model
 
@@ -142,7 +143,9 @@ def test_qat_warns_when_a_channel_dies_and_the_summary_counts_it(teacher, tmp_pa
             with torch.no_grad():
                 stem.weight_quantizer.scale[0] = 1e3 * stem.weight.abs().max()
 
-    qat(qat_config(), *load_teacher(teacher), tmp_path / "run", callbacks=[kill_stem_channel])
+    learned = {"edge_weights": "learned", "edge_init": "lsq"}   # a step size to throw, no other
+    qat(qat_config(learned), *load_teacher(teacher), tmp_path / "run",  # channel dying
+        callbacks=[kill_stem_channel])
     err = capsys.readouterr().err
     assert err.count("warning: 1 weight channel(s) dead") == 1      # once, when it died
     assert "stem.0 [0]" in err
@@ -150,16 +153,19 @@ def test_qat_warns_when_a_channel_dies_and_the_summary_counts_it(teacher, tmp_pa
     assert summary["dead_channels"] == 1 and summary["dead_channel_layers"] == {"stem.0": [0]}
 
 
-def test_lsqs_own_edge_init_keeps_the_stem_alive_where_min_max_init_kills_it(teacher, tmp_path,
-                                                                             capsys):
-    """The synthetic case of docs/soundness.md at W2A4 and lr 0.05: with min-max init the 8-bit
-    stem's step size is overshot to its clamp and thrown above the weights within six steps;
-    LSQ's own initial step (the default) keeps every channel."""
-    qat(qat_config({"edge_init": "minmax"}), *load_teacher(teacher), tmp_path / "minmax")
+@pytest.mark.parametrize("edges", [{}, {"edge_weights": "learned", "edge_init": "lsq"}],
+                         ids=["default-minmax-edges", "learned-lsq-init"])
+def test_the_stem_stays_alive_where_a_min_max_initialized_step_dies(edges, teacher, tmp_path,
+                                                                    capsys):
+    """The synthetic case of docs/soundness.md at W2A4 and lr 0.05: a learned 8-bit stem step
+    initialized from min-max is overshot to its clamp and thrown above the weights within six
+    steps; min-max edge weights (the default) or LSQ's own initial step keep every channel."""
+    qat(qat_config({"edge_weights": "learned", "edge_init": "minmax"}), *load_teacher(teacher),
+        tmp_path / "minmax")
     assert "warning:" in capsys.readouterr().err
     dead = json.loads((tmp_path / "minmax" / "summary.json").read_text())["dead_channels"]
     assert dead > 0
-    qat(qat_config(), *load_teacher(teacher), tmp_path / "default")
+    qat(qat_config(edges), *load_teacher(teacher), tmp_path / "fixed")
     assert "dead" not in capsys.readouterr().err
-    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "fixed" / "summary.json").read_text())
     assert summary["dead_channels"] == 0 and summary["dead_channel_layers"] == {}
