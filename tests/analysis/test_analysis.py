@@ -452,7 +452,8 @@ def test_library_writes_the_file_the_cli_writes(tmp_path):
 def test_weight_step_sizes_count_dead_channels():
     from flatq.analysis import weight_step_sizes
     torch.manual_seed(0)
-    model = quantize_model(build_model("resnet8"), QuantConfig(w_bits=4, a_bits=4))
+    model = quantize_model(build_model("resnet8"),
+                           QuantConfig(w_bits=4, a_bits=4, edge_weights="learned"))
     calibrate(model, [torch.randn(8, 3, 32, 32)])
     rows = weight_step_sizes(model)
     assert [r["layer"] for r in rows] == [name for name, _ in quant_layers(model)]

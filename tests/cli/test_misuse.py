@@ -112,6 +112,8 @@ def test_demo_checks_everything_before_replacing_a_run(made, tmp_path, capsys):
     assert_one_line(code, err, "demo", ["unknown model 'resnet99'"])
     code, _, err = cli(["demo", "--out", out, "--overwrite", "--bits", "w9a4"], capsys)
     assert_one_line(code, err, "demo", ["bits", "9"])
+    code, _, err = cli(["demo", "--out", out, "--overwrite", "--methods", "task,fpqq"], capsys)
+    assert_one_line(code, err, "demo", ["--methods", "unknown fpqq"])
     assert snapshot(out / "fp") == before
 
 

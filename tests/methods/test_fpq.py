@@ -56,7 +56,9 @@ def labels(n: int = 4) -> torch.Tensor:
 
 
 def tiny_student(teacher: nn.Module, w_bits: int = 4, a_bits: int = 4) -> nn.Module:
-    student = quantize_model(teacher, QuantConfig(w_bits=w_bits, a_bits=a_bits))
+    # learned edges: the tests follow gradients into every layer's weight step size
+    student = quantize_model(teacher, QuantConfig(w_bits=w_bits, a_bits=a_bits,
+                                                  edge_weights="learned"))
     return calibrate(student, [images(16, seed=2)])
 
 

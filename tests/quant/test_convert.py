@@ -143,7 +143,9 @@ def test_model_without_layers_is_a_config_error():
     ("minmax", MinMaxQuantizer, MinMaxQuantizer),
 ])
 def test_quantizer_families(kind, weight_cls, input_cls):
-    qmodel = quantize_model(build_model("resnet8"), QuantConfig(quantizer=kind))
+    # learned edges: the first and last layer take the family's weight quantizer too
+    qmodel = quantize_model(build_model("resnet8"),
+                            QuantConfig(quantizer=kind, edge_weights="learned"))
     for _, layer in quant_layers(qmodel):
         assert type(layer.weight_quantizer) is weight_cls
         assert type(layer.input_quantizer) is input_cls
@@ -186,7 +188,8 @@ def test_symmetric_options_reach_the_quantizers():
 def test_calibrate_leaves_batchnorm_and_weights_alone(resnet8):
     qmodel = quantize_model(resnet8, QuantConfig()).train()
     before = {k: v.clone() for k, v in qmodel.state_dict().items()
-              if not k.endswith(("scale", "zero_point", "initialized", "_extra_state"))}
+              if not k.endswith(("scale", "zero_point", "initialized", "_extra_state",
+                                 "running_min", "running_max"))}   # quantizer ranges
     assert any("running_mean" in k for k in before)
     calibrate(qmodel, calibration_data())
     assert qmodel.training  # the mode it had is restored
@@ -222,7 +225,7 @@ def test_8_bit_close_to_float_and_2_bit_further(resnet8):
 
 
 def test_state_dict_round_trip_without_calibration(resnet8):
-    config = QuantConfig(w_bits=3, a_bits=4, quantizer="lsq+")
+    config = QuantConfig(w_bits=3, a_bits=4, quantizer="lsq+", edge_weights="learned")
     source = calibrate(quantize_model(resnet8, config), calibration_data()).eval()
     with torch.no_grad():  # make the learned parameters differ from a fresh calibration
         for _, q in named_quantizers(source):
@@ -467,7 +470,8 @@ def test_attention_options_not_reimplemented_stay_float_with_their_out_proj():
 
 def test_weights_and_inputs_pick_their_quantizers_independently(resnet8):
     # LSQ weights with PACT inputs: each side from its own registered family, and it trains.
-    config = QuantConfig(weight_quantizer="lsq", input_quantizer="pact", edge_bits=None)
+    config = QuantConfig(weight_quantizer="lsq", input_quantizer="pact", edge_bits=None,
+                         edge_weights="learned")
     qmodel = calibrate(quantize_model(resnet8, config), calibration_data())
     for _, layer in quant_layers(qmodel):
         assert type(layer.weight_quantizer) is LSQQuantizer
