@@ -22,6 +22,7 @@ from flatq.config import DataConfig, RunConfig, TrainConfig, method_config
 from flatq.data import load_image_folder, make_loader
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flatq.runs import pretrain
+from run_helpers import Interrupted, interrupt_at
 
 HERE = Path(__file__).resolve().parents[1]   # tests/, where tiny_model_cli.py lives
 FACTORY = "tiny_model_cli:TinyNoBN"     # tests/ is on sys.path (and PYTHONPATH below)
@@ -91,17 +92,6 @@ def test_folder_trains_and_quantizes_end_to_end(folder, tmp_path, capsys):
     assert_one_line(code, err, "qat", ["CR draws its two augmented views"])
 
 
-class Interrupted(Exception):
-    pass
-
-
-def _interrupt_at(step: int):
-    def callback(at, objective, images, labels):
-        if at == step:
-            raise Interrupted
-    return callback
-
-
 def test_resume_mid_epoch_ends_like_an_uninterrupted_run(folder, tmp_path):
     """Cut after step 5 (last checkpoint: step 4, one step into epoch 2) and resumed with 2
     workers where the whole run had none: the same records and weights, bit for bit."""
@@ -114,7 +104,7 @@ def test_resume_mid_epoch_ends_like_an_uninterrupted_run(folder, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     pretrain(config(0), whole)
     with pytest.raises(Interrupted):
-        pretrain(config(0), cut, callbacks=[_interrupt_at(5)])
+        pretrain(config(0), cut, callbacks=[interrupt_at(5)])
     saved = load_checkpoint(cut, CHECKPOINT_NAME)
     assert (saved["step"], saved["epoch"], saved["epoch_step"]) == (4, 1, 1)
     pretrain(config(2), cut, resume=True)

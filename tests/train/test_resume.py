@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import tiny_model_cli
+from run_helpers import Interrupted, interrupt_at
 from flatq.cli import main
 from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config
 from flatq.errors import CheckpointError, FlatqError
@@ -130,17 +131,6 @@ def tiny_nobn():
         yield
 
 
-class Interrupted(Exception):
-    pass
-
-
-def _interrupt_at(step: int):
-    def callback(at, objective, images, labels):
-        if at == step:
-            raise Interrupted
-    return callback
-
-
 def _same_run(a: Path, b: Path) -> None:
     assert _records(a) == _records(b)
     wa, wb = load_model(a)[0].state_dict(), load_model(b)[0].state_dict()
@@ -166,7 +156,7 @@ def test_random_streams_of_methods_resume(tiny_nobn, tmp_path):
         whole, cut = tmp_path / f"{name}_whole", tmp_path / f"{name}_cut"
         run(whole)
         with pytest.raises(Interrupted):
-            run(cut, callbacks=[_interrupt_at(3)])
+            run(cut, callbacks=[interrupt_at(3)])
         saved = load_checkpoint(cut, CHECKPOINT_NAME)
         assert (saved["step"], saved["epoch_step"]) == (2, 2) and saved["rng"][0]["objective"]
         run(cut, resume=True)

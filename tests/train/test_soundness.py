@@ -18,6 +18,7 @@ from flatq.quant.health import count_dead, dead_channels
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flatq.train.optim import build_optimizer
 from flatq.runs import load_model, load_teacher, pretrain, qat
+from run_helpers import Interrupted, interrupt_at
 
 
 def small_quantized_net(w_bits: int = 4) -> nn.Module:
@@ -116,19 +117,11 @@ def test_frozen_batchnorm_keeps_its_statistics_and_leaves_quantizers_training(te
         assert all(torch.equal(a, b) for a, b in zip(means, at_freeze))
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_frozen_batchnorm_resumes_exactly_mid_run(teacher, tmp_path):
-    def interrupt(step, objective, images, labels):
-        if step == 5:
-            raise Interrupted
-
     config = qat_config(bn_freeze=0.5, checkpoint_every_steps=2)
     qat(config, *load_teacher(teacher), tmp_path / "whole")
     with pytest.raises(Interrupted):
-        qat(config, *load_teacher(teacher), tmp_path / "cut", callbacks=[interrupt])
+        qat(config, *load_teacher(teacher), tmp_path / "cut", callbacks=[interrupt_at(5)])
     assert load_checkpoint(tmp_path / "cut", CHECKPOINT_NAME)["step"] == 4   # frozen already
     qat(config, *load_teacher(teacher), tmp_path / "cut", resume=True)
     whole, cut = load_model(tmp_path / "whole")[0], load_model(tmp_path / "cut")[0]
