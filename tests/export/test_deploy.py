@@ -247,7 +247,8 @@ def test_methods_train_a_step_with_the_onnxruntime_target_and_export(method, sou
 
 def test_demo_deploy_table_reports_both_models(fp_runs, tmp_path, capsys):
     from flatq.cli import main
-    from flatq.cli.deploy import deploy_runs, print_deployment
+    from flatq.cli.deploy import print_deployment
+    from flatq.runs.deploy import deploy_runs
 
     out = fp_runs / "q_table"
     assert main(["qat", "--from", str(fp_runs / "fp"), "--bits", "w4a4", "--target",

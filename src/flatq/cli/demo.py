@@ -19,7 +19,8 @@ from ..models import check_model_name
 from ..train.run_folder import check_run_folder
 from ..quant.target import TARGETS
 from ..runs import load_teacher, pretrain, qat
-from .deploy import deploy_runs, print_deployment
+from ..runs.deploy import deploy_runs
+from .deploy import print_deployment
 
 
 def register(sub: argparse._SubParsersAction) -> None:
