@@ -157,8 +157,8 @@ def markdown(fp: dict | None, rows: list[dict]) -> str:
     if fp:
         lines += [f"FP model: {fp['test_acc']:.2f}% (last fifth changed it by "
                   f"{fp['plateau_change']:+.2f} points)", ""]
-    lines += ["| W/A | method | accuracy | per seed | before BN re-estimation | dead channels | "
-              "last fifth |", "|---|---|---|---|---|---|---|"]
+    lines += ["| W/A | method | accuracy (BN re-estimated) | per seed | before re-estimation | "
+              "dead channels | last fifth of QAT |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['bits']} | {r['cell']} | {r['mean']:.2f} ± {r['std']:.2f} | "
               f"{seeds(r['values'])} | {seeds(r['before_bn'])} | "
               f"{seeds(r['dead_channels'], 'd')} | {seeds(r['plateau_change'], '+.2f')} |"
