@@ -26,12 +26,16 @@ are skipped, so rerunning continues where it stopped. Several processes can shar
     python bench/converged.py fp                       # the FP model (once)
     for k in 0 1; do python bench/converged.py qat --worker $k/2 & done; wait
     python bench/converged.py report                   # results/converged/*.{json,md}
+
+The FP model's run files are kept in results/converged/fp/, so a fresh clone continues the
+grid from the same model (`qat` uses runs/converged/fp when present, else that copy).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -71,12 +75,22 @@ def epoch_accuracies(run_dir: Path) -> list[float]:
     return [r["test_acc"] for r in map(json.loads, lines) if "test_acc" in r]
 
 
-def train_fp(out: Path) -> None:
+def train_fp(out: Path, results: Path) -> None:
+    """Train the FP model (resuming a stopped run) and keep its finished run files in
+    results/, so a later session continues the grid from the same model."""
     config = RunConfig(model="resnet8", data=DATA, method=method_config("ce"),
                        train=TrainConfig(epochs=FP_EPOCHS, batch_size=BATCH, lr=0.1, seed=0,
                                          device="cpu", progress=False))
     if not (out / "fp" / "model.pt").is_file():
         pretrain(config, out / "fp", resume=(out / "fp" / "checkpoint.pt").is_file())
+    (results / "fp").mkdir(parents=True, exist_ok=True)
+    for name in ("model.pt", "config.yaml", "metrics.jsonl", "summary.json"):
+        shutil.copyfile(out / "fp" / name, results / "fp" / name)
+
+
+def fp_folder(out: Path, results: Path) -> Path:
+    """The FP run to start QAT from: this machine's, else the one kept in results/."""
+    return out / "fp" if (out / "fp" / "model.pt").is_file() else results / "fp"
 
 
 def qat_runs() -> list[tuple[str, str, int, str, dict]]:
@@ -91,7 +105,7 @@ def run_folder(out: Path, cell: str, bits: str, seed: int) -> Path:
 
 
 def train_qat(out: Path, results: Path, worker: int, workers: int) -> None:
-    teacher, state = load_teacher(out / "fp")
+    teacher, state = load_teacher(fp_folder(out, results))
     for index, (cell, bits, seed, method, options) in enumerate(qat_runs()):
         run_dir = run_folder(out, cell, bits, seed)
         if index % workers != worker or (run_dir / "model.pt").is_file():
@@ -123,7 +137,8 @@ def run_record(run_dir: Path, cell: str, bits: str, seed: int, seconds: float) -
 
 def report(out: Path, results: Path) -> None:
     records = [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
-    fp = epoch_accuracies(out / "fp") if (out / "fp" / "metrics.jsonl").is_file() else []
+    fp_dir = fp_folder(out, results)
+    fp = epoch_accuracies(fp_dir) if (fp_dir / "metrics.jsonl").is_file() else []
     rows = []
     for cell, (widths, *_) in CELLS.items():
         for bits in widths:
@@ -177,7 +192,7 @@ def main() -> None:
     torch.set_num_threads(1)
     out, results = Path(args.out), Path(args.results)
     if args.stage == "fp":
-        train_fp(out)
+        train_fp(out, results)
     elif args.stage == "qat":
         train_qat(out, results, worker, workers)
     else:
