@@ -108,8 +108,9 @@ def train_qat(out: Path, results: Path, worker: int, workers: int) -> None:
     teacher, state = load_teacher(fp_folder(out, results))
     for index, (cell, bits, seed, method, options) in enumerate(qat_runs()):
         run_dir = run_folder(out, cell, bits, seed)
-        if index % workers != worker or (run_dir / "model.pt").is_file():
-            continue
+        record = results / "runs" / run_dir.relative_to(out).with_suffix(".json")
+        if index % workers != worker or record.is_file():   # finished here or in a session
+            continue                                         # whose results were committed
         w, a = int(bits[1]), int(bits[3])
         config = RunConfig(model="resnet8", data=DATA, method=method_config(method, options),
                            quant=QuantConfig(w_bits=w, a_bits=a, bn_images=BN_IMAGES),
@@ -119,8 +120,7 @@ def train_qat(out: Path, results: Path, worker: int, workers: int) -> None:
         started = time.perf_counter()
         qat(config, teacher, state, run_dir, resume=(run_dir / "checkpoint.pt").is_file(),
             overwrite=not (run_dir / "checkpoint.pt").is_file())
-        save_report(run_record(run_dir, cell, bits, seed, time.perf_counter() - started),
-                    results / "runs" / run_dir.relative_to(out).with_suffix(".json"))
+        save_report(run_record(run_dir, cell, bits, seed, time.perf_counter() - started), record)
 
 
 def run_record(run_dir: Path, cell: str, bits: str, seed: int, seconds: float) -> dict:
