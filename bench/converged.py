@@ -29,6 +29,17 @@ are skipped, so rerunning continues where it stopped. Several processes can shar
 
 The FP model's run files are kept in results/converged/fp/, so a fresh clone continues the
 grid from the same model (`qat` uses runs/converged/fp when present, else that copy).
+
+Added after the first 27 runs (issue 26, item 8: every method beside LSQ, same FP model, same
+schedule): W2A2 cells for CR, MEC, SAM, LSQ+ (continuous offset, MSE initialization) and PACT
+(DoReFa weights), each at flatq's defaults, 3 seeds. DNQ is not among them: it trains its own
+FP model with noise and then quantizes after training (PTQ), so it has no QAT run here.
+
+`probe` trains one run outside the grid with changed options (a BatchNorm policy, a longer
+schedule, a method option) and keeps its record in results/converged/probes/NAME.json, e.g.
+
+    python bench/converged.py probe --cell LSQ --bits w2a2 --seed 1 --bn-freeze 0.3 \
+        --name lsq-w2a2-s1-freeze0.3
 """
 
 from __future__ import annotations
@@ -52,14 +63,21 @@ QAT_EPOCHS, QAT_STEPS = 10, 60
 BATCH = 128
 SEEDS = (0, 1, 2)
 BN_IMAGES = 12800   # re-estimated after training: the summary keeps the accuracy before too
-# cell -> (bits, method, method options)
+# cell -> (bits, method, method options, quantization options)
 CELLS = {
-    "LSQ": (("w2a2", "w2a4"), "lsq", {}),
-    "KD": (("w2a2", "w2a4"), "kd", {}),
-    "FPQ": (("w2a2", "w2a4"), "fpq", {}),
-    "+SFP": (("w2a4",), "fpq", {"csd": False}),
-    "+CSD": (("w2a4",), "fpq", {"sfp": False}),
-    "FPQ, SFP before the quantizer": (("w2a4",), "fpq", {"sfp_site": "before"}),
+    "LSQ": (("w2a2", "w2a4"), "lsq", {}, {}),
+    "KD": (("w2a2", "w2a4"), "kd", {}, {}),
+    "FPQ": (("w2a2", "w2a4"), "fpq", {}, {}),
+    "+SFP": (("w2a4",), "fpq", {"csd": False}, {}),
+    "+CSD": (("w2a4",), "fpq", {"sfp": False}, {}),
+    "FPQ, SFP before the quantizer": (("w2a4",), "fpq", {"sfp_site": "before"}, {}),
+    # every other QAT method beside LSQ (issue 26, item 8), at flatq's defaults
+    "CR": (("w2a2",), "cr", {}, {}),
+    "MEC": (("w2a2",), "mec", {}, {}),
+    "SAM": (("w2a2",), "sam", {}, {}),
+    "LSQ+": (("w2a2",), "lsq", {}, {"quantizer": "lsq+", "lsqplus_offset": "continuous",
+                                    "range_method": "mse"}),
+    "PACT": (("w2a2",), "lsq", {}, {"quantizer": "pact", "pact_weights": "dorefa"}),
 }
 DATA = DataConfig(name="fashion_mnist", image_size=32, channels=3)
 
@@ -93,10 +111,23 @@ def fp_folder(out: Path, results: Path) -> Path:
     return out / "fp" if (out / "fp" / "model.pt").is_file() else results / "fp"
 
 
-def qat_runs() -> list[tuple[str, str, int, str, dict]]:
-    """(cell, bits, seed, method, options) of every QAT run, seed-major."""
-    return [(cell, bits, seed, method, options) for seed in SEEDS
-            for cell, (widths, method, options) in CELLS.items() for bits in widths]
+def qat_runs() -> list[tuple[str, str, int]]:
+    """(cell, bits, seed) of every QAT run, seed-major."""
+    return [(cell, bits, seed) for seed in SEEDS
+            for cell, (widths, *_) in CELLS.items() for bits in widths]
+
+
+def qat_config(cell: str, bits: str, seed: int, method_options: dict | None = None,
+               epochs: int = QAT_EPOCHS, **train_options) -> RunConfig:
+    """The run of `cell` at `bits` and `seed`; a probe changes method or training options."""
+    _, method, options, quant = CELLS[cell]
+    return RunConfig(model="resnet8", data=DATA,
+                     method=method_config(method, {**options, **(method_options or {})}),
+                     quant=QuantConfig(w_bits=int(bits[1]), a_bits=int(bits[3]),
+                                       bn_images=BN_IMAGES, **quant),
+                     train=TrainConfig(epochs=epochs, batch_size=BATCH, lr=0.01, seed=seed,
+                                       device="cpu", progress=False,
+                                       max_steps_per_epoch=QAT_STEPS, **train_options))
 
 
 def run_folder(out: Path, cell: str, bits: str, seed: int) -> Path:
@@ -106,21 +137,32 @@ def run_folder(out: Path, cell: str, bits: str, seed: int) -> Path:
 
 def train_qat(out: Path, results: Path, worker: int, workers: int) -> None:
     teacher, state = load_teacher(fp_folder(out, results))
-    for index, (cell, bits, seed, method, options) in enumerate(qat_runs()):
+    for index, (cell, bits, seed) in enumerate(qat_runs()):
         run_dir = run_folder(out, cell, bits, seed)
         record = results / "runs" / run_dir.relative_to(out).with_suffix(".json")
         if index % workers != worker or record.is_file():   # finished here or in a session
             continue                                         # whose results were committed
-        w, a = int(bits[1]), int(bits[3])
-        config = RunConfig(model="resnet8", data=DATA, method=method_config(method, options),
-                           quant=QuantConfig(w_bits=w, a_bits=a, bn_images=BN_IMAGES),
-                           train=TrainConfig(epochs=QAT_EPOCHS, batch_size=BATCH, lr=0.01,
-                                             seed=seed, device="cpu", progress=False,
-                                             max_steps_per_epoch=QAT_STEPS))
-        started = time.perf_counter()
-        qat(config, teacher, state, run_dir, resume=(run_dir / "checkpoint.pt").is_file(),
-            overwrite=not (run_dir / "checkpoint.pt").is_file())
-        save_report(run_record(run_dir, cell, bits, seed, time.perf_counter() - started), record)
+        train_run(qat_config(cell, bits, seed), teacher, state, run_dir, record, cell, bits,
+                  seed)
+
+
+def train_run(config: RunConfig, teacher, state, run_dir: Path, record: Path, cell: str,
+              bits: str, seed: int) -> None:
+    """Train one run (resuming a stopped one) and write its record."""
+    started = time.perf_counter()
+    qat(config, teacher, state, run_dir, resume=(run_dir / "checkpoint.pt").is_file(),
+        overwrite=not (run_dir / "checkpoint.pt").is_file())
+    save_report(run_record(run_dir, cell, bits, seed, time.perf_counter() - started), record)
+
+
+def probe(out: Path, results: Path, args: argparse.Namespace) -> None:
+    """One run outside the grid, with the options `args` changes."""
+    changes = {"bn_freeze": args.bn_freeze} if args.bn_freeze else {}
+    config = qat_config(args.cell, args.bits, args.seed, json.loads(args.method_options),
+                        epochs=args.epochs, **changes)
+    teacher, state = load_teacher(fp_folder(out, results))
+    train_run(config, teacher, state, out / "probes" / args.name,
+              results / "probes" / f"{args.name}.json", args.cell, args.bits, args.seed)
 
 
 def run_record(run_dir: Path, cell: str, bits: str, seed: int, seconds: float) -> dict:
@@ -183,8 +225,19 @@ def markdown(fp: dict | None, rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=("fp", "qat", "report"))
+    parser.add_argument("stage", choices=("fp", "qat", "report", "probe"))
     parser.add_argument("--worker", default="0/1", help="k/n: train every n-th run from the k-th")
+    probing = parser.add_argument_group("probe: one run of a cell with changed options")
+    probing.add_argument("--name", help="the probe's record: results/converged/probes/NAME.json")
+    probing.add_argument("--cell", choices=list(CELLS), default="LSQ")
+    probing.add_argument("--bits", default="w2a2")
+    probing.add_argument("--seed", type=int, default=0)
+    probing.add_argument("--epochs", type=int, default=QAT_EPOCHS,
+                         help=f"evaluations of {QAT_STEPS} steps each")
+    probing.add_argument("--bn-freeze", type=float, default=0.0,
+                         help="freeze BatchNorm for this fraction of training at its end")
+    probing.add_argument("--method-options", default="{}", help="JSON, e.g. "
+                         '''{"teacher_batchnorm": "batch"}''')
     parser.add_argument("--out", default="runs/converged")
     parser.add_argument("--results", default="results/converged")
     args = parser.parse_args()
@@ -195,6 +248,10 @@ def main() -> None:
         train_fp(out, results)
     elif args.stage == "qat":
         train_qat(out, results, worker, workers)
+    elif args.stage == "probe":
+        if not args.name:
+            parser.error("probe needs --name")
+        probe(out, results, args)
     else:
         report(out, results)
 

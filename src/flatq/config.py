@@ -204,7 +204,8 @@ class TrainConfig(Section):
     bn_freeze: float = option(0.0, "fraction of training at its end during which every "
                               "BatchNorm normalizes with, and keeps, its running statistics "
                               "(eval mode), so the last steps train the network that is "
-                              "evaluated (torch.ao's QAT recipe)", low=0.0, high=1.0)
+                              "evaluated (torch.ao's QAT recipe); with --bn-images they are "
+                              "re-estimated first", low=0.0, high=1.0)
     quantizer_lr: float = option(1.0, "learning rate of the quantizers' step sizes, offsets and "
                                  "clipping values, as a multiple of --lr", low=0.0)
     warmup_epochs: int = option(0, "linear learning-rate warm-up before the cosine decay", low=0)
@@ -284,9 +285,10 @@ class QuantConfig(Section):
                                    "a_bits: 8} or {pattern: ..., skip: true}]", cli=False)
     calib_images: int = option(100, "training images used to calibrate ranges", low=1)
     calib_seed: int = option(0, "seed of the calibration subset", low=0)
-    bn_images: int = option(0, "after QAT, re-estimate BatchNorm running statistics from this "
-                            "many training images (no augmentation, no SFP noise); 0 keeps the "
-                            "running averages of training", low=0)
+    bn_images: int = option(0, "re-estimate BatchNorm running statistics from this many "
+                            "training images (no augmentation, no SFP noise) after QAT, and "
+                            "where --bn-freeze freezes them; 0 keeps the running averages of "
+                            "training", low=0)
     range_method: str = option("minmax", "how calibration sets ranges: minmax, percentile "
                                "(inputs clipped to the [100-p, p] percentiles; weights min-max) "
                                "or mse (the clipping range with least quantization MSE, weights "

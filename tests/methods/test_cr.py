@@ -72,6 +72,42 @@ def test_ema_update_is_exactly_decay_teacher_plus_rest_student(quantizer):
         assert torch.equal(t, s), name  # buffers (BN stats, zero points, ranges) copied
 
 
+def test_averaged_teacher_batchnorm_averages_running_statistics_like_weights():
+    student = tiny_student()
+    ema = EMATeacher(student, decay=0.9, batchnorm="averaged")
+    nudge(student)
+    before = [m.running_mean.clone() for m in ema.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    ema.update(student)
+    after = [m.running_mean for m in ema.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    now = [m.running_mean for m in student.modules() if isinstance(m, nn.BatchNorm2d)]
+    for t0, t1, s in zip(before, after, now, strict=True):
+        assert torch.allclose(t1, 0.9 * t0 + 0.1 * s, atol=1e-7)
+        assert not torch.allclose(t1, s)
+
+
+def test_batch_teacher_batchnorm_normalizes_with_batch_statistics_and_keeps_the_running_ones():
+    student = tiny_student()
+    ema = EMATeacher(student, decay=0.9, batchnorm="batch")
+    x = batch(16)
+    reference = tiny_student()           # the same weights: BN in train mode, a plain forward
+    reference.eval()
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+    stats = [m.running_var.clone() for m in ema.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    ema.model.eval()                     # whoever set the mode, the teacher's call decides it
+    with torch.no_grad():
+        assert torch.allclose(ema(x), reference(x), atol=1e-5)
+        assert not torch.allclose(ema(x), student.eval()(x), atol=1e-3)
+    for before, m in zip(stats, (m for m in ema.model.modules() if isinstance(m, nn.BatchNorm2d))):
+        assert torch.equal(before, m.running_var)
+
+
+def test_unknown_teacher_batchnorm_mode_is_refused():
+    with pytest.raises(ConfigError, match="teacher_batchnorm"):
+        CRConfig(teacher_batchnorm="frozen").validate()
+
+
 def test_ema_teacher_is_a_frozen_copy_in_eval_mode():
     student = tiny_student()
     objective = CR(student, config=CRConfig())

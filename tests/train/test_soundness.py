@@ -5,6 +5,7 @@ without touching quantizer ranges and resume exactly mid-run."""
 from __future__ import annotations
 
 import json
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,11 @@ from torch import nn
 
 from flatq import calibrate, quantize_model
 from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config
+from flatq.data import calibration_batches, prepare_data
 from flatq.quant import quant_layers
 from flatq.quant.health import count_dead, dead_channels
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.train.optim import build_optimizer
 from flatq.runs import load_model, load_teacher, pretrain, qat
 from run_helpers import Interrupted, interrupt_at
@@ -117,8 +120,33 @@ def test_frozen_batchnorm_keeps_its_statistics_and_leaves_quantizers_training(te
         assert all(torch.equal(a, b) for a, b in zip(means, at_freeze))
 
 
-def test_frozen_batchnorm_resumes_exactly_mid_run(teacher, tmp_path):
+def test_batchnorm_freezes_with_statistics_re_estimated_on_the_weights_of_that_step(
+        teacher, tmp_path):
+    config = qat_config(bn_freeze=0.5)
+    config.quant.bn_images = 96
+    data = prepare_data(config.data)
+    expected, seen = {}, {}
+
+    def record(step, objective, images, labels):
+        if step == 3:        # the freeze comes before step 4: re-estimate a copy independently
+            copy = deepcopy(objective.student)
+            reestimate_batchnorm(copy, calibration_batches(data.train, data.eval_pipeline, 96,
+                                                           config.quant.calib_seed, 64))
+            expected["means"] = [n.running_mean.clone() for n in norms(copy)]
+            expected["running"] = [n.running_mean.clone() for n in norms(objective.student)]
+        seen[step] = [n.running_mean.clone() for n in norms(objective.student)]
+
+    qat(config, *load_teacher(teacher), tmp_path / "run", callbacks=[record])
+    for step in (4, 5, 6):
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(seen[step], expected["means"]))
+    assert not all(torch.allclose(a, b, atol=1e-3)
+                   for a, b in zip(expected["running"], expected["means"]))
+
+
+@pytest.mark.parametrize("bn_images", [0, 96])
+def test_frozen_batchnorm_resumes_exactly_mid_run(bn_images, teacher, tmp_path):
     config = qat_config(bn_freeze=0.5, checkpoint_every_steps=2)
+    config.quant.bn_images = bn_images
     qat(config, *load_teacher(teacher), tmp_path / "whole")
     with pytest.raises(Interrupted):
         qat(config, *load_teacher(teacher), tmp_path / "cut", callbacks=[interrupt_at(5)])

@@ -24,7 +24,7 @@ from ..config import MethodConfig, option, register_method_config
 from ..data import BatchPipeline, ImageTensorDataset
 from ..errors import CheckpointError, ConfigError
 from .base import Objective
-from .ema import EMATeacher
+from .ema import TEACHER_BATCHNORM, EMATeacher
 from .kd import kd_loss
 from ..data.unlabeled import (draw_unlabeled, load_unlabeled_folder, parse_unlabeled,
                               split_training_set)
@@ -41,6 +41,11 @@ class CRConfig(MethodConfig):
     ema_decay: float = option(0.999, "EMA decay a of the teacher: theta_T <- a theta_T + "
                               "(1 - a) theta_S after every step (default ours)", low=0.0,
                               high=1.0)
+    teacher_batchnorm: str = option("copied", "what the EMA teacher's BatchNorm layers "
+                                    "normalize with: copied (the student's running statistics), "
+                                    "averaged (running statistics averaged like the weights) or "
+                                    "batch (each batch's own statistics)",
+                                    choices=TEACHER_BATCHNORM)
     temperature: float = option(1.0, "softmax temperature tau of the consistency KL (default "
                                 "ours)", low=1e-3)
     lambda_max: float = option(1.0, "final weight of the consistency term (default ours)",
@@ -111,7 +116,7 @@ class CR(Objective):
                  config: CRConfig | None = None, **context: Any) -> None:
         config = config or CRConfig()
         super().__init__(student, teacher, config)
-        self.ema = EMATeacher(student, config.ema_decay)
+        self.ema = EMATeacher(student, config.ema_decay, config.teacher_batchnorm)
         self.source = parse_unlabeled(config.unlabeled)
         self.unlabeled_images: Tensor | None = None
 

@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from ..config import RunConfig, canonical_method
 from ..data import (BatchPipeline, ImageFolderSet, ImageTensorDataset, ResumableSampler,
-                    make_loader)
+                    calibration_batches, make_loader)
 from ..errors import CheckpointError, NonFiniteLossError
 from ..methods.base import Objective
 from ..quant.health import count_dead, dead_channels, describe_dead
-from .batchnorm import freeze_batchnorm
+from .batchnorm import freeze_batchnorm, reestimate_batchnorm
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from .distributed import (all_gather, all_reduce_sum, broadcast_buffers, check_global_batch,
                           is_main_process, rank, resolve_device, world_size)
@@ -311,6 +311,19 @@ class Trainer:
             self.train_set.set_epoch(self.epoch, self.config.train.seed)
         return itertools.islice(self.loader, self.steps_per_epoch - self.epoch_step)
 
+    def _freeze_batchnorm(self) -> None:
+        """BatchNorm in eval mode from `bn_freeze_step` on. With `quant.bn_images` set, the
+        statistics it keeps are first re-estimated on the weights of that step (once, at the
+        step itself; a resumed run finds them in its checkpoint), rather than the running
+        averages over the steps before, which may be stale."""
+        if self.step == self.bn_freeze_step and self.config.quant.bn_images:
+            quant = self.config.quant
+            batches = calibration_batches(self.train_set, self.eval_pipeline, quant.bn_images,
+                                          quant.calib_seed, self.config.train.batch_size)
+            reestimate_batchnorm(self._bare_model(),
+                                 (images.to(self.device) for images in batches))
+        freeze_batchnorm(self.model)
+
     def train_epoch(self) -> dict[str, float]:
         train = self.config.train
         self.objective.train()
@@ -323,8 +336,8 @@ class Trainer:
             images, labels, extra = self.objective.prepare(
                 images.to(self.device), labels.to(self.device), self.train_pipeline, aug)
             self.objective.progress = self.step / self.total_steps
-            if self.step >= self.bn_freeze_step and train.bn_freeze:
-                freeze_batchnorm(self.model)
+            if train.bn_freeze and self.step >= self.bn_freeze_step:
+                self._freeze_batchnorm()
             try:
                 losses = self.objective.step(images, labels, self.optimizer, **extra)
             except NonFiniteLossError as exc:
