@@ -135,9 +135,12 @@ def run_folder(out: Path, cell: str, bits: str, seed: int) -> Path:
     return out / bits / slug / f"seed{seed}"
 
 
-def train_qat(out: Path, results: Path, worker: int, workers: int) -> None:
+def train_qat(out: Path, results: Path, worker: int, workers: int,
+              cells: list[str] | None = None) -> None:
+    """Train this worker's share of the runs not yet recorded (of `cells` only, if given)."""
     teacher, state = load_teacher(fp_folder(out, results))
-    for index, (cell, bits, seed) in enumerate(qat_runs()):
+    runs = [run for run in qat_runs() if cells is None or run[0] in cells]
+    for index, (cell, bits, seed) in enumerate(runs):
         run_dir = run_folder(out, cell, bits, seed)
         record = results / "runs" / run_dir.relative_to(out).with_suffix(".json")
         if index % workers != worker or record.is_file():   # finished here or in a session
@@ -227,6 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("fp", "qat", "report", "probe"))
     parser.add_argument("--worker", default="0/1", help="k/n: train every n-th run from the k-th")
+    parser.add_argument("--cells", help="qat: only these cells, comma separated")
     probing = parser.add_argument_group("probe: one run of a cell with changed options")
     probing.add_argument("--name", help="the probe's record: results/converged/probes/NAME.json")
     probing.add_argument("--cell", choices=list(CELLS), default="LSQ")
@@ -247,7 +251,10 @@ def main() -> None:
     if args.stage == "fp":
         train_fp(out, results)
     elif args.stage == "qat":
-        train_qat(out, results, worker, workers)
+        cells = args.cells.split(",") if args.cells else None
+        if cells and set(cells) - set(CELLS):
+            parser.error(f"unknown cells {sorted(set(cells) - set(CELLS))}; one of {list(CELLS)}")
+        train_qat(out, results, worker, workers, cells)
     elif args.stage == "probe":
         if not args.name:
             parser.error("probe needs --name")
