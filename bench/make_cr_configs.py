@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent / "configs"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- cr-recipes:begin (bench/make_cr_configs.py) -->", "<!-- cr-recipes:end -->"
 
-CR = {"name": "cr", "ema_decay": 0.999, "temperature": 1.0, "lambda_max": 1.0,
-      "schedule": "sigmoid", "ramp_fraction": 0.3, "unlabeled": "none", "unlabeled_ratio": 1.0,
-      "labeled_fraction": 1.0}
+CR = {"name": "cr", "ema_decay": 0.99, "teacher_batchnorm": "batch", "temperature": 1.0,
+      "lambda_max": 1.0, "schedule": "sigmoid", "ramp_fraction": 0.3, "unlabeled": "none",
+      "unlabeled_ratio": 1.0, "labeled_fraction": 1.0}
 # The FPQ paper's QAT protocol (methods.md section 2), used for CR too.
 PROTOCOL = {"epochs": 200, "batch_size": 256, "lr": 0.01, "momentum": 0.9,
             "weight_decay": 5e-4}

@@ -86,10 +86,12 @@ def test_averaged_teacher_batchnorm_averages_running_statistics_like_weights():
 
 
 def test_batch_teacher_batchnorm_normalizes_with_batch_statistics_and_keeps_the_running_ones():
-    student = tiny_student()
+    student = tiny_net()                 # float: its train-mode output varies per image
+    with torch.no_grad():
+        student(batch(16, seed=3))       # running statistics that differ from a batch's
     ema = EMATeacher(student, decay=0.9, batchnorm="batch")
     x = batch(16)
-    reference = tiny_student()           # the same weights: BN in train mode, a plain forward
+    reference = tiny_net()               # the same weights: BN in train mode, a plain forward
     reference.eval()
     for m in reference.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -98,6 +100,7 @@ def test_batch_teacher_batchnorm_normalizes_with_batch_statistics_and_keeps_the_
     ema.model.eval()                     # whoever set the mode, the teacher's call decides it
     with torch.no_grad():
         assert torch.allclose(ema(x), reference(x), atol=1e-5)
+        assert ema(x).std(0).amax() > 1e-3           # the images are told apart
         assert not torch.allclose(ema(x), student.eval()(x), atol=1e-3)
     for before, m in zip(stats, (m for m in ema.model.modules() if isinstance(m, nn.BatchNorm2d))):
         assert torch.equal(before, m.running_var)
@@ -123,9 +126,13 @@ def test_ema_teacher_is_a_frozen_copy_in_eval_mode():
 
 # -- consistency term -------------------------------------------------------------------------
 
-def test_consistency_zero_for_identical_views_and_networks_positive_otherwise():
+@pytest.mark.parametrize("teacher_batchnorm", ["copied", "averaged"])
+def test_consistency_zero_for_identical_views_and_networks_positive_otherwise(teacher_batchnorm):
+    # (batch statistics: test_batch_teacher_batchnorm_... above; this tiny net's train-mode
+    # output does not depend on the image, so it cannot tell views apart)
     student = tiny_student()
-    objective = CR(student, config=CRConfig(schedule="constant"))
+    objective = CR(student, config=CRConfig(schedule="constant",
+                                            teacher_batchnorm=teacher_batchnorm))
     objective.train(False)  # student in eval mode: the same function as its fresh EMA copy
     x = batch()
     labels = torch.arange(8) % 10

@@ -38,10 +38,10 @@ class CRConfig(MethodConfig):
     """Options of CR. The paper's own values are not known to us: every default here is ours
     (see docs/cr.md)."""
     name = "cr"
-    ema_decay: float = option(0.999, "EMA decay a of the teacher: theta_T <- a theta_T + "
-                              "(1 - a) theta_S after every step (default ours)", low=0.0,
-                              high=1.0)
-    teacher_batchnorm: str = option("copied", "what the EMA teacher's BatchNorm layers "
+    ema_decay: float = option(0.99, "EMA decay a of the teacher: theta_T <- a theta_T + "
+                              "(1 - a) theta_S after every step (default ours, measured in "
+                              "docs/cr.md)", low=0.0, high=1.0)
+    teacher_batchnorm: str = option("batch", "what the EMA teacher's BatchNorm layers "
                                     "normalize with: copied (the student's running statistics), "
                                     "averaged (running statistics averaged like the weights) or "
                                     "batch (each batch's own statistics)",
