@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .layers import OutputPoint
 from .quantizers import Quantizer
@@ -69,7 +70,7 @@ class _QuantizedOutput:
 
     output_point: OutputPoint
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.output_point(super().forward(*args, **kwargs))
 
 
