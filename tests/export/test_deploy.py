@@ -42,14 +42,18 @@ def deployable(model: nn.Module, bits: str = "w4a4", size: int = 32, seed: int =
     return qmodel.eval()
 
 
-def optimized_ops(path, tmp_path) -> collections.Counter:
-    """Op counts of onnxruntime's optimized graph (default level, CPU)."""
+def optimized_graph(path, tmp_path) -> onnx.GraphProto:
+    """onnxruntime's optimized graph (default level, CPU)."""
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     options.log_severity_level = 3
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath)
-                               .graph.node)
+    return onnx.load(options.optimized_model_filepath).graph
+
+
+def optimized_ops(path, tmp_path) -> collections.Counter:
+    """Op counts of onnxruntime's optimized graph (default level, CPU)."""
+    return collections.Counter(n.op_type for n in optimized_graph(path, tmp_path).node)
 
 
 @pytest.mark.parametrize("name", ["resnet8", "mobilenet_v2"])
@@ -326,3 +330,107 @@ def test_narrow_activation_storage_that_onnxruntime_mishandles_is_refused(tmp_pa
     written = export_onnx(model, tmp_path / "q.onnx", x[:1], check_input=x)
     assert "4-bit weights as uint4" in written.storage_summary()
     assert "4-bit inputs as uint8 + Clip" in written.storage_summary()
+
+
+# -- residual adds and pooling on integers ----------------------------------------------------
+def float_adds(model: nn.Module, tmp_path) -> int:
+    """Add nodes of the float model's ONNX graph (torch folds BatchNorm and conv biases into
+    the convs, so these are the residual adds): the count a quantized graph must match."""
+    from flatq.export import export_float_onnx
+
+    export_float_onnx(model, tmp_path / "fp32.onnx", torch.randn(1, 3, 32, 32))
+    return sum(n.op_type == "Add" for n in onnx.load(tmp_path / "fp32.onnx").graph.node)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenet_v2", "torchvision:resnet18"])
+def test_residual_adds_and_the_pool_run_on_integers(name, tmp_path):
+    """Every residual add becomes QLinearAdd and no float Add, ReLU or pool is left between
+    the integer kernels (onnxruntime's own optimized graph), and the file matches the
+    fake-quant model."""
+    model = deployable(zoo_model(name), "w4a4")
+    adds = float_adds(zoo_model(name).eval(), tmp_path)
+    assert adds == len(model.quant_plan.residual_points) > 0
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    written = export_onnx(model, tmp_path / "q.onnx", x[:1], check_input=x)
+    assert written.check.differing <= 1 and written.check.median_relative < 1e-3
+    graph = optimized_graph(written.path, tmp_path)
+    ops = collections.Counter(n.op_type for n in graph.node)
+    assert ops["QLinearAdd"] == adds and ops["QLinearGlobalAveragePool"] == 1, ops
+    floats = {"Add", "Sum", "Relu", "MaxPool", "GlobalAveragePool", "AveragePool"}
+    assert not floats & set(ops), ops
+    # What is still dequantized is only requantized (8-bit point -> a 4-bit input grid).
+    readers = collections.defaultdict(set)
+    for node in graph.node:
+        for tensor in node.input:
+            readers[tensor].add(node.op_type)
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear":
+            assert readers[node.output[0]] == {"QuantizeLinear"}, node
+
+
+def test_a_residual_block_returns_values_on_its_output_grid():
+    """torchvision's BasicBlock adds in place (`out += identity`) then applies ReLU: the
+    quantized block's output is on the grid of its output point, with zero point 0."""
+    import torchvision
+
+    torch.manual_seed(0)
+    block = torchvision.models.resnet.BasicBlock(8, 8)
+    model = quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), block),
+                           QuantConfig(target="onnxruntime", edge_bits=None))
+    calibrate(model, [torch.randn(8, 3, 8, 8)])
+    assert model.quant_plan.residual_points == ["1"]
+    point = model[1].output_point.quantizer
+    scale, zero_point = (t.reshape(()) for t in point.scale_and_zero_point())
+    assert zero_point == 0  # after the ReLU: onnxruntime drops the ReLU into QLinearAdd
+    y = model.eval()(torch.randn(4, 3, 8, 8))
+    assert y.min() >= 0 and y.max() <= 255 * scale * (1 + 1e-6)
+    assert torch.allclose(y / scale, torch.round(y / scale), atol=1e-3)
+    assert y.unique().numel() > 8
+    model.train()(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert point.scale.grad is not None and point.scale.grad.abs().sum() > 0
+    paper = quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), block))
+    assert paper.quant_plan.residual_points == [] and type(paper[1]) is type(block)
+
+
+def test_moving_relu_maxpool_and_flatten_to_the_integers_keeps_the_values():
+    """The rewrite against the graph it rewrites, both run without optimizations."""
+    from onnx import helper
+
+    from flatq.export.graph import integers_through_relu_and_pool
+
+    init = [numpy_helper.from_array(np.array(v, t), n) for v, t, n in [
+        (0.05, np.float32, "s"), (97, np.uint8, "z"), (0.03, np.float32, "s2"),
+        (0, np.uint8, "z2")]]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("Relu", ["d"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                              strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("QuantizeLinear", ["f", "s2", "z2"], ["q2"]),
+             helper.make_node("DequantizeLinear", ["q2", "s2", "z2"], ["y"]),
+             helper.make_node("Add", ["d", "d"], ["other"])]  # a second reader of d
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 48]),
+         helper.make_tensor_value_info("other", TensorProto.FLOAT, [2, 3, 7, 7])],
+        init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+    def run(proto):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(proto.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})
+
+    x = np.random.default_rng(0).normal(0, 3, (2, 3, 7, 7)).astype(np.float32)
+    before = run(model)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    assert integers_through_relu_and_pool(rewritten) == 3
+    onnx.checker.check_model(rewritten, full_check=True)
+    after = run(rewritten)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert "Relu" not in ops and ops.index("QuantizeLinear", 1) < ops.index("Flatten")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..quant import integer_range
+from ..quant.layers import OutputPoint
 from ..quant.target import fold_batchnorm, output_point
 from .integer_view import InputGrid, input_grid, integer_weight
 from .onnx_ops import DequantizeAxis0, QuantDequant
@@ -115,7 +116,8 @@ def output_grid(quantizer: nn.Module) -> InputGrid:
 def deploy_stand_ins(model: nn.Module, layers: list[tuple[str, nn.Module]]
                      ) -> dict[str, nn.Module]:
     """name -> stand-in for every module the integer graph replaces in `model`: each quantized
-    layer becomes a DeployLayer and each folded BatchNorm an Identity."""
+    layer becomes a DeployLayer, each folded BatchNorm an Identity and each output point of
+    a residual block (flatq.quant.residual) a QuantPoint (an Identity when switched off)."""
     replaced: dict[str, nn.Module] = {}
     for name, layer in layers:
         bn_name, quantizer = output_point(model, name)
@@ -124,4 +126,9 @@ def deploy_stand_ins(model: nn.Module, layers: list[tuple[str, nn.Module]]
         replaced[name] = DeployLayer(name, layer, bn, grid)
         if bn_name:
             replaced[bn_name] = nn.Identity()
+    for name, module in model.named_modules():
+        owner = name.rpartition(".")[0]
+        if isinstance(module, OutputPoint) and owner not in replaced:
+            replaced[name] = (QuantPoint(output_grid(module.quantizer)) if module.on
+                              else nn.Identity())
     return replaced

@@ -5,6 +5,13 @@
 inside the activation's range. QuantizeLinear is monotone, so Q(clip(x, a, b)) =
 clip(Q(x), Q(a), Q(b)) exactly: the activation moves behind the QuantizeLinear as a Clip on
 the integers (or vanishes when Q(a), Q(b) span the whole integer type).
+
+`integers_through_relu_and_pool`: onnxruntime fuses an op into its integer form (QLinearAdd,
+QLinearGlobalAveragePool) only when DequantizeLinear feeds it and QuantizeLinear reads it.
+Two exact moves put them there. A ReLU or MaxPool after a per-tensor DequantizeLinear(s, z)
+runs on the integers instead, DequantizeLinear after it: relu(s (q - z)) = s (max(q, z) - z),
+a Clip from z, and max commutes with the increasing map q -> s (q - z). A Flatten/Reshape
+before a QuantizeLinear swaps with it (Q is elementwise and per tensor).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 ACTIVATIONS = ("Relu", "Clip")
+RESHAPES = ("Flatten", "Reshape")
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -75,10 +83,67 @@ def clips_after_quantize(model: onnx.ModelProto) -> int:
     return moved
 
 
+def _per_tensor(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> bool:
+    """A Quantize/DequantizeLinear with one constant scale and zero point."""
+    return (len(node.input) == 3 and node.input[1] in constants and node.input[2] in constants
+            and constants[node.input[1]].size == 1)
+
+
+def integers_through_relu_and_pool(model: onnx.ModelProto) -> int:
+    """Move per-tensor DequantizeLinear behind the Relu / MaxPool nodes it feeds and
+    QuantizeLinear in front of the Flatten / Reshape nodes that feed it alone (in place);
+    returns how many nodes moved."""
+    graph, constants = model.graph, _constants(model)
+    nodes, moved = list(graph.node), 0
+    producer = {out: node for node in nodes for out in node.output}
+    for op in [n for n in nodes if n.op_type in ("Relu", "MaxPool")]:
+        dq = producer.get(op.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or not _per_tensor(dq, constants) \
+                or len(op.output) != 1:
+            continue
+        integer = f"{op.output[0]}_integer"
+        if op.op_type == "Relu":  # max(q, z): a Clip from the zero point
+            zero_point = constants[dq.input[2]]
+            bounds = [f"{integer}_lo", f"{integer}_hi"]
+            graph.initializer.extend(numpy_helper.from_array(
+                np.array(v, zero_point.dtype), n)
+                for v, n in zip((zero_point.item(), np.iinfo(zero_point.dtype).max), bounds))
+            on_integers = helper.make_node("Clip", [dq.input[0]] + bounds, [integer])
+        else:
+            on_integers = helper.make_node("MaxPool", [dq.input[0]], [integer])
+            on_integers.attribute.extend(op.attribute)
+        after = helper.make_node("DequantizeLinear", [integer, *dq.input[1:]], list(op.output))
+        at = nodes.index(op)
+        nodes[at:at + 1] = [on_integers, after]
+        producer[op.output[0]] = after
+        moved += 1
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    for quant in [n for n in nodes if n.op_type == "QuantizeLinear"]:
+        shape = producer.get(quant.input[0])
+        if (shape is None or shape.op_type not in RESHAPES or not _per_tensor(quant, constants)
+                or len(readers[shape.output[0]]) != 1 or shape.output[0] in outputs):
+            continue
+        # x -> shape -> Q -> out  becomes  x -> Q -> shape -> out
+        source, out = shape.input[0], quant.output[0]
+        quant.input[0], quant.output[0] = source, shape.output[0]
+        shape.input[0], shape.output[0] = shape.output[0], out
+        nodes.remove(quant)
+        nodes.insert(nodes.index(shape), quant)
+        moved += 1
+    _drop_unread(graph, nodes)
+    return moved
+
+
 def _drop_unread(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
-    """Replace the graph's nodes by `nodes`, less the constants nothing reads any more."""
+    """Replace the graph's nodes by `nodes`, less the constants and DequantizeLinear nodes
+    nothing reads any more."""
     read = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
-    kept = [n for n in nodes if n.op_type != "Constant" or n.output[0] in read]
+    kept = [n for n in nodes
+            if n.op_type not in ("Constant", "DequantizeLinear") or n.output[0] in read]
     del graph.node[:]
     graph.node.extend(kept)
     inits = [i for i in graph.initializer if i.name in read]

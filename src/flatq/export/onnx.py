@@ -39,7 +39,7 @@ from ..quant import integer_range, named_quantizers, quant_layers
 from ..quant.target import has_output_points
 from .check import ExportCheck, ExportError, check_agreement
 from .deploy import DeployLayer, deploy_stand_ins
-from .graph import clips_after_quantize
+from .graph import clips_after_quantize, integers_through_relu_and_pool
 from .integer_view import check_exportable, input_grid, integer_weight
 from .onnx_ops import DequantizeAxis0, QuantDequant
 from .packed import pack_bits
@@ -343,6 +343,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
         _pack_behind_cast(proto, packed)
     if make is _deploy_stand_ins:
         clips_after_quantize(proto)
+        integers_through_relu_and_pool(proto)
     helper.set_model_props(proto, dict(metadata or {}))
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()

@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from .layers import is_quant_layer, quant_layers
 from .plan import plan_quantization, quant_class
 from .quantizers import MinMaxQuantizer, Quantizer, quantizer_family
+from .residual import add_residual_points
 from .target import OUTPUT_BITS, add_output_points, output_point_dataflow
 
 
@@ -94,8 +95,11 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
                                              row.edge)
         qmodel.set_submodule(row.name, quant_class(layer).from_float(layer, weight_q, input_q))
     if config.target == "onnxruntime":
-        add_output_points(qmodel, lambda: _make_quantizers(config, 1, OUTPUT_BITS,
-                                                           OUTPUT_BITS)[1])
+        def output_quantizer() -> Quantizer:
+            return _make_quantizers(config, 1, OUTPUT_BITS, OUTPUT_BITS)[1]
+
+        add_output_points(qmodel, output_quantizer)
+        add_residual_points(qmodel, plan.residual_points, output_quantizer)
     qmodel.quant_plan = plan
     for message in plan.warnings:
         warnings.warn(message, stacklevel=2)

@@ -25,6 +25,7 @@ from ..config import QuantConfig
 from ..errors import ConfigError
 from .attention import QuantMultiheadAttention
 from .layers import QUANT_LAYERS
+from .residual import residual_blocks
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 NORM_REASON = "normalization: float by design (exported as trained)"
@@ -57,6 +58,8 @@ class QuantPlan:
     bits: tuple[int, int]
     quantized: list[PlannedLayer] = field(default_factory=list)
     float: list[FloatLayer] = field(default_factory=list)
+    # Blocks whose residual add gets an 8-bit output point (target onnxruntime only).
+    residual_points: list[str] = field(default_factory=list)
 
     @property
     def warnings(self) -> list[str]:
@@ -84,6 +87,9 @@ class QuantPlan:
                 by_reason.setdefault(r.reason, []).append(r.name)
         for reason, names in by_reason.items():
             lines.append(f"  float: {_first([n or '(model)' for n in names])}: {reason}")
+        if self.residual_points:
+            lines.append(f"  8-bit output points on residual adds: {len(self.residual_points)} "
+                         f"({_first(self.residual_points)})")
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
     def __str__(self) -> str:
@@ -95,7 +101,8 @@ class QuantPlan:
 
     def to_dict(self) -> dict:
         return {"bits": list(self.bits), "quantized": [asdict(r) for r in self.quantized],
-                "float": [asdict(r) for r in self.float], "warnings": self.warnings}
+                "float": [asdict(r) for r in self.float],
+                "residual_points": list(self.residual_points), "warnings": self.warnings}
 
 
 def _first(names: list[str], n: int = 3) -> str:
@@ -249,4 +256,7 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> QuantPlan:
                       for n, m, _, bits in kept]
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     plan.float.sort(key=lambda r: order[r.name])
+    if config.target == "onnxruntime":
+        plan.residual_points = [n for n in residual_blocks(model)
+                                if not _skipped(n, config.skip)]
     return plan
