@@ -223,6 +223,18 @@ def test_load_model_refuses_weights_of_another_model(tmp_path):
     assert "Missing key(s)" in str(refused.value)       # says which weights do not fit
 
 
+def test_load_model_names_a_run_trained_before_residual_output_points(tmp_path):
+    _fake_run(tmp_path, "resnet8", QuantConfig(w_bits=4, a_bits=4, target="onnxruntime"))
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    blocks = {k for k in state["model"] if k.startswith("stages.") and ".output_point." in k
+              and ".residual." not in k and ".shortcut." not in k}
+    assert blocks                                        # the blocks' own points exist
+    state["model"] = {k: v for k, v in state["model"].items() if k not in blocks}
+    save_atomic({k: v for k, v in state.items() if k != "format"}, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="before flatq gave residual blocks an output"):
+        load_model(tmp_path)
+
+
 def _all_finite(state: dict) -> bool:
     return all(torch.isfinite(v).all() for v in state.values()
                if isinstance(v, torch.Tensor) and v.is_floating_point())

@@ -65,6 +65,12 @@ def residual_blocks(model: nn.Module) -> list[str]:
     return names
 
 
+def blocks_with_output_points(model: nn.Module) -> list[str]:
+    """Names of the blocks of `model` that `add_residual_points` gave an output point."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, _QuantizedOutput)]
+
+
 class _QuantizedOutput:
     """Mixin: the block's own forward, then its output point."""
 

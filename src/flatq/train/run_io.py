@@ -22,6 +22,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models import build_model, native_input_size
 from ..models.external import IMAGENET_SIZE
 from ..quant import quantize_model
+from ..quant.residual import blocks_with_output_points
 from .checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_atomic
 from .run_folder import CONFIG_NAME, SUMMARY_NAME, check_run_folder
 
@@ -62,6 +63,13 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         model = build_from_meta(meta)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    blocks = set(blocks_with_output_points(model))
+    missing = [key for key in model.state_dict() if key not in state["model"]]
+    if missing and all(key.split(".output_point.")[0] in blocks for key in missing):
+        raise CheckpointError(f"{path}: this run was trained for the onnxruntime target before "
+                              "flatq gave residual blocks an output point (this model has "
+                              f"{len(blocks)}, the file none); train it again with this "
+                              "version of flatq")
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError) as exc:
