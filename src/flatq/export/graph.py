@@ -10,8 +10,9 @@ the integers (or vanishes when Q(a), Q(b) span the whole integer type).
 QLinearGlobalAveragePool) only when DequantizeLinear feeds it and QuantizeLinear reads it.
 Two exact moves put them there. A ReLU or MaxPool after a per-tensor DequantizeLinear(s, z)
 runs on the integers instead, DequantizeLinear after it: relu(s (q - z)) = s (max(q, z) - z),
-a Clip from z, and max commutes with the increasing map q -> s (q - z). A Flatten/Reshape
-before a QuantizeLinear swaps with it (Q is elementwise and per tensor).
+a Clip from z (none when z is the type's minimum), and max commutes with the increasing map
+q -> s (q - z). A Flatten/Reshape before a QuantizeLinear swaps with it (Q is elementwise and
+per tensor).
 """
 
 from __future__ import annotations
@@ -102,8 +103,15 @@ def integers_through_relu_and_pool(model: onnx.ModelProto) -> int:
                 or len(op.output) != 1:
             continue
         integer = f"{op.output[0]}_integer"
+        zero_point = constants[dq.input[2]]
+        if op.op_type == "Relu" and zero_point.item() == np.iinfo(zero_point.dtype).min:
+            # max(q, z) = q: the ReLU vanishes (a point after a ReLU, OutputPoint.relu_first)
+            after = helper.make_node("DequantizeLinear", list(dq.input), list(op.output))
+            nodes[nodes.index(op)] = after
+            producer[op.output[0]] = after
+            moved += 1
+            continue
         if op.op_type == "Relu":  # max(q, z): a Clip from the zero point
-            zero_point = constants[dq.input[2]]
             bounds = [f"{integer}_lo", f"{integer}_hi"]
             graph.initializer.extend(numpy_helper.from_array(
                 np.array(v, zero_point.dtype), n)
