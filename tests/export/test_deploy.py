@@ -500,3 +500,46 @@ def test_a_target_run_with_shared_grids_resumes(fp_runs):
     model, _ = load_model(out)
     assert model.stages[1][0].residual[0][0].input_quantizer is \
         model.stages[0][0].output_point.quantizer
+
+
+def test_merging_consecutive_clips_keeps_every_integer():
+    """The rewrite against the graph it rewrites on all 256 uint8 values, no optimizations;
+    a pair whose ranges do not meet is left alone."""
+    from onnx import helper
+
+    from flatq.export.graph import merge_clips
+
+    init = [numpy_helper.from_array(np.array(v, np.uint8), n) for v, n in [
+        (3, "a"), (200, "b"), (0, "c"), (15, "d"), (20, "e"), (40, "f")]]
+    nodes = [helper.make_node("Clip", ["x", "a", "b"], ["r6"]),       # ReLU6 on integers
+             helper.make_node("Clip", ["r6", "c", "d"], ["y"]),       # the 4-bit grid's
+             helper.make_node("Clip", ["x", "c", "d"], ["g"]),
+             helper.make_node("Clip", ["g", "e", "f"], ["z"])]        # disjoint: kept
+    vector = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [vector("x", TensorProto.UINT8, [256])],
+                              [vector("y", TensorProto.UINT8, [256]),
+                               vector("z", TensorProto.UINT8, [256])], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+    def run(proto):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(proto.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": np.arange(256, dtype=np.uint8)})
+
+    expected = run(model)
+    assert merge_clips(model) == 1
+    assert [n.op_type for n in model.graph.node].count("Clip") == 3
+    assert all(np.array_equal(a, b) for a, b in zip(run(model), expected))
+
+
+def test_relu6_and_a_four_bit_grid_run_as_one_clip(tmp_path):
+    """torchvision's MobileNetV2 (ReLU6 after its convs, w4a4): no Clip reads another."""
+    model = deployable(zoo_model("torchvision:mobilenet_v2"), "w4a4")
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    written = export_onnx(model, tmp_path / "q.onnx", x[:1], check_input=x)
+    assert written.check.differing <= 1
+    graph = optimized_graph(written.path, tmp_path)
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    assert not [n for n in graph.node if n.op_type == "Clip" and producer.get(n.input[0]) == "Clip"]

@@ -39,7 +39,7 @@ from ..quant import Quantizer, integer_range, quant_layers
 from ..quant.target import has_output_points
 from .check import ExportCheck, ExportError, check_agreement
 from .deploy import DeployLayer, clip_needed, deploy_stand_ins
-from .graph import clips_after_quantize, integers_through_relu_and_pool
+from .graph import clips_after_quantize, integers_through_relu_and_pool, merge_clips
 from .integer_view import check_exportable, input_grid, integer_weight
 from .onnx_ops import DequantizeAxis0, QuantDequant
 from .packed import pack_bits
@@ -346,6 +346,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
     if make is _deploy_stand_ins:
         clips_after_quantize(proto)
         integers_through_relu_and_pool(proto)
+        merge_clips(proto)
     helper.set_model_props(proto, dict(metadata or {}))
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
