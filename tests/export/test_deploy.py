@@ -107,7 +107,10 @@ def test_target_quantizes_conv_outputs_after_batchnorm_and_bias_is_int32(tmp_pat
     bns = [m for m in model.modules() if isinstance(m, QuantBatchNorm2d)]
     convs = [layer for _, layer in quant_layers(model) if layer.kind == "conv2d"]
     assert len(bns) == len(convs)  # every conv of resnet8 has a BatchNorm
-    assert all(b.output_point.quantizer.bits == 8 for b in bns)
+    # 8-bit, or the input quantizer of the layers that share its grid (the stem's)
+    inputs = {id(layer.input_quantizer) for _, layer in quant_layers(model)}
+    assert all(b.output_point.quantizer.bits == 8 or id(b.output_point.quantizer) in inputs
+               for b in bns)
     proto = onnx.load(export_onnx(model, tmp_path / "q.onnx", torch.randn(1, 3, 32, 32)).path)
     biases = [i for i in proto.graph.initializer if i.name.endswith(".bias_q")]
     assert len(biases) == len(quant_layers(model))
@@ -358,14 +361,9 @@ def test_residual_adds_and_the_pool_run_on_integers(name, tmp_path):
     assert ops["QLinearAdd"] == adds and ops["QLinearGlobalAveragePool"] == 1, ops
     floats = {"Add", "Sum", "Relu", "MaxPool", "GlobalAveragePool", "AveragePool"}
     assert not floats & set(ops), ops
-    # What is still dequantized is only requantized (8-bit point -> a 4-bit input grid).
-    readers = collections.defaultdict(set)
-    for node in graph.node:
-        for tensor in node.input:
-            readers[tensor].add(node.op_type)
-    for node in graph.node:
-        if node.op_type == "DequantizeLinear":
-            assert readers[node.output[0]] == {"QuantizeLinear"}, node
+    # Readers share their point's grid: nothing is dequantized to be requantized in float,
+    # the only QuantizeLinear left is the input image's.
+    assert "DequantizeLinear" not in ops and ops["QuantizeLinear"] == 1, ops
 
 
 def test_a_residual_block_returns_values_on_its_output_grid():
@@ -434,3 +432,114 @@ def test_moving_relu_maxpool_and_flatten_to_the_integers_keeps_the_values():
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     ops = [n.op_type for n in rewritten.graph.node]
     assert "Relu" not in ops and ops.index("QuantizeLinear", 1) < ops.index("Flatten")
+
+
+# -- readers sharing their output point's grid -------------------------------------------------
+def test_readers_share_the_grid_of_the_point_they_read_and_it_reloads():
+    """resnet8 w4a4: the stem's point (read through its ReLU by a conv and an add) and the
+    first two blocks' points (read by the next block's convs) quantize with the readers' own
+    4-bit input quantizer; the last block's (read by the pool) stays 8-bit. A fresh model
+    loading the state_dict is tied the same way and computes the same."""
+    model = deployable(build_model("resnet8", num_classes=10))
+    stem, first, last = (model.get_submodule(n).output_point
+                         for n in ("stem.1", "stages.0.0", "stages.2.0"))
+    readers = [model.stages[1][0].residual[0][0], model.stages[1][0].shortcut[0]]
+    assert all(layer.input_quantizer is first.quantizer and layer.input_shared
+               for layer in readers)
+    assert first.quantizer.bits == 4 and not first.relu
+    assert stem.quantizer is model.stages[0][0].residual[0][0].input_quantizer and stem.relu
+    assert last.quantizer.bits == 8 and last.on
+    x = torch.randn(8, 3, 32, 32)
+    reloaded = quantize_model(build_model("resnet8", num_classes=10),
+                              QuantConfig(w_bits=4, a_bits=4, target="onnxruntime"))
+    reloaded.load_state_dict(model.state_dict())
+    again = reloaded.stages[1][0]
+    assert again.residual[0][0].input_quantizer is reloaded.stages[0][0].output_point.quantizer
+    assert len(list(reloaded.parameters())) == len(list(model.parameters()))
+    assert torch.equal(reloaded.eval()(x), model(x))
+    # Reading the shared grid as is equals quantizing on it again (the reference).
+    for _, layer in quant_layers(model):
+        layer.input_shared = False
+    assert torch.equal(model(x), reloaded(x))
+
+
+def test_a_shared_grid_trains_from_the_point_and_the_paper_target_is_untouched():
+    """A few training steps: the shared step size gets the point's gradient and moves; a
+    paper-target model has no point, tie, buffer or load hook of the target."""
+    model = deployable(build_model("resnet8", num_classes=10)).train()
+    shared = model.stages[0][0].output_point.quantizer
+    before = shared.scale.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 3, 32, 32)).logsumexp(1).mean().backward()
+        assert shared.scale.grad is not None and shared.scale.grad.abs() > 0
+        optimizer.step()
+    assert not torch.equal(shared.scale.detach(), before)
+    paper = quantize_model(build_model("resnet8", num_classes=10), QuantConfig())
+    calibrate(paper, [torch.randn(8, 3, 32, 32)])
+    keys = list(paper.state_dict())
+    assert not [k for k in keys if "output_point" in k or "input_grid_point" in k
+                or "relu_first" in k]
+    assert not paper._load_state_dict_pre_hooks
+    assert not any(layer.input_shared for _, layer in quant_layers(paper))
+
+
+def test_a_target_run_with_shared_grids_resumes(fp_runs):
+    """--resume ties the fresh student as its checkpoint was tied before the optimizer lists
+    the parameters (a tied model has fewer), then the run continues and loads."""
+    from flatq.cli import main
+    from flatq.train.run_io import load_model
+
+    out = fp_runs / "q_resume"
+    args = ["qat", "--from", str(fp_runs / "fp"), "--method", "fpq", "--bits", "w4a4",
+            "--target", "onnxruntime", "--calib-images", "16", "--out", str(out), *FAST]
+    assert main(args) == 0
+    resumed = [a if a != "1" or args[i - 1] != "--epochs" else "2" for i, a in enumerate(args)]
+    assert main(resumed + ["--resume"]) == 0
+    model, _ = load_model(out)
+    assert model.stages[1][0].residual[0][0].input_quantizer is \
+        model.stages[0][0].output_point.quantizer
+
+
+def test_merging_consecutive_clips_keeps_every_integer():
+    """The rewrite against the graph it rewrites on all 256 uint8 values, no optimizations;
+    a pair whose ranges do not meet is left alone."""
+    from onnx import helper
+
+    from flatq.export.graph import merge_clips
+
+    init = [numpy_helper.from_array(np.array(v, np.uint8), n) for v, n in [
+        (3, "a"), (200, "b"), (0, "c"), (15, "d"), (20, "e"), (40, "f")]]
+    nodes = [helper.make_node("Clip", ["x", "a", "b"], ["r6"]),       # ReLU6 on integers
+             helper.make_node("Clip", ["r6", "c", "d"], ["y"]),       # the 4-bit grid's
+             helper.make_node("Clip", ["x", "c", "d"], ["g"]),
+             helper.make_node("Clip", ["g", "e", "f"], ["z"])]        # disjoint: kept
+    vector = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [vector("x", TensorProto.UINT8, [256])],
+                              [vector("y", TensorProto.UINT8, [256]),
+                               vector("z", TensorProto.UINT8, [256])], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+    def run(proto):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(proto.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": np.arange(256, dtype=np.uint8)})
+
+    expected = run(model)
+    assert merge_clips(model) == 1
+    assert [n.op_type for n in model.graph.node].count("Clip") == 3
+    assert all(np.array_equal(a, b) for a, b in zip(run(model), expected))
+
+
+def test_relu6_and_a_four_bit_grid_run_as_one_clip(tmp_path):
+    """torchvision's MobileNetV2 (ReLU6 after its convs, w4a4): no Clip reads another."""
+    model = deployable(zoo_model("torchvision:mobilenet_v2"), "w4a4")
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    written = export_onnx(model, tmp_path / "q.onnx", x[:1], check_input=x)
+    assert written.check.differing <= 1
+    graph = optimized_graph(written.path, tmp_path)
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    assert not [n for n in graph.node if n.op_type == "Clip" and producer.get(n.input[0]) == "Clip"]

@@ -32,7 +32,8 @@ from .onnx_ops import DequantizeAxis0, QuantDequant
 INT32_MAX = 2**31 - 1
 
 
-def _clip_needed(lo: int, hi: int, signed: bool) -> bool:
+def clip_needed(lo: int, hi: int, signed: bool) -> bool:
+    """Whether an 8-bit QuantizeLinear needs a Clip to keep its integers in [lo, hi]."""
     return (lo, hi) != integer_range(8, signed)
 
 
@@ -45,7 +46,7 @@ class QuantPoint(nn.Module):
         self.register_buffer("scale", torch.tensor(grid.scale, dtype=torch.float32))
         self.register_buffer("zero_point", torch.tensor(grid.zero_point, dtype=dtype))
         self.bits, self.lo, self.hi = grid.bits, grid.lo, grid.hi
-        self.clip = _clip_needed(grid.lo, grid.hi, grid.signed)
+        self.clip = clip_needed(grid.lo, grid.hi, grid.signed)
 
     def forward(self, x: Tensor) -> Tensor:
         return QuantDequant.apply(x, self.scale, self.zero_point, self.lo, self.hi, self.clip)
@@ -91,7 +92,10 @@ class DeployLayer(nn.Module):
         self.register_buffer("bias_q", bias_q.to(torch.int32))
         self.register_buffer("bias_scale", bias_scale)
         self.register_buffer("bias_zero_point", torch.zeros_like(bias_q, dtype=torch.int32))
-        self.input_point = QuantPoint(grid)
+        self.input_grid = grid
+        # A layer sharing its output point's grid (flatq.quant.shared_grid) reads the point's
+        # DequantizeLinear as is: quantizing again on the same grid would change nothing.
+        self.input_point = nn.Identity() if layer.input_shared else QuantPoint(grid)
         self.output_point = QuantPoint(output_grid) if output_grid is not None else nn.Identity()
         self.op = nn.functional.linear if layer.kind == "linear" else layer._conv_forward
 

@@ -10,8 +10,9 @@ the integers (or vanishes when Q(a), Q(b) span the whole integer type).
 QLinearGlobalAveragePool) only when DequantizeLinear feeds it and QuantizeLinear reads it.
 Two exact moves put them there. A ReLU or MaxPool after a per-tensor DequantizeLinear(s, z)
 runs on the integers instead, DequantizeLinear after it: relu(s (q - z)) = s (max(q, z) - z),
-a Clip from z, and max commutes with the increasing map q -> s (q - z). A Flatten/Reshape
-before a QuantizeLinear swaps with it (Q is elementwise and per tensor).
+a Clip from z (none when z is the type's minimum), and max commutes with the increasing map
+q -> s (q - z). A Flatten/Reshape before a QuantizeLinear swaps with it (Q is elementwise and
+per tensor).
 """
 
 from __future__ import annotations
@@ -102,8 +103,15 @@ def integers_through_relu_and_pool(model: onnx.ModelProto) -> int:
                 or len(op.output) != 1:
             continue
         integer = f"{op.output[0]}_integer"
+        zero_point = constants[dq.input[2]]
+        if op.op_type == "Relu" and zero_point.item() == np.iinfo(zero_point.dtype).min:
+            # max(q, z) = q: the ReLU vanishes (a point after a ReLU, OutputPoint.relu_first)
+            after = helper.make_node("DequantizeLinear", list(dq.input), list(op.output))
+            nodes[nodes.index(op)] = after
+            producer[op.output[0]] = after
+            moved += 1
+            continue
         if op.op_type == "Relu":  # max(q, z): a Clip from the zero point
-            zero_point = constants[dq.input[2]]
             bounds = [f"{integer}_lo", f"{integer}_hi"]
             graph.initializer.extend(numpy_helper.from_array(
                 np.array(v, zero_point.dtype), n)
@@ -136,6 +144,40 @@ def integers_through_relu_and_pool(model: onnx.ModelProto) -> int:
         moved += 1
     _drop_unread(graph, nodes)
     return moved
+
+
+def merge_clips(model: onnx.ModelProto) -> int:
+    """Merge each Clip whose input is another Clip's, read by it alone, into one (in place):
+    clip(clip(q, a, b), c, d) = clip(q, max(a, c), min(b, d)) when that range is not empty
+    (ReLU6 moved onto the integers, then a 4-bit grid's Clip). Returns how many merged."""
+    graph, constants = model.graph, _constants(model)
+    nodes, merged = list(graph.node), 0
+    producer = {out: node for node in nodes for out in node.output}
+    readers: dict[str, int] = {}
+    for node in nodes:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    for second in [n for n in nodes if n.op_type == "Clip"]:
+        first = producer.get(second.input[0])
+        if (first is None or first.op_type != "Clip" or readers[first.output[0]] != 1
+                or first.output[0] in outputs
+                or any(len(n.input) != 3 or not set(n.input[1:]) <= set(constants)
+                       for n in (first, second))):
+            continue
+        lo = max(constants[first.input[1]], constants[second.input[1]])
+        hi = min(constants[first.input[2]], constants[second.input[2]])
+        if lo > hi:
+            continue
+        names = [f"{second.output[0]}_lo", f"{second.output[0]}_hi"]
+        graph.initializer.extend(numpy_helper.from_array(np.array(v), n)
+                                 for v, n in zip((lo, hi), names))
+        second.input[:] = [first.input[0], *names]
+        constants.update(zip(names, (lo, hi)))
+        nodes.remove(first)
+        merged += 1
+    _drop_unread(graph, nodes)
+    return merged
 
 
 def _drop_unread(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:

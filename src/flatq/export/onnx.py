@@ -35,11 +35,11 @@ from torch import Tensor, nn
 
 from ..atomic import replace_atomically, write_error
 from ..errors import ConfigError
-from ..quant import integer_range, named_quantizers, quant_layers
+from ..quant import Quantizer, integer_range, quant_layers
 from ..quant.target import has_output_points
 from .check import ExportCheck, ExportError, check_agreement
-from .deploy import DeployLayer, deploy_stand_ins
-from .graph import clips_after_quantize, integers_through_relu_and_pool
+from .deploy import DeployLayer, clip_needed, deploy_stand_ins
+from .graph import clips_after_quantize, integers_through_relu_and_pool, merge_clips
 from .integer_view import check_exportable, input_grid, integer_weight
 from .onnx_ops import DequantizeAxis0, QuantDequant
 from .packed import pack_bits
@@ -250,7 +250,8 @@ def _pack_behind_cast(model: onnx.ModelProto, names: set[str]) -> None:
 def fp32_bytes(model: nn.Module) -> int:
     """4 bytes per floating-point element of the model's state, quantizers left out: the size
     of the full-precision model's weights."""
-    skip = tuple(f"{name}." for name, _ in named_quantizers(model))
+    skip = tuple(f"{name}." for name, module in model.named_modules(remove_duplicate=False)
+                 if isinstance(module, Quantizer))  # a shared grid (quant.shared_grid): all names
     return 4 * sum(v.numel() for k, v in model.state_dict().items()
                    if isinstance(v, Tensor) and v.is_floating_point()
                    and not k.startswith(skip))
@@ -279,10 +280,11 @@ def _deploy_stand_ins(model: nn.Module, storage: str
         pack = stand_in.bits <= 4 and storage != "int8"
         if pack:
             packed.add(f"{name}.weight_q")
-        point = stand_in.input_point
-        stored.append(LayerStorage(name, stand_in.bits, point.bits,
+        grid = stand_in.input_grid
+        stored.append(LayerStorage(name, stand_in.bits, grid.bits,
                                    "int4 (Cast to int8)" if pack else "int8",
-                                   "int8" if point.lo < 0 else "uint8", point.clip))
+                                   "int8" if grid.lo < 0 else "uint8",
+                                   clip_needed(grid.lo, grid.hi, grid.signed)))
     return replaced, stored, {}, packed
 
 
@@ -344,6 +346,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
     if make is _deploy_stand_ins:
         clips_after_quantize(proto)
         integers_through_relu_and_pool(proto)
+        merge_clips(proto)
     helper.set_model_props(proto, dict(metadata or {}))
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, ConfigError
 from ..quant import Quantizer, quant_layers
 from ..quant.layers import OutputPoint
+from ..quant.shared_grid import GRID_KEY
 from .integer_view import (InputGrid, IntegerWeight, check_exportable, input_grid,
                            integer_weight)
 
@@ -138,13 +139,13 @@ class IntegerExport:
 
 
 def _other_tensors(model: nn.Module, layer_names: list[str]) -> dict[str, Tensor]:
-    """State entries outside the quantizers, output points and quantized weights (biases,
-    BN, ...)."""
-    skip = tuple(f"{name}." for name, module in model.named_modules()
-                 if isinstance(module, (Quantizer, OutputPoint)))
+    """State entries outside the quantizers, output points, grid ties and quantized weights
+    (biases, BN, ...)."""
+    skip = tuple(f"{name}." for name, module in model.named_modules(remove_duplicate=False)
+                 if isinstance(module, (Quantizer, OutputPoint)))  # a shared grid: every name
     weights = {f"{name}.weight" for name in layer_names}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()
-            if not k.startswith(skip) and k not in weights}
+            if not k.startswith(skip) and k not in weights and not k.endswith(f".{GRID_KEY}")}
 
 
 def export_integer(model: nn.Module, path: str | Path,

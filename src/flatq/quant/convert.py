@@ -17,10 +17,11 @@ from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import ConfigError
-from .layers import is_quant_layer, quant_layers
+from .layers import OutputPoint, is_quant_layer, quant_layers
 from .plan import plan_quantization, quant_class
 from .quantizers import MinMaxQuantizer, Quantizer, quantizer_family
 from .residual import add_residual_points
+from .shared_grid import GRID_KEY, add_grid_links
 from .target import OUTPUT_BITS, add_output_points, output_point_dataflow
 
 
@@ -100,6 +101,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
 
         add_output_points(qmodel, output_quantizer)
         add_residual_points(qmodel, plan.residual_points, output_quantizer)
+        add_grid_links(qmodel)
     qmodel.quant_plan = plan
     for message in plan.warnings:
         warnings.warn(message, stacklevel=2)
@@ -164,6 +166,17 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor],
             q.observer = None
         model.train(was_training)
     return model
+
+
+def calibration_state(model: nn.Module) -> dict[str, object]:
+    """The state_dict entries that `calibrate` sets: every quantizer's (under each name a shared
+    one has), every output point's and every layer's `input_grid_point`. Loaded into a model
+    just built by `quantize_model` (`load_state_dict(..., strict=False)`), they calibrate it
+    the same way, ties between grids included (flatq.quant.shared_grid)."""
+    prefixes = tuple(f"{name}." for name, module in model.named_modules(remove_duplicate=False)
+                     if isinstance(module, (Quantizer, OutputPoint)))
+    return {k: v for k, v in model.state_dict().items()
+            if k.startswith(prefixes) or k.endswith(f".{GRID_KEY}")}
 
 
 def describe(model: nn.Module) -> list[dict]:

@@ -23,16 +23,21 @@ class OutputPoint(nn.Module):
     """A deployment target's requantization point on a layer's output (flatq.quant.target).
 
     Switched off (`set_active(False)`, kept in the state_dict) where only quantized layers read
-    the tensor: their input quantizers are then the runtime's requantization point. Under
-    autograd the result is a copy: the fake quantizer keeps its output for the backward pass,
-    and the activation after a conv (or its BatchNorm) is often an in-place ReLU.
+    the tensor: their input quantizers are then the runtime's requantization point. Where its
+    readers share its grid (flatq.quant.shared_grid), `quantizer` is theirs and, when they all
+    read the tensor through a ReLU, `relu_first` applies that ReLU before quantizing: the values
+    they read are unchanged (a negative value quantizes to at most the zero point, 0 after the
+    ReLU), but the grid is calibrated and trained on what they read. Under autograd the result is a copy: the fake quantizer keeps its output for the
+    backward pass, and the activation after a conv (or its BatchNorm) is often an in-place ReLU.
     """
 
     def __init__(self, quantizer: Quantizer) -> None:
         super().__init__()
         self.quantizer = quantizer
         self.register_buffer("active", torch.tensor(True))
+        self.register_buffer("relu_first", torch.tensor(False))
         self.on = True  # `active` as a Python bool: no device sync in forward
+        self.relu = False  # `relu_first` as a Python bool
 
     def set_active(self, on: bool) -> None:
         self.active.fill_(on)
@@ -40,14 +45,21 @@ class OutputPoint(nn.Module):
         for parameter in self.quantizer.parameters():
             parameter.requires_grad_(on)  # an unused step size: no gradient, none for DDP
 
+    def set_relu_first(self, on: bool) -> None:
+        self.relu_first.fill_(on)
+        self.relu = on
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Runs trained before readers shared a point's grid have no `relu_first`: off.
+        state_dict.setdefault(prefix + "relu_first", torch.tensor(False))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.set_active(bool(self.active))
+        self.relu = bool(self.relu_first)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.on:
             return x
-        out = self.quantizer(x)
+        out = self.quantizer(torch.relu(x) if self.relu else x)
         return out.clone() if out.requires_grad else out
 
 
@@ -68,6 +80,11 @@ class _QuantLayer:
     input_perturbation: nn.Module
     output_point: "OutputPoint | None"
 
+    # The input comes on the grid of `input_quantizer` already: the output point that produced
+    # it quantizes with that very quantizer (flatq.quant.shared_grid), so it is not applied
+    # again (a second rounding on the same grid would change nothing but cost a pass).
+    input_shared = False
+
     def _attach(self, weight_quantizer: Quantizer, input_quantizer: Quantizer) -> None:
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
@@ -75,8 +92,13 @@ class _QuantLayer:
         # The deployment target's requantization point on the output (flatq.quant.target).
         self.output_point = None
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if "input_grid_point" in self._buffers:  # runs from before shared grids: not shared
+            state_dict.setdefault(prefix + "input_grid_point", torch.tensor(-1))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def quantized_input(self, x: Tensor) -> Tensor:
-        return self.input_perturbation(self.input_quantizer(x))
+        return self.input_perturbation(x if self.input_shared else self.input_quantizer(x))
 
     def quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self.weight)

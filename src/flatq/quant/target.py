@@ -23,6 +23,7 @@ without one applies the output quantizer to its own output.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from .layers import OutputPoint, is_quant_layer, quant_layers, round_to_step
 from .quantizers import Quantizer
+from .shared_grid import ADDS, Read, output_points, shared_readers, tie
 
 TARGETS = ("paper", "onnxruntime")
 OUTPUT_BITS = 8  # QLinearConv's output type
@@ -151,52 +153,83 @@ _QUERIES = {"size", "dim", "shape", "__get__", "numel", "stride", "is_contiguous
             "dtype", "requires_grad", "__len__"}
 
 
+_IN_PLACE_DUNDER = re.compile(r"__i(add|sub|mul|truediv|floordiv|mod|pow|matmul|and|or|xor|"
+                              r"lshift|rshift)__")
+
+
+def _in_place(name: str) -> bool:
+    """Whether the torch function `name` writes its first argument (add_, __iadd__)."""
+    return bool(_IN_PLACE_DUNDER.fullmatch(name)) or (name.endswith("_")
+                                                      and not name.startswith("__"))
+
+
 class _Readers(TorchFunctionMode):
     """Who reads the tensors that output points produce, during one forward pass: quantized
-    layers (their input quantizers requantize it) or anything else (float ops)."""
+    layers (their input quantizers requantize it), adds, MaxPool modules (followed to their
+    own readers) or anything else (float ops), each read with what it went through (a ReLU
+    or ReLU6 module)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.roots: dict[int, OutputPoint] = {}  # id(tensor) -> the point that produced it
+        # id(tensor) -> (the point that produced it, what it went through since)
+        self.roots: dict[int, tuple[OutputPoint, str]] = {}
         self.kept: list[Tensor] = []  # keeps those ids alive during the pass
-        self.other: set[int] = set()  # points whose tensor something else reads
-        self.layers: dict[int, int] = {}  # point -> how many quantized layers read its tensor
-        self.inside = 0  # depth inside quantized layers and pass-through activations
+        self.reads: dict[int, list[Read]] = {}  # id(point) -> its reads
+        self.sources: dict[int, set[int | None]] = {}  # id(layer) -> id(point) it read, or None
+        self.inside = 0  # depth inside quantized layers, pass-through activations and pools
         self.handles = []
         for module in model.modules():
             if isinstance(module, OutputPoint):
                 self.handles.append(module.register_forward_hook(self._produced))
-            elif is_quant_layer(module) or isinstance(module, PASS_THROUGH):
+            elif is_quant_layer(module) or isinstance(module, PASS_THROUGH + (nn.MaxPool2d,)):
                 self.handles.append(module.register_forward_pre_hook(self._enter))
                 self.handles.append(module.register_forward_hook(self._leave))
 
-    def _track(self, tensor: Tensor, point: OutputPoint) -> None:
-        self.roots[id(tensor)] = point
+    def _track(self, tensor: Tensor, point: OutputPoint, via: str) -> None:
+        self.roots[id(tensor)] = (point, via)
         self.kept.append(tensor)
 
+    def _read(self, point: OutputPoint, read: Read) -> None:
+        self.reads.setdefault(id(point), []).append(read)
+
     def _produced(self, point: OutputPoint, inputs, output: Tensor) -> None:
-        self._track(output, point)
+        self._track(output, point, "")
 
     def _enter(self, module: nn.Module, inputs) -> None:
-        point = self.roots.get(id(inputs[0])) if inputs and not self.inside else None
-        if point is not None and is_quant_layer(module):
-            self.layers[id(point)] = self.layers.get(id(point), 0) + 1
+        root = self.roots.get(id(inputs[0])) if inputs and not self.inside else None
+        if is_quant_layer(module) and not self.inside:
+            self.sources.setdefault(id(module), set()).add(id(root[0]) if root else None)
+            if root is not None:
+                self._read(root[0], Read("layer", root[1], module))
+        elif isinstance(module, nn.MaxPool2d) and root is not None:
+            self._read(root[0], Read("pool", root[1]))
         self.inside += 1
 
     def _leave(self, module: nn.Module, inputs, output) -> None:
         self.inside -= 1
-        point = self.roots.get(id(inputs[0])) if inputs else None
-        if point is not None and isinstance(module, PASS_THROUGH):
-            self._track(output, point)
+        root = self.roots.get(id(inputs[0])) if inputs and not self.inside else None
+        if root is None or is_quant_layer(module):
+            return
+        point, via = root
+        if isinstance(module, nn.ReLU6) or via == "relu6":
+            via = "relu6"
+        elif isinstance(module, nn.ReLU):
+            via = "relu"
+        self._track(output, point, via)  # in place: the same id, now read after the ReLU
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.inside and getattr(func, "__name__", "") not in _QUERIES:
+        name = getattr(func, "__name__", "")
+        if not self.inside and name not in _QUERIES:
             for value in list(args) + list(kwargs.values()):
                 for tensor in value if isinstance(value, (list, tuple)) else (value,):
-                    point = self.roots.get(id(tensor)) if isinstance(tensor, Tensor) else None
-                    if point is not None:
-                        self.other.add(id(point))
+                    root = self.roots.get(id(tensor)) if isinstance(tensor, Tensor) else None
+                    if root is not None:
+                        self._read(root[0], Read("add" if name in ADDS else "other", root[1]))
+        if not self.inside and args and isinstance(args[0], Tensor) and _in_place(name):
+            # `out += identity`: the tensor no longer holds the point's values; who reads it
+            # now reads the op's result, not the point's
+            self.roots.pop(id(args[0]), None)
         return func(*args, **kwargs)
 
     def close(self) -> None:
@@ -210,8 +243,9 @@ def output_point_dataflow(model: nn.Module) -> Iterator[None]:
     tensor one quantized layer reads and nothing else, directly or through a ReLU/ReLU6 module.
     The runtime then requantizes the conv's sum straight to that layer's input grid (its input
     quantizer), as QLinearConv does, with no second rounding in between. (Two readers need
-    two grids, hence a point of their own to requantize from.)"""
-    points = [m for m in model.modules() if isinstance(m, OutputPoint)]
+    two grids, hence a point of their own to requantize from.) Where a point stays on, its
+    readers share its grid when they can (flatq.quant.shared_grid)."""
+    points = output_points(model)
     if not points:
         yield
         return
@@ -221,6 +255,13 @@ def output_point_dataflow(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         readers.close()
-    for point in points:
-        if readers.layers.get(id(point)) == 1 and id(point) not in readers.other:
+    only_reader = {layer for layer, sources in readers.sources.items()
+                   if len(sources) == 1 and None not in sources}
+    for index, point in enumerate(points):
+        reads = readers.reads.get(id(point), [])
+        if len(reads) == 1 and reads[0].kind == "layer":
             point.set_active(False)
+            continue
+        shared = shared_readers(reads, only_reader) if point.on else None
+        if shared is not None:
+            tie(point, index, *shared)

@@ -21,7 +21,8 @@ from ..errors import ConfigError
 from ..methods import Objective, build_objective
 from ..models import build_model, check_model_name, load_weights
 from ..models.external import check_weights_file
-from ..quant import calibrate, named_quantizers, quant_layers, quantize_model
+from ..quant import calibrate, quant_layers, quantize_model
+from ..quant.convert import calibration_state
 from ..train.batchnorm import reestimate_batchnorm
 from ..train.checkpoint import state_fingerprint
 from ..train.distributed import (check_global_batch, is_main_process, main_first, rank, setup,
@@ -159,18 +160,31 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False,
 
 
 def _calibrate_on_main(student: nn.Module, batches: list, device: torch.device) -> None:
-    """Calibrate on rank 0 and broadcast every quantizer's state (parameters, buffers and the
-    signedness PACT chooses from the data) to the other ranks."""
+    """Calibrate on rank 0 and broadcast what calibration set (every quantizer's parameters,
+    buffers and the signedness PACT chooses from the data; which output points are on and
+    which grids are shared) to the other ranks."""
 
-    def run() -> dict[str, dict]:
+    def run() -> dict[str, Any]:
         calibrate(student, batches, device)
-        return {name: {k: v.cpu() if isinstance(v, torch.Tensor) else v
-                       for k, v in q.state_dict().items()} for name, q in named_quantizers(student)}
+        return {k: v.cpu() if isinstance(v, torch.Tensor) else v
+                for k, v in calibration_state(student).items()}
 
-    states = main_first(run)
+    state = main_first(run)
     if not is_main_process():
-        for name, q in named_quantizers(student):
-            q.load_state_dict(states[name])
+        student.load_state_dict(state, strict=False)
+
+
+def _restore_calibration(student: nn.Module, run_dir: str | Path) -> None:
+    """A resumed run's student set up as its checkpoint's (output points on or off, grids
+    shared) before the optimizer lists the parameters that train: a switched-off point's and
+    a shared grid's are not among them. A checkpoint that does not fit is left to
+    Trainer.resume, which says why."""
+    saved = resume_state(run_dir)["model"]
+    keys = calibration_state(student).keys()
+    try:
+        student.load_state_dict({k: v for k, v in saved.items() if k in keys}, strict=False)
+    except (RuntimeError, ValueError):
+        pass
 
 
 def _reestimate_batchnorm(trainer: Trainer, data: DataBundle, config: RunConfig,
@@ -266,6 +280,8 @@ def qat(config: RunConfig, teacher: nn.Module | None, teacher_state: dict[str, A
                   distributed=True)
     if batches is not None:
         _calibrate_on_main(student, batches, device)
+    else:
+        _restore_calibration(student, run_dir)
     with _objective(config, student, teacher, data, device) as objective, _claimed_trainer(
             objective, data, config, run_dir, meta, callbacks, device, resume,
             overwrite) as trainer:

@@ -23,6 +23,7 @@ from ..models import build_model, native_input_size
 from ..models.external import IMAGENET_SIZE
 from ..quant import quantize_model
 from ..quant.residual import blocks_with_output_points
+from ..quant.shared_grid import LOADED_AS_DEFAULT
 from .checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_atomic
 from .run_folder import CONFIG_NAME, SUMMARY_NAME, check_run_folder
 
@@ -64,7 +65,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     blocks = set(blocks_with_output_points(model))
-    missing = [key for key in model.state_dict() if key not in state["model"]]
+    missing = [key for key in model.state_dict() if key not in state["model"]
+               and not key.endswith(LOADED_AS_DEFAULT)]
     if missing and all(key.split(".output_point.")[0] in blocks for key in missing):
         raise CheckpointError(f"{path}: this run was trained for the onnxruntime target before "
                               "flatq gave residual blocks an output point (this model has "
