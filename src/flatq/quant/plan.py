@@ -88,8 +88,9 @@ class QuantPlan:
         for reason, names in by_reason.items():
             lines.append(f"  float: {_first([n or '(model)' for n in names])}: {reason}")
         if self.residual_points:
-            lines.append(f"  8-bit output points on residual adds: {len(self.residual_points)} "
-                         f"({_first(self.residual_points)})")
+            lines.append(f"  output points on residual adds: {len(self.residual_points)} "
+                         f"({_first(self.residual_points)}; 8-bit, or the grid of the layers "
+                         "that read them, chosen at calibration)")
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
     def __str__(self) -> str:
