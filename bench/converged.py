@@ -32,7 +32,8 @@ grid from the same model (`qat` uses runs/converged/fp when present, else that c
 
 Added after the first 27 runs (issue 26, item 8: every method beside LSQ, same FP model, same
 schedule): W2A2 cells for CR, MEC, SAM, LSQ+ (continuous offset, MSE initialization) and PACT
-(DoReFa weights), each at flatq's defaults, 3 seeds. DNQ is not among them: it trains its own
+(DoReFa weights), each at flatq's defaults, 3 seeds; then, because LSQ+ came out ahead of
+FPQ on seed 0 (90.89 vs 88.55), FPQ on LSQ+'s quantizer ("FPQ on LSQ+"). DNQ is not among them: it trains its own
 FP model with noise and then quantizes after training (PTQ), so it has no QAT run here.
 
 `probe` trains one run outside the grid with changed options (a BatchNorm policy, a longer
@@ -78,6 +79,9 @@ CELLS = {
     "LSQ+": (("w2a2",), "lsq", {}, {"quantizer": "lsq+", "lsqplus_offset": "continuous",
                                     "range_method": "mse"}),
     "PACT": (("w2a2",), "lsq", {}, {"quantizer": "pact", "pact_weights": "dorefa"}),
+    # added when LSQ+ came out ahead of FPQ on seed 0: FPQ on LSQ+'s quantizer
+    "FPQ on LSQ+": (("w2a2",), "fpq", {}, {"quantizer": "lsq+", "lsqplus_offset": "continuous",
+                                          "range_method": "mse"}),
 }
 DATA = DataConfig(name="fashion_mnist", image_size=32, channels=3)
 
@@ -131,7 +135,7 @@ def qat_config(cell: str, bits: str, seed: int, method_options: dict | None = No
 
 
 def run_folder(out: Path, cell: str, bits: str, seed: int) -> Path:
-    slug = cell.lower().replace("+", "plus-").replace(",", "").replace(" ", "-")
+    slug = cell.lower().replace("+", "plus-").replace(",", "").replace(" ", "-").strip("-")
     return out / bits / slug / f"seed{seed}"
 
 
