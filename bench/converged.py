@@ -209,8 +209,28 @@ def report(out: Path, results: Path) -> None:
                  "schedule": {"fp_epochs": FP_EPOCHS, "qat_epochs": QAT_EPOCHS,
                               "qat_steps_per_epoch": QAT_STEPS, "batch_size": BATCH}},
                 results / "converged.json")
-    (results / "converged.md").write_text(markdown(fp_row, rows))
-    print(markdown(fp_row, rows))
+    text = markdown(fp_row, rows) + probes_markdown(results / "probes")
+    (results / "converged.md").write_text(text)
+    print(text)
+
+
+def probes_markdown(folder: Path) -> str:
+    """The probes (`probe` stage) as a table: what each changed and what came out."""
+    records = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    if not records:
+        return ""
+    lines = ["", "Probes (one run each, outside the grid; results/converged/probes/):", "",
+             "| probe | cell | W/A | seed | steps | BN freeze | method options | accuracy "
+             "(BN re-estimated) | before | last fifth |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in records.items():
+        train, method = r["config"]["train"], r["config"]["method"]
+        defaults = method_config(method["name"]).to_dict()
+        changed = {k: v for k, v in method.items() if k != "name" and defaults.get(k) != v}
+        lines.append(f"| {name} | {r['cell']} | {r['bits']} | {r['seed']} | "
+                     f"{train['epochs'] * train['max_steps_per_epoch']} | {train['bn_freeze']} | "
+                     f"{json.dumps(changed) if changed else '-'} | {r['test_acc']:.2f} | "
+                     f"{r['test_acc_before_bn']:.2f} | {r['plateau_change']:+.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(fp: dict | None, rows: list[dict]) -> str:
