@@ -243,7 +243,10 @@ def markdown(fp: dict | None, rows: list[dict]) -> str:
                   f"{fp['plateau_change']:+.2f} points)", ""]
     lines += ["| W/A | method | accuracy (BN re-estimated) | per seed | before re-estimation | "
               "dead channels | last fifth of QAT |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['bits']} | {r['cell']} | {r['mean']:.2f} ± {r['std']:.2f} | "
+    def spread(r: dict) -> str:
+        return f"± {r['std']:.2f}" if r["n"] > 1 else "(1 seed)"
+
+    lines += [f"| {r['bits']} | {r['cell']} | {r['mean']:.2f} {spread(r)} | "
               f"{seeds(r['values'])} | {seeds(r['before_bn'])} | "
               f"{seeds(r['dead_channels'], 'd')} | {seeds(r['plateau_change'], '+.2f')} |"
               for r in rows]
