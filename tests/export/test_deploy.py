@@ -51,6 +51,15 @@ def optimized_graph(path, tmp_path) -> onnx.GraphProto:
     return onnx.load(options.optimized_model_filepath).graph
 
 
+def run_unoptimized(proto: onnx.ModelProto, feeds: dict) -> list:
+    """`proto` in onnxruntime with every graph optimization off: the graph as written."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
 def optimized_ops(path, tmp_path) -> collections.Counter:
     """Op counts of onnxruntime's optimized graph (default level, CPU)."""
     return collections.Counter(n.op_type for n in optimized_graph(path, tmp_path).node)
@@ -415,20 +424,13 @@ def test_moving_relu_maxpool_and_flatten_to_the_integers_keeps_the_values():
         init)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
-    def run(proto):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(proto.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
-        return session.run(None, {"x": x})
-
     x = np.random.default_rng(0).normal(0, 3, (2, 3, 7, 7)).astype(np.float32)
-    before = run(model)
+    before = run_unoptimized(model, {"x": x})
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     assert integers_through_relu_and_pool(rewritten) == 3
     onnx.checker.check_model(rewritten, full_check=True)
-    after = run(rewritten)
+    after = run_unoptimized(rewritten, {"x": x})
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     ops = [n.op_type for n in rewritten.graph.node]
     assert "Relu" not in ops and ops.index("QuantizeLinear", 1) < ops.index("Flatten")
@@ -521,17 +523,10 @@ def test_merging_consecutive_clips_keeps_every_integer():
                                vector("z", TensorProto.UINT8, [256])], init)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
-    def run(proto):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(proto.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
-        return session.run(None, {"x": np.arange(256, dtype=np.uint8)})
-
-    expected = run(model)
+    expected = run_unoptimized(model, {"x": np.arange(256, dtype=np.uint8)})
     assert merge_clips(model) == 1
     assert [n.op_type for n in model.graph.node].count("Clip") == 3
-    assert all(np.array_equal(a, b) for a, b in zip(run(model), expected))
+    assert all(np.array_equal(a, b) for a, b in zip(run_unoptimized(model, {"x": np.arange(256, dtype=np.uint8)}), expected))
 
 
 def test_relu6_and_a_four_bit_grid_run_as_one_clip(tmp_path):
