@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from datetime import timedelta
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -84,8 +85,18 @@ def setup(device_name: str) -> torch.device:
 
 
 def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group together: a rank that destroys its gloo group while another
+    still talks to it can abort the other at exit ("terminate called without an active
+    exception"). The (gloo) barrier waits at most 60 s, so a rank whose peers died still
+    exits."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+        except RuntimeError:
+            pass                  # a peer is gone: nothing left to wait for
+    dist.destroy_process_group()
 
 
 def wrap(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
