@@ -23,7 +23,6 @@ from ..models import build_model, check_model_name, load_weights
 from ..models.external import check_weights_file
 from ..quant import calibrate, quant_layers, quantize_model
 from ..quant.convert import calibration_state
-from ..train.batchnorm import reestimate_batchnorm
 from ..train.checkpoint import state_fingerprint
 from ..train.distributed import (check_global_batch, is_main_process, main_first, rank, setup,
                                  world_size, wrap)
@@ -191,10 +190,8 @@ def _reestimate_batchnorm(trainer: Trainer, data: DataBundle, config: RunConfig,
                           result: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Re-estimate the trained student's BatchNorm statistics (every rank on the same images,
     so they agree) and evaluate again; the summary keeps the accuracy before."""
-    batches = calibration_batches(data.train, data.eval_pipeline, config.quant.bn_images,
-                                  config.quant.calib_seed, config.train.batch_size)
+    trainer.reestimate_batchnorm(data.train)
     model = trainer._bare_model()
-    reestimate_batchnorm(model, (images.to(device) for images in batches))
     after = evaluate(model, data.test, data.eval_pipeline, device,
                      config.train.test_batch_size, distributed=True)
     if is_main_process():

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import atexit
 import os
-from datetime import timedelta
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch

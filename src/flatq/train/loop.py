@@ -311,17 +311,21 @@ class Trainer:
             self.train_set.set_epoch(self.epoch, self.config.train.seed)
         return itertools.islice(self.loader, self.steps_per_epoch - self.epoch_step)
 
+    def reestimate_batchnorm(self, dataset: ImageTensorDataset | ImageFolderSet) -> None:
+        """Replace the student's BatchNorm statistics by their average over `quant.bn_images`
+        clean images of `dataset` (the same images on every rank, so the ranks agree)."""
+        quant = self.config.quant
+        batches = calibration_batches(dataset, self.eval_pipeline, quant.bn_images,
+                                      quant.calib_seed, self.config.train.batch_size)
+        reestimate_batchnorm(self._bare_model(), (images.to(self.device) for images in batches))
+
     def _freeze_batchnorm(self) -> None:
         """BatchNorm in eval mode from `bn_freeze_step` on. With `quant.bn_images` set, the
         statistics it keeps are first re-estimated on the weights of that step (once, at the
         step itself; a resumed run finds them in its checkpoint), rather than the running
         averages over the steps before, which may be stale."""
         if self.step == self.bn_freeze_step and self.config.quant.bn_images:
-            quant = self.config.quant
-            batches = calibration_batches(self.train_set, self.eval_pipeline, quant.bn_images,
-                                          quant.calib_seed, self.config.train.batch_size)
-            reestimate_batchnorm(self._bare_model(),
-                                 (images.to(self.device) for images in batches))
+            self.reestimate_batchnorm(self.train_set)
         freeze_batchnorm(self.model)
 
     def train_epoch(self) -> dict[str, float]:
