@@ -9,6 +9,7 @@ then moves the rest of that image's forward pass. We therefore ask that nearly e
 >= 95% of images, and (CNNs) that no logit is off by more than 5% of the logit scale.
 """
 
+import collections
 import json
 
 import numpy as np
@@ -27,6 +28,7 @@ from flatq.export import (OnnxModel, export_integer, export_onnx, input_grid, in
 from flatq.models import build_model
 from flatq.models.vit import VisionTransformer
 from flatq.quant import integer_range, quant_layers
+from flatq.quant.layers import OutputPoint
 from flatq.train.checkpoint import MODEL_NAME, save_atomic
 
 NARROW = {TensorProto.INT2, TensorProto.UINT2, TensorProto.INT4, TensorProto.UINT4}
@@ -142,6 +144,104 @@ def test_load_integer_refuses_other_files(tmp_path):
     for name in ("a.txt", "b.npz", "missing.npz"):
         with pytest.raises(CheckpointError, match=name):
             load_integer(tmp_path / name)
+
+
+def resnet8_integer_file(tmp_path, **kw):
+    """A calibrated W4A4 ResNet-8 (`kw`: more QuantConfig fields) and its integer file, whose
+    metadata records the QuantConfig as `flatq export` does."""
+    model = quantized(build_model("resnet8"), "w4a4", **kw)
+    config = QuantConfig(w_bits=4, a_bits=4, quantizer="lsq", **kw)
+    meta = {"model": "resnet8", "num_classes": 10, "in_channels": 3, "quant": config.to_dict()}
+    return model, export_integer(model, tmp_path / "m.npz", meta=meta).path
+
+
+def rewrite_manifest(path, change):
+    """Apply `change` to the manifest of the integer file at `path` (in place)."""
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files}
+    manifest = json.loads(arrays["__manifest__"].tobytes().decode())
+    change(manifest)
+    arrays["__manifest__"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+def test_integer_file_lists_every_active_output_point_with_its_trained_grid(tmp_path):
+    model, path = resnet8_integer_file(tmp_path, target="onnxruntime")
+    loaded = load_integer(path)
+    points = [(n, m) for n, m in model.named_modules() if isinstance(m, OutputPoint)]
+    active = [(n, m) for n, m in points if bool(m.active)]
+    assert 0 < len(active) < len(points) and loaded.version == 2
+    assert set(loaded.output_points) == {name for name, _ in active}
+    for index, (name, point) in enumerate(points):
+        if not bool(point.active):
+            continue
+        stored, quantizer = loaded.output_points[name], point.quantizer
+        assert model.get_submodule(stored.after).output_point is point
+        assert stored.grid.scale == quantizer.scale.item()  # LSQ: the learned step size
+        assert stored.grid.zero_point == quantizer.zero_point.item()
+        assert (stored.grid.bits, stored.grid.signed) == (quantizer.bits, quantizer.signed)
+        assert (stored.grid.lo, stored.grid.hi) == integer_range(quantizer.bits, quantizer.signed)
+        assert stored.relu_first == bool(point.relu_first)
+        assert stored.shared_by == tuple(n for n, layer in quant_layers(model)
+                                         if int(layer.input_grid_point) == index)
+        if stored.site == "batchnorm":
+            assert model.get_submodule(stored.after).conv is model.get_submodule(stored.layer)
+    sites = collections.Counter(p.site for p in loaded.output_points.values())
+    assert sites == {"batchnorm": 6, "residual": 3}, sites
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "paper"])
+def test_model_rebuilt_from_the_integer_file_computes_the_fake_quant_model(tmp_path, target):
+    model, path = resnet8_integer_file(tmp_path, target=target)
+    loaded = load_integer(path)
+    rebuilt = loaded.quantized_model()
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=1e-6, atol=1e-6)
+    again = load_integer(export_integer(rebuilt, tmp_path / "again.npz", loaded.meta).path)
+    assert again.output_points == loaded.output_points
+    assert ({name: layer.input for name, layer in again.layers.items()}
+            == {name: layer.input for name, layer in loaded.layers.items()})
+    state, state_again = loaded.state_dict(), again.state_dict()
+    assert state.keys() == state_again.keys()
+    assert all(torch.equal(state_again[k], v) for k, v in state.items())
+    with np.load(path) as data:
+        manifest = json.loads(data["__manifest__"].tobytes().decode())
+    assert manifest["version"] == 2
+    if target == "paper":
+        assert "output_points" not in manifest and not loaded.output_points
+
+
+def test_a_version_1_integer_file_still_loads(tmp_path):
+    """Version 1 wrote what version 2 writes for a model without active output points."""
+    model, path = resnet8_integer_file(tmp_path)
+    rewrite_manifest(path, lambda manifest: manifest.update(version=1))
+    loaded = load_integer(path)
+    assert loaded.version == 1 and not loaded.output_points
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.quantized_model()(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_integer_files_without_the_output_points_a_model_needs_are_refused(tmp_path):
+    _, path = resnet8_integer_file(tmp_path, target="onnxruntime")
+
+    def as_version_1(manifest):
+        for point in manifest.pop("output_points"):
+            del manifest["table"][f"{point['name']}.scale"]
+        manifest["version"] = 1
+
+    rewrite_manifest(path, as_version_1)
+    loaded = load_integer(path)
+    assert not loaded.output_points and loaded.float_model() is not None
+    with pytest.raises(CheckpointError, match="version-1 integer file records no output points"):
+        loaded.quantized_model()
+    rewrite_manifest(path, lambda manifest: manifest.update(version=3))
+    with pytest.raises(CheckpointError, match="version 3"):
+        load_integer(path)
+    rewrite_manifest(path, lambda manifest: manifest.update(version=2, meta={"model": "resnet8"}))
+    with pytest.raises(CheckpointError, match="no QuantConfig"):
+        load_integer(path).quantized_model()
 
 
 # -- ONNX -------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ integer file with a loader that dequantizes it back to float weights."""
 
 from .check import ExportCheck, ExportError
 from .formats import EXPORT_FORMATS, ExportFormat, ExportOptions, export_run, register_format
-from .integer_view import InputGrid, IntegerWeight, input_grid, integer_weight
+from .integer_view import (GridQuantizer, InputGrid, IntegerWeight, OutputPointGrid, input_grid,
+                           integer_weight)
 from .packed import (IntegerExport, IntegerModel, export_integer, load_integer, pack_bits,
                      unpack_bits)
 from .onnx import (STORAGE_CHOICES, OnnxExport, export_float_onnx, export_onnx, fp32_bytes,
@@ -11,7 +12,8 @@ from .onnx import (STORAGE_CHOICES, OnnxExport, export_float_onnx, export_onnx, 
 from .runtime import WEIGHTS_KEY, Agreement, OnnxModel, compare
 
 __all__ = [
-    "InputGrid", "IntegerWeight", "input_grid", "integer_weight", "IntegerExport",
+    "GridQuantizer", "InputGrid", "IntegerWeight", "OutputPointGrid", "input_grid",
+    "integer_weight", "IntegerExport",
     "IntegerModel", "export_integer", "load_integer", "pack_bits", "unpack_bits",
     "STORAGE_CHOICES", "OnnxExport", "export_onnx", "runtime_narrow_bits", "Agreement",
     "OnnxModel", "compare", "WEIGHTS_KEY", "EXPORT_FORMATS", "ExportFormat", "ExportOptions",

@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..quant import integer_range
 from ..quant.layers import OutputPoint
 from ..quant.target import fold_batchnorm, output_point
-from .integer_view import InputGrid, input_grid, integer_weight
+from .integer_view import InputGrid, input_grid, integer_weight, quantizer_grid
 from .onnx_ops import DequantizeAxis0, QuantDequant
 
 INT32_MAX = 2**31 - 1
@@ -110,13 +110,6 @@ class DeployLayer(nn.Module):
                                                           else (-1,) + (1,) * (y.dim() - 2)))
 
 
-def output_grid(quantizer: nn.Module) -> InputGrid:
-    """The per-tensor grid of an output point (as an input grid: same quantizer families)."""
-    holder = nn.Module()
-    holder.input_quantizer = quantizer
-    return input_grid(holder)
-
-
 def deploy_stand_ins(model: nn.Module, layers: list[tuple[str, nn.Module]]
                      ) -> dict[str, nn.Module]:
     """name -> stand-in for every module the integer graph replaces in `model`: each quantized
@@ -126,13 +119,13 @@ def deploy_stand_ins(model: nn.Module, layers: list[tuple[str, nn.Module]]
     for name, layer in layers:
         bn_name, quantizer = output_point(model, name)
         bn = model.get_submodule(bn_name) if bn_name else None
-        grid = output_grid(quantizer) if quantizer is not None else None
+        grid = quantizer_grid(quantizer) if quantizer is not None else None
         replaced[name] = DeployLayer(name, layer, bn, grid)
         if bn_name:
             replaced[bn_name] = nn.Identity()
     for name, module in model.named_modules():
         owner = name.rpartition(".")[0]
         if isinstance(module, OutputPoint) and owner not in replaced:
-            replaced[name] = (QuantPoint(output_grid(module.quantizer)) if module.on
+            replaced[name] = (QuantPoint(quantizer_grid(module.quantizer)) if module.on
                               else nn.Identity())
     return replaced

@@ -2,22 +2,25 @@
 
 Layout (docs/export.md has the full description). One uncompressed numpy .npz holding
   `__manifest__`   UTF-8 JSON as uint8 bytes: format, version, model metadata, per quantized
-                   layer its name, kind, weight shape, bit width, signedness and input grid, and
-                   a table of named tensors: name -> dtype, offset and shape in a blob;
+                   layer its name, kind, weight shape, bit width, signedness and input grid,
+                   per active output point (version 2; onnxruntime target) its name, where it
+                   sits, grid, `relu_first` and the layers sharing its grid, and a table of
+                   named tensors: name -> dtype, offset and shape in a blob;
   one blob per dtype (`uint8`, `float32`, `int16`, `int64`): the tensors of that dtype
                    flattened and concatenated, so the file has a handful of arrays instead of
                    hundreds of .npz members with a few hundred bytes of headers each.
 Named tensors: `<layer>.weight_q` (the weight integers as a bit stream, see `pack_bits`),
 `<layer>.weight_scale` float32 (C,), `<layer>.weight_zero_point` int16 (C,),
-`<layer>.input_scale` float32 (), and every other tensor of the model (biases, BatchNorm,
-embeddings) under its state_dict name. Plain numpy: no new dependency.
+`<layer>.input_scale` float32 (), `<point>.scale` float32 () per active output point, and
+every other tensor of the model (biases, BatchNorm, embeddings) under its state_dict name.
+Plain numpy: no new dependency.
 """
 
 from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +31,12 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, ConfigError
 from ..quant import Quantizer, quant_layers
 from ..quant.layers import OutputPoint
-from ..quant.shared_grid import GRID_KEY
-from .integer_view import (InputGrid, IntegerWeight, check_exportable, input_grid,
-                           integer_weight)
+from ..quant.shared_grid import GRID_KEY, tie
+from .integer_view import (GridQuantizer, InputGrid, IntegerWeight, OutputPointGrid,
+                           check_exportable, input_grid, integer_weight, output_point_grids)
 
-FORMAT, VERSION = "flatq-int", 1
+# Version 2 added the output points; version-1 files (none) still load.
+FORMAT, VERSION, READABLE_VERSIONS = "flatq-int", 2, (1, 2)
 MANIFEST = "__manifest__"
 
 
@@ -99,11 +103,14 @@ class IntegerLayer:
 
 @dataclass
 class IntegerModel:
-    """A loaded integer file: quantized layers, the other tensors, and the model metadata."""
+    """A loaded integer file: quantized layers, the other tensors, the model metadata and the
+    active output points (by module name; none for the paper target or a version-1 file)."""
 
     layers: dict[str, IntegerLayer]
     tensors: dict[str, Tensor]
     meta: dict[str, Any]
+    output_points: dict[str, OutputPointGrid] = field(default_factory=dict)
+    version: int = VERSION
 
     def state_dict(self) -> dict[str, Tensor]:
         """A full-precision state_dict with every quantized weight dequantized ((q - z) * s)."""
@@ -122,6 +129,72 @@ class IntegerModel:
         model.load_state_dict(self.state_dict())
         return model.eval()
 
+    def quantized_model(self) -> nn.Module:
+        """The quantized model the file was written from, computing what it computed: built
+        from the metadata (model and QuantConfig) with the dequantized weights and the other
+        tensors, every quantizer a `GridQuantizer` on the stored grid, the stored output points
+        active (the others off) and their grids shared as stored. In eval mode.
+
+        Raises:
+            CheckpointError: the metadata lacks the model or its QuantConfig, the file does not
+                fit the model they describe, or it is a version-1 file of a model with output
+                points (not recorded then).
+        """
+        from ..train.run_io import build_from_meta
+
+        if self.meta.get("quant") is None:
+            raise CheckpointError("the integer file records no QuantConfig (meta 'quant'); "
+                                  "only float_model() can be rebuilt from it")
+        model = build_from_meta(self.meta)
+        self._check_fits(model)
+        try:
+            model.load_state_dict({**model.state_dict(), **self.state_dict()})
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())
+            raise CheckpointError(f"the integer file's tensors do not fit model "
+                                  f"{self.meta['model']}: {detail[:400]}") from None
+        self._install_grids(model)
+        return model.eval()
+
+    def _check_fits(self, model: nn.Module) -> None:
+        """Refuse a file whose layers, tensors or output points are not `model`'s."""
+        names = [name for name, _ in quant_layers(model)]
+        points = {n for n, m in model.named_modules() if isinstance(m, OutputPoint)}
+        if points and self.version == 1:
+            raise CheckpointError(f"a version-1 integer file records no output points, and "
+                                  f"model {self.meta['model']} has {len(points)}: export the "
+                                  "run again")
+        problems = {
+            "quantized layers": set(names) ^ set(self.layers),
+            "tensors": set(self.state_dict()) ^ ({f"{n}.weight" for n in names}
+                                                 | set(_other_keys(model, names))),
+            "output points": set(self.output_points) - points,
+            "layers sharing a point's grid": {n for p in self.output_points.values()
+                                              for n in p.shared_by} - set(names)}
+        problems = {what: sorted(keys) for what, keys in problems.items() if keys}
+        if problems:
+            detail = "; ".join(f"{what} {keys[:5]}" for what, keys in problems.items())
+            raise CheckpointError(f"the integer file does not fit model {self.meta['model']} "
+                                  f"built from its metadata (differing {detail})")
+
+    def _install_grids(self, model: nn.Module) -> None:
+        """Put the stored grids into `model`'s quantizers and output points (in place)."""
+        layers = dict(quant_layers(model))
+        for name, layer in layers.items():
+            layer.weight_quantizer = GridQuantizer.for_weight(self.layers[name].weight)
+            layer.input_quantizer = GridQuantizer.for_input(self.layers[name].input)
+        points = [(n, m) for n, m in model.named_modules() if isinstance(m, OutputPoint)]
+        for index, (name, point) in enumerate(points):
+            stored = self.output_points.get(name)
+            point.set_active(stored is not None)
+            if stored is None:
+                continue
+            if stored.shared_by:  # the readers' input quantizer is the point's
+                tie(point, index, [layers[n] for n in stored.shared_by], stored.relu_first)
+            else:
+                point.quantizer = GridQuantizer.for_input(stored.grid)
+                point.set_relu_first(stored.relu_first)
+
 
 @dataclass(frozen=True)
 class IntegerExport:
@@ -138,26 +211,40 @@ class IntegerExport:
         return self.fp32_bytes / self.file_bytes
 
 
-def _other_tensors(model: nn.Module, layer_names: list[str]) -> dict[str, Tensor]:
+def _other_keys(model: nn.Module, layer_names: list[str]) -> list[str]:
     """State entries outside the quantizers, output points, grid ties and quantized weights
     (biases, BN, ...)."""
     skip = tuple(f"{name}." for name, module in model.named_modules(remove_duplicate=False)
                  if isinstance(module, (Quantizer, OutputPoint)))  # a shared grid: every name
     weights = {f"{name}.weight" for name in layer_names}
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()
-            if not k.startswith(skip) and k not in weights and not k.endswith(f".{GRID_KEY}")}
+    return [k for k in model.state_dict()
+            if not k.startswith(skip) and k not in weights and not k.endswith(f".{GRID_KEY}")]
+
+
+def _grid_entry(grid: InputGrid) -> dict[str, Any]:
+    """A grid in the manifest: all but its step size, which is a float32 tensor."""
+    return {"bits": grid.bits, "signed": grid.signed, "zero_point": grid.zero_point,
+            "lo": grid.lo, "hi": grid.hi}
+
+
+def _point_entry(point: OutputPointGrid) -> dict[str, Any]:
+    """An output point in the manifest (its step size: the tensor `<name>.scale`)."""
+    return {"name": point.name, "site": point.site, "after": point.after,
+            "layer": point.layer, "grid": _grid_entry(point.grid),
+            "relu_first": point.relu_first, "shared_by": list(point.shared_by)}
 
 
 def export_integer(model: nn.Module, path: str | Path,
                    meta: dict[str, Any] | None = None) -> IntegerExport:
     """Write the quantized `model` as an integer file (.npz) of bit-packed weights with their
-    scales and zero points, and each layer's input grid.
+    scales and zero points, each layer's input grid and each active output point's grid.
 
     Args:
         model: a quantized, calibrated model.
         path: the .npz file to write.
-        meta: model name, classes and channels, so that `IntegerModel.float_model` can
-            rebuild the model.
+        meta: model name, classes and channels (and the QuantConfig as a dict under
+            "quant"), so that `IntegerModel.float_model` (`.quantized_model`) can rebuild the
+            model.
 
     Returns:
         An IntegerExport: the path, layer count and sizes against FP32.
@@ -180,14 +267,20 @@ def export_integer(model: nn.Module, path: str | Path,
         entries.append({
             "name": name, "kind": layer.kind,
             "shape": list(weight.q.shape), "bits": weight.bits, "signed": weight.signed,
-            "input": {"bits": grid.bits, "signed": grid.signed, "zero_point": grid.zero_point,
-                      "lo": grid.lo, "hi": grid.hi}})
-    tensors = _other_tensors(model, [name for name, _ in layers])
-    for key, value in tensors.items():
+            "input": _grid_entry(grid)})
+    points = output_point_grids(model)
+    for point in points:
+        blobs.add(f"{point.name}.scale", np.array(point.grid.scale, dtype=np.float32))
+    state = model.state_dict()
+    tensors = _other_keys(model, [name for name, _ in layers])
+    for key in tensors:
+        value = state[key].detach().cpu()
         blobs.add(key, value.numpy())
         fp32_elements += value.numel() if value.is_floating_point() else 0
     manifest = {"format": FORMAT, "version": VERSION, "meta": meta or {}, "layers": entries,
-                "tensors": list(tensors), "table": blobs.table}
+                # absent, as in version 1, where no output point is active (paper target)
+                **({"output_points": [_point_entry(p) for p in points]} if points else {}),
+                "tensors": tensors, "table": blobs.table}
     text = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
     arrays = blobs.arrays()
     path = Path(path)
@@ -216,14 +309,18 @@ def load_integer(path: str | Path) -> IntegerModel:
         raise CheckpointError(f"{path}: not an integer file written by flatq export ({exc})") from None
     try:
         manifest = json.loads(arrays.pop(MANIFEST).tobytes().decode())
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise ValueError(f"format {manifest.get('format')} version {manifest.get('version')}")
+        version = manifest.get("version")
+        if manifest.get("format") != FORMAT or version not in READABLE_VERSIONS:
+            raise ValueError(f"format {manifest.get('format')} version {version}")
         read = _blob_reader(arrays, manifest["table"])
         layers = {entry["name"]: _read_layer(entry, read) for entry in manifest["layers"]}
+        points = {entry["name"]: _read_point(entry, read)
+                  for entry in manifest.get("output_points", [])}
         tensors = {key: torch.from_numpy(read(key).copy()) for key in manifest["tensors"]}
     except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a {FORMAT} v{VERSION} file ({exc})") from None
-    return IntegerModel(layers, tensors, manifest["meta"])
+        versions = " or ".join(f"v{v}" for v in READABLE_VERSIONS)
+        raise CheckpointError(f"{path}: not a {FORMAT} {versions} file ({exc})") from None
+    return IntegerModel(layers, tensors, manifest["meta"], points, version)
 
 
 def _read_layer(entry: dict[str, Any], read) -> IntegerLayer:
@@ -233,5 +330,17 @@ def _read_layer(entry: dict[str, Any], read) -> IntegerLayer:
                            torch.from_numpy(read(f"{name}.weight_scale").copy()),
                            torch.from_numpy(read(f"{name}.weight_zero_point")).float(),
                            entry["bits"], entry["signed"])
-    grid = InputGrid(float(read(f"{name}.input_scale")), **entry["input"])
-    return IntegerLayer(name, entry["kind"], weight, grid)
+    return IntegerLayer(name, entry["kind"], weight, _read_grid(entry["input"], read,
+                                                              f"{name}.input_scale"))
+
+
+def _read_point(entry: dict[str, Any], read) -> OutputPointGrid:
+    name = entry["name"]
+    return OutputPointGrid(name, entry["site"], entry["after"], entry["layer"],
+                           _read_grid(entry["grid"], read, f"{name}.scale"),
+                           bool(entry["relu_first"]), tuple(entry["shared_by"]))
+
+
+def _read_grid(fields: dict[str, Any], read, scale_key: str) -> InputGrid:
+    """The grid a manifest entry (`_grid_entry`) and its step-size tensor describe."""
+    return InputGrid(float(read(scale_key)), **fields)
