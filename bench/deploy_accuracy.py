@@ -17,6 +17,7 @@ Debian package) and the grid's FP model (results/converged/fp is committed).
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -54,8 +55,11 @@ def train(out: Path, bits: str, target: str) -> Path:
 def measure(run_dir: Path, target: str) -> dict:
     model, state = load_model(run_dir)
     _, data = run_data(state)
+    summary = json.loads((run_dir / "summary.json").read_text())
     result = {"qat_acc": evaluate(model, data.test, data.eval_pipeline,
-                                  torch.device("cpu"))["acc"]}
+                                  torch.device("cpu"))["acc"],
+              "dead_channels": summary["dead_channels"],
+              "dead_channel_layers": summary["dead_channel_layers"]}
     if target != "onnxruntime":
         return result
     with tempfile.TemporaryDirectory() as tmp:

@@ -274,6 +274,12 @@ class QuantConfig(Section):
                                "learned (the family's own, e.g. LSQ step sizes; a min-max-"
                                "initialized 8-bit step can be overshot by one update and kill "
                                "its channel, docs/soundness.md)", choices=("learned", "minmax"))
+    eight_bit_weights: str = option("minmax", "weight quantizer of the other layers at 8 "
+                                    "bits (by --w-bits or an override): minmax (as "
+                                    "--edge-weights minmax; torch.ao's QAT default) or "
+                                    "learned (the family's own: a min-max-initialized 8-bit "
+                                    "step dies as the first layer's did, docs/soundness.md)",
+                                    choices=("learned", "minmax"))
     edge_init: str | None = option(None, "initial step size of learned first and last layer "
                                    "weights: minmax, lsq (LSQ's 2 mean|w| / sqrt(Qp), which "
                                    "also keeps channels alive but uses ~14 of the 8-bit levels) "

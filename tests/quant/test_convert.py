@@ -107,6 +107,20 @@ def test_edge_weights_minmax_gives_the_first_and_last_layer_weight_ranges_that_f
     assert not any(p.requires_grad for p in stem.weight_quantizer.parameters())
 
 
+@pytest.mark.parametrize("policy", ["minmax", "learned"])
+def test_eight_bit_weights_choose_the_quantizer_of_every_8_bit_inner_layer(policy):
+    # W4A4 with one inner layer overridden to 8 bits: only that one follows the option
+    config = QuantConfig(eight_bit_weights=policy, edge_weights="learned",
+                         overrides=[{"pattern": "stages.1.*", "w_bits": 8}])
+    qmodel = quantize_model(build_model("resnet8"), config)
+    eight = MinMaxQuantizer if policy == "minmax" else LSQQuantizer
+    for name, layer in quant_layers(qmodel):
+        expected = eight if name.startswith("stages.1.") else LSQQuantizer
+        assert type(layer.weight_quantizer) is expected, name
+    wide = [layer for name, layer in quant_layers(qmodel) if name.startswith("stages.1.")]
+    assert wide and all(layer.weight_quantizer.bits == 8 for layer in wide)
+
+
 def test_overrides_by_pattern_including_skip():
     config = QuantConfig(w_bits=4, a_bits=4, overrides=[
         {"pattern": "stages.2.*", "w_bits": 8},
@@ -445,8 +459,9 @@ def test_quantized_attention_computes_what_multihead_attention_does(batch_first,
 def test_quantized_attention_keeps_parameter_names_and_quantizes_at_8_bits_closely():
     torch.manual_seed(0)
     model = Attend(True).eval()
-    # learned edges: the block is the first layer, and its step size must learn
-    qmodel = quantize_model(model, QuantConfig(w_bits=8, a_bits=8, edge_weights="learned"))
+    # learned 8-bit weights (the block is the first layer): its step size must learn
+    qmodel = quantize_model(model, QuantConfig(w_bits=8, a_bits=8, edge_weights="learned",
+                                               eight_bit_weights="learned"))
     assert set(model.state_dict()) <= set(qmodel.state_dict())
     assert {"attn.in_proj_weight", "attn.out_proj.weight"} <= set(model.state_dict())
     x = torch.randn(4, 5, 6)

@@ -89,7 +89,7 @@ def train_config(**changes) -> TrainConfig:
 def qat_config(quant: dict | None = None, **train) -> RunConfig:
     return RunConfig(model="resnet8", data=DataConfig(name="synthetic"),
                      method=method_config("lsq"),
-                     quant=QuantConfig(w_bits=2, a_bits=4, **(quant or {})),
+                     quant=QuantConfig(**{"w_bits": 2, "a_bits": 4, **(quant or {})}),
                      train=train_config(**train))
 
 
@@ -178,15 +178,34 @@ def test_qat_warns_when_a_channel_dies_and_the_summary_counts_it(teacher, tmp_pa
                          ids=["default-minmax-edges", "learned-lsq-init"])
 def test_the_stem_stays_alive_where_a_min_max_initialized_step_dies(edges, teacher, tmp_path,
                                                                     capsys):
-    """The synthetic case of docs/soundness.md at W2A4 and lr 0.05: a learned 8-bit stem step
-    initialized from min-max is overshot to its clamp and thrown above the weights within six
-    steps; min-max edge weights (the default) or LSQ's own initial step keep every channel."""
-    qat(qat_config({"edge_weights": "learned", "edge_init": "minmax"}), *load_teacher(teacher),
-        tmp_path / "minmax")
+    """The synthetic case of docs/soundness.md at W2A4 (lr 0.1: at 0.05 whether a channel dies
+    within six steps depended on the thread count): a learned 8-bit stem step initialized from
+    min-max is overshot to its clamp and thrown above the weights; min-max edge weights (the
+    default) or LSQ's own initial step keep every channel."""
+    qat(qat_config({"edge_weights": "learned", "edge_init": "minmax"}, lr=0.1),
+        *load_teacher(teacher), tmp_path / "minmax")
     assert "warning:" in capsys.readouterr().err
     dead = json.loads((tmp_path / "minmax" / "summary.json").read_text())["dead_channels"]
     assert dead > 0
-    qat(qat_config(edges), *load_teacher(teacher), tmp_path / "fixed")
+    qat(qat_config(edges, lr=0.1), *load_teacher(teacher), tmp_path / "fixed")
     assert "dead" not in capsys.readouterr().err
     summary = json.loads((tmp_path / "fixed" / "summary.json").read_text())
     assert summary["dead_channels"] == 0 and summary["dead_channel_layers"] == {}
+
+
+def test_inner_8_bit_weights_stay_alive_where_learned_min_max_initialized_steps_die(
+        teacher, tmp_path, capsys):
+    """The same overshoot by bit width, not position: at W8A8 the inner layers' learned steps
+    start at range / 255 too, and within six steps some are thrown above their weights;
+    min-max 8-bit weights (the default) keep every channel."""
+    w8a8 = {"w_bits": 8, "a_bits": 8}
+    qat(qat_config({**w8a8, "eight_bit_weights": "learned"}, lr=0.1), *load_teacher(teacher),
+        tmp_path / "learned")
+    summary = json.loads((tmp_path / "learned" / "summary.json").read_text())
+    assert summary["dead_channels"] > 0
+    assert set(summary["dead_channel_layers"]) - {"stem.0", "linear"}     # inner layers died
+    capsys.readouterr()
+    qat(qat_config(w8a8, lr=0.1), *load_teacher(teacher), tmp_path / "minmax")
+    assert "dead" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "minmax" / "summary.json").read_text())["dead_channels"] == 0
+

@@ -11,8 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a quantized run (ONNX or integer weights)",
                        description="Write a quantized run as ONNX with QuantizeLinear/"
                        "DequantizeLinear nodes and integer weights (checked in onnxruntime on "
-                       "test images), or as an .npz of bit-packed integer weights with scales "
-                       "and zero points. Example: flatq export runs/q --format onnx -o q.onnx")
+                       "test images), or as an .npz of bit-packed integer weights with scales, "
+                       "zero points, input grids and output points (flatq.export.load_integer "
+                       "reads it back). Example: flatq export runs/q --format onnx -o q.onnx")
     p.add_argument("run", metavar="RUN", help="quantized run folder or model.pt")
     p.add_argument("--format", required=True, choices=list(EXPORT_FORMATS),
                    help="; ".join(f"{f.name}: {f.help}" for f in EXPORT_FORMATS.values()))

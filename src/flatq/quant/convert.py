@@ -34,9 +34,10 @@ def _make_quantizers(config: QuantConfig, channels: int, w_bits: int, a_bits: in
     it quantizes a weight and an input (see `Quantizer.for_weights` / `for_inputs`).
     config.range_method sets the inputs' calibration; weights use min-max, or MSE per channel
     when it is mse (percentiles would cut real weights, not noise). With edge_weights
-    minmax the first and last layer's weights take min-max ranges recomputed every step: a
-    learned 8-bit per-channel step size is ~20x smaller than a 4-bit one for about the same
-    LSQ gradient, and on short schedules it can grow past the weights and kill the channel.
+    minmax the first and last layer's weights, and with eight_bit_weights minmax any other
+    layer's 8-bit weights, take min-max ranges recomputed every step: a learned 8-bit
+    per-channel step size is ~20x smaller than a 4-bit one for about the same LSQ gradient,
+    and on short schedules it can grow past the weights and kill the channel.
     config.target onnxruntime makes weights symmetric on [-qmax, qmax] (flatq.quant.target).
     """
     w_range = "mse" if config.range_method == "mse" else "minmax"
@@ -45,7 +46,9 @@ def _make_quantizers(config: QuantConfig, channels: int, w_bits: int, a_bits: in
     weight = quantizer_family(config.weight_family).for_weights(w_bits, channels, w_config,
                                                                 is_edge)
     inputs = quantizer_family(config.input_family).for_inputs(a_bits, config)
-    if is_edge and config.edge_weights == "minmax" and not isinstance(weight, MinMaxQuantizer):
+    policy = config.edge_weights if is_edge else (config.eight_bit_weights if w_bits == 8
+                                                  else "learned")
+    if policy == "minmax" and weight.learnable:
         weight = MinMaxQuantizer.for_weights(w_bits, channels, w_config, is_edge, dynamic=True)
     weight.narrow_range = deploy
     weight.set_range_method(w_range)
