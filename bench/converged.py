@@ -36,6 +36,15 @@ schedule): W2A2 cells for CR, MEC, SAM, LSQ+ (continuous offset, MSE initializat
 FPQ on seed 0 (90.89 vs 88.55), FPQ on LSQ+'s quantizer ("FPQ on LSQ+"). DNQ is not among them: it trains its own
 FP model with noise and then quantizes after training (PTQ), so it has no QAT run here.
 
+The long schedule (added when LSQ had not plateaued at 600 steps: its W2A2 runs gained 1.5-1.8
+points from twice the steps, FPQ 0.7): the W2A2 LSQ / KD / FPQ cells at LONG_EPOCHS x QAT_STEPS
+= 1200 steps, everything else as above, in runs/converged/long and results/converged/long.
+The three probes that had already run that schedule (LSQ seeds 0 and 1, FPQ seed 0) are its
+first records:
+
+    for k in 0 1; do python bench/converged.py qat --long --worker $k/2 & done; wait
+    python bench/converged.py report --long
+
 `probe` trains one run outside the grid with changed options (a BatchNorm policy, a longer
 schedule, a method option) and keeps its record in results/converged/probes/NAME.json, e.g.
 
@@ -63,6 +72,7 @@ FP_EPOCHS = 15
 QAT_EPOCHS, QAT_STEPS = 10, 60
 BATCH = 128
 SEEDS = (0, 1, 2)
+LONG_EPOCHS, LONG_CELLS, LONG_BITS = 20, ("LSQ", "KD", "FPQ"), "w2a2"
 BN_IMAGES = 12800   # re-estimated after training: the summary keeps the accuracy before too
 # cell -> (bits, method, method options, quantization options)
 CELLS = {
@@ -140,17 +150,21 @@ def run_folder(out: Path, cell: str, bits: str, seed: int) -> Path:
 
 
 def train_qat(out: Path, results: Path, worker: int, workers: int,
-              cells: list[str] | None = None) -> None:
-    """Train this worker's share of the runs not yet recorded (of `cells` only, if given)."""
+              cells: list[str] | None = None, long: bool = False) -> None:
+    """Train this worker's share of the runs not yet recorded (of `cells` only, if given; the
+    long schedule's cells if `long`)."""
     teacher, state = load_teacher(fp_folder(out, results))
     runs = [run for run in qat_runs() if cells is None or run[0] in cells]
+    if long:
+        runs = [run for run in runs if run[0] in LONG_CELLS and run[1] == LONG_BITS]
+        out, results = out / "long", results / "long"
     for index, (cell, bits, seed) in enumerate(runs):
         run_dir = run_folder(out, cell, bits, seed)
         record = results / "runs" / run_dir.relative_to(out).with_suffix(".json")
         if index % workers != worker or record.is_file():   # finished here or in a session
             continue                                         # whose results were committed
-        train_run(qat_config(cell, bits, seed), teacher, state, run_dir, record, cell, bits,
-                  seed)
+        config = qat_config(cell, bits, seed, epochs=LONG_EPOCHS if long else QAT_EPOCHS)
+        train_run(config, teacher, state, run_dir, record, cell, bits, seed)
 
 
 def train_run(config: RunConfig, teacher, state, run_dir: Path, record: Path, cell: str,
@@ -184,9 +198,12 @@ def run_record(run_dir: Path, cell: str, bits: str, seed: int, seconds: float) -
             "machine": machine_info()}
 
 
-def report(out: Path, results: Path) -> None:
-    records = [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
+def report(out: Path, results: Path, long: bool = False) -> None:
+    """results/converged/converged.{json,md} (with `long`: results/converged/long/)."""
     fp_dir = fp_folder(out, results)
+    if long:
+        results = results / "long"
+    records = [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
     fp = epoch_accuracies(fp_dir) if (fp_dir / "metrics.jsonl").is_file() else []
     rows = []
     for cell, (widths, *_) in CELLS.items():
@@ -206,7 +223,8 @@ def report(out: Path, results: Path) -> None:
     rows.sort(key=lambda r: r["bits"])
     fp_row = {"test_acc": fp[-1], "plateau_change": plateau_change(fp)} if fp else None
     save_report({"fp": fp_row, "cells": rows, "machine": machine_info(),
-                 "schedule": {"fp_epochs": FP_EPOCHS, "qat_epochs": QAT_EPOCHS,
+                 "schedule": {"fp_epochs": FP_EPOCHS,
+                              "qat_epochs": LONG_EPOCHS if long else QAT_EPOCHS,
                               "qat_steps_per_epoch": QAT_STEPS, "batch_size": BATCH}},
                 results / "converged.json")
     text = markdown(fp_row, rows) + probes_markdown(results / "probes")
@@ -258,6 +276,8 @@ def main() -> None:
     parser.add_argument("stage", choices=("fp", "qat", "report", "probe"))
     parser.add_argument("--worker", default="0/1", help="k/n: train every n-th run from the k-th")
     parser.add_argument("--cells", help="qat: only these cells, comma separated")
+    parser.add_argument("--long", action="store_true", help=f"qat, report: the long schedule "
+                        f"({LONG_EPOCHS} x {QAT_STEPS} steps, {LONG_BITS} {'/'.join(LONG_CELLS)})")
     probing = parser.add_argument_group("probe: one run of a cell with changed options")
     probing.add_argument("--name", help="the probe's record: results/converged/probes/NAME.json")
     probing.add_argument("--cell", choices=list(CELLS), default="LSQ")
@@ -281,13 +301,13 @@ def main() -> None:
         cells = args.cells.split(",") if args.cells else None
         if cells and set(cells) - set(CELLS):
             parser.error(f"unknown cells {sorted(set(cells) - set(CELLS))}; one of {list(CELLS)}")
-        train_qat(out, results, worker, workers, cells)
+        train_qat(out, results, worker, workers, cells, args.long)
     elif args.stage == "probe":
         if not args.name:
             parser.error("probe needs --name")
         probe(out, results, args)
     else:
-        report(out, results)
+        report(out, results, args.long)
 
 
 if __name__ == "__main__":
