@@ -206,6 +206,10 @@ class TrainConfig(Section):
                               "(eval mode), so the last steps train the network that is "
                               "evaluated (torch.ao's QAT recipe); with --bn-images they are "
                               "re-estimated first", low=0.0, high=1.0)
+    dampen: float = option(0.0, "oscillation dampening (Nagel et al. 2022): final weight of a "
+                           "loss pulling each latent weight to the centre of its quantization "
+                           "bin, 0 for the first quarter of training, then a cosine ramp; 0 "
+                           "(default) off, the paper's value 0.1 (docs/soundness.md)", low=0.0)
     quantizer_lr: float = option(1.0, "learning rate of the quantizers' step sizes, offsets and "
                                  "clipping values, as a multiple of --lr", low=0.0)
     warmup_epochs: int = option(0, "linear learning-rate warm-up before the cosine decay", low=0)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..config import MethodConfig
 from ..errors import ConfigError, NonFiniteLossError
+from ..quant.dampening import dampening_loss, dampening_weight
 
 if TYPE_CHECKING:
     from ..data import BatchPipeline, ImageTensorDataset
@@ -53,6 +54,9 @@ class Objective:
     # Fraction of training done (step / total steps), set by the trainer before each step for
     # methods with schedules; None outside a trainer (schedules then use their final value).
     progress: float | None = None
+    # Final weight of oscillation dampening (flatq.quant.dampening), set by the trainer from
+    # train.dampen; 0 leaves the losses as the method defines them.
+    dampening: float = 0.0
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
                  config: MethodConfig | None = None, **context: Any) -> None:
@@ -91,11 +95,17 @@ class Objective:
         return {"ce": self.task_loss(self.student(images), labels)}
 
     def forward_losses(self, images: Tensor, labels: Tensor, **extra: Tensor) -> dict[str, Tensor]:
-        """`losses` under autocast when mixed precision is on."""
+        """`losses` (under autocast when mixed precision is on), plus the oscillation
+        dampening term `dampen` (in float32) when `dampening` is set."""
         if self.autocast_dtype is None:
-            return self.losses(images, labels, **extra)
-        with torch.autocast(images.device.type, dtype=self.autocast_dtype):
-            return self.losses(images, labels, **extra)
+            losses = self.losses(images, labels, **extra)
+        else:
+            with torch.autocast(images.device.type, dtype=self.autocast_dtype):
+                losses = self.losses(images, labels, **extra)
+        if self.dampening:
+            weight = dampening_weight(self.dampening, self.progress)
+            losses["dampen"] = weight * dampening_loss(self.student)
+        return losses
 
     def step(self, images: Tensor, labels: Tensor, optimizer: torch.optim.Optimizer,
              **extra: Tensor) -> dict[str, Tensor]:

@@ -32,6 +32,7 @@ from ..data import (BatchPipeline, ImageFolderSet, ImageTensorDataset, Resumable
                     calibration_batches, make_loader)
 from ..errors import CheckpointError, NonFiniteLossError
 from ..methods.base import Objective
+from ..quant.dampening import check_dampening
 from ..quant.health import count_dead, dead_channels, describe_dead
 from .batchnorm import freeze_batchnorm, reestimate_batchnorm
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
@@ -157,6 +158,9 @@ class Trainer:
         train = self.config.train
         self.run_dir = Path(self.run_dir)
         self.model = self.objective.student
+        if train.dampen:
+            check_dampening(self.model)
+            self.objective.dampening = train.dampen
         self.train_set = self.objective.training_set(self.train_set)
         self.world, self.rank = world_size(), rank()
         check_global_batch(train.batch_size)
