@@ -178,7 +178,8 @@ def train_run(config: RunConfig, teacher, state, run_dir: Path, record: Path, ce
 
 def probe(out: Path, results: Path, args: argparse.Namespace) -> None:
     """One run outside the grid, with the options `args` changes."""
-    changes = {"bn_freeze": args.bn_freeze} if args.bn_freeze else {}
+    changes = {key: value for key, value in (("bn_freeze", args.bn_freeze),
+                                              ("dampen", args.dampen)) if value}
     config = qat_config(args.cell, args.bits, args.seed, json.loads(args.method_options),
                         epochs=args.epochs, **changes)
     teacher, state = load_teacher(fp_folder(out, results))
@@ -238,14 +239,16 @@ def probes_markdown(folder: Path) -> str:
     if not records:
         return ""
     lines = ["", "Probes (one run each, outside the grid; results/converged/probes/):", "",
-             "| probe | cell | W/A | seed | steps | BN freeze | method options | accuracy "
-             "(BN re-estimated) | before | last fifth |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| probe | cell | W/A | seed | steps | BN freeze | dampen | method options | "
+             "accuracy (BN re-estimated) | before | last fifth |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in records.items():
         train, method = r["config"]["train"], r["config"]["method"]
         defaults = method_config(method["name"]).to_dict()
         changed = {k: v for k, v in method.items() if k != "name" and defaults.get(k) != v}
         lines.append(f"| {name} | {r['cell']} | {r['bits']} | {r['seed']} | "
                      f"{train['epochs'] * train['max_steps_per_epoch']} | {train['bn_freeze']} | "
+                     f"{train.get('dampen', 0.0)} | "
                      f"{json.dumps(changed) if changed else '-'} | {r['test_acc']:.2f} | "
                      f"{r['test_acc_before_bn']:.2f} | {r['plateau_change']:+.2f} |")
     return "\n".join(lines) + "\n"
@@ -287,6 +290,8 @@ def main() -> None:
                          help=f"evaluations of {QAT_STEPS} steps each")
     probing.add_argument("--bn-freeze", type=float, default=0.0,
                          help="freeze BatchNorm for this fraction of training at its end")
+    probing.add_argument("--dampen", type=float, default=0.0,
+                         help="oscillation dampening's final weight (flatq qat --dampen)")
     probing.add_argument("--method-options", default="{}", help="JSON, e.g. "
                          '''{"teacher_batchnorm": "batch"}''')
     parser.add_argument("--out", default="runs/converged")
