@@ -166,8 +166,8 @@ class IntegerModel:
                                   "run again")
         problems = {
             "quantized layers": set(names) ^ set(self.layers),
-            "tensors": set(self.state_dict()) ^ ({f"{n}.weight" for n in names}
-                                                 | set(_other_keys(model, names))),
+            "tensors": ((set(self.tensors) | {f"{n}.weight" for n in self.layers})
+                        ^ ({f"{n}.weight" for n in names} | set(_other_keys(model, names)))),
             "output points": set(self.output_points) - points,
             "layers sharing a point's grid": {n for p in self.output_points.values()
                                               for n in p.shared_by} - set(names)}
