@@ -46,7 +46,7 @@ first records:
     python bench/converged.py report --long
 
 `probe` trains one run outside the grid with changed options (a BatchNorm policy, a longer
-schedule, a method option) and keeps its record in results/converged/probes/NAME.json, e.g.
+schedule, a method option, oscillation dampening or freezing) and keeps its record in results/converged/probes/NAME.json, e.g.
 
     python bench/converged.py probe --cell LSQ --bits w2a2 --seed 1 --bn-freeze 0.3 \
         --name lsq-w2a2-s1-freeze0.3
@@ -179,7 +179,10 @@ def train_run(config: RunConfig, teacher, state, run_dir: Path, record: Path, ce
 def probe(out: Path, results: Path, args: argparse.Namespace) -> None:
     """One run outside the grid, with the options `args` changes."""
     changes = {key: value for key, value in (("bn_freeze", args.bn_freeze),
-                                              ("dampen", args.dampen)) if value}
+                                              ("dampen", args.dampen),
+                                              ("freeze_oscillations", args.freeze_oscillations),
+                                              ("freeze_momentum", args.freeze_momentum))
+               if value}
     config = qat_config(args.cell, args.bits, args.seed, json.loads(args.method_options),
                         epochs=args.epochs, **changes)
     teacher, state = load_teacher(fp_folder(out, results))
@@ -194,6 +197,7 @@ def run_record(run_dir: Path, cell: str, bits: str, seed: int, seconds: float) -
             "test_acc_before_bn": summary.get("test_acc_before_bn"),
             "dead_channels": summary.get("dead_channels"),
             "dead_channel_layers": summary.get("dead_channel_layers"),
+            "frozen_share": summary.get("frozen_share"),
             "epoch_test_acc": accuracies, "plateau_change": plateau_change(accuracies),
             "seconds": seconds, "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
             "machine": machine_info()}
@@ -239,19 +243,28 @@ def probes_markdown(folder: Path) -> str:
     if not records:
         return ""
     lines = ["", "Probes (one run each, outside the grid; results/converged/probes/):", "",
-             "| probe | cell | W/A | seed | steps | BN freeze | dampen | method options | "
-             "accuracy (BN re-estimated) | before | last fifth |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| probe | cell | W/A | seed | steps | BN freeze | dampen | freezing (momentum; "
+             "share frozen) | method options | accuracy (BN re-estimated) | before | "
+             "last fifth |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in records.items():
         train, method = r["config"]["train"], r["config"]["method"]
         defaults = method_config(method["name"]).to_dict()
         changed = {k: v for k, v in method.items() if k != "name" and defaults.get(k) != v}
         lines.append(f"| {name} | {r['cell']} | {r['bits']} | {r['seed']} | "
                      f"{train['epochs'] * train['max_steps_per_epoch']} | {train['bn_freeze']} | "
-                     f"{train.get('dampen', 0.0)} | "
+                     f"{train.get('dampen', 0.0)} | {freezing(train, r)} | "
                      f"{json.dumps(changed) if changed else '-'} | {r['test_acc']:.2f} | "
                      f"{r['test_acc_before_bn']:.2f} | {r['plateau_change']:+.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def freezing(train: dict, record: dict) -> str:
+    """A probe's --freeze-oscillations setting and the share of tracked weights it froze."""
+    if not train.get("freeze_oscillations"):
+        return "-"
+    return (f"{train['freeze_oscillations']} ({train['freeze_momentum']}; "
+            f"{100 * record['frozen_share']:.1f}%)")
 
 
 def markdown(fp: dict | None, rows: list[dict]) -> str:
@@ -292,6 +305,11 @@ def main() -> None:
                          help="freeze BatchNorm for this fraction of training at its end")
     probing.add_argument("--dampen", type=float, default=0.0,
                          help="oscillation dampening's final weight (flatq qat --dampen)")
+    probing.add_argument("--freeze-oscillations", type=float, default=0.0,
+                         help="final threshold of iterative weight freezing "
+                              "(flatq qat --freeze-oscillations)")
+    probing.add_argument("--freeze-momentum", type=float, default=0.0,
+                         help="its moving averages' momentum (default: flatq's)")
     probing.add_argument("--method-options", default="{}", help="JSON, e.g. "
                          '''{"teacher_batchnorm": "batch"}''')
     parser.add_argument("--out", default="runs/converged")

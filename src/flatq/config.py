@@ -210,6 +210,15 @@ class TrainConfig(Section):
                            "loss pulling each latent weight to the centre of its quantization "
                            "bin, 0 for the first quarter of training, then a cosine ramp; 0 "
                            "(default) off, the paper's value 0.1 (docs/soundness.md)", low=0.0)
+    freeze_oscillations: float = option(0.0, "iterative freezing of oscillating weights (Nagel "
+                                        "et al. 2022): final frequency threshold (oscillations "
+                                        "per step) above which a weight of at most 4 bits on a "
+                                        "learned grid is frozen to its most common recent "
+                                        "integer; 0 (default) off (docs/soundness.md)",
+                                        low=0.0, high=1.0)
+    freeze_momentum: float = option(0.01, "momentum of the moving averages behind "
+                                    "--freeze-oscillations (about 1/horizon in steps; the "
+                                    "paper's ImageNet runs use 0.001)", low=0.0, high=1.0)
     quantizer_lr: float = option(1.0, "learning rate of the quantizers' step sizes, offsets and "
                                  "clipping values, as a multiple of --lr", low=0.0)
     warmup_epochs: int = option(0, "linear learning-rate warm-up before the cosine decay", low=0)

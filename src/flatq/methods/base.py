@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..config import MethodConfig
 from ..errors import ConfigError, NonFiniteLossError
 from ..quant.dampening import dampening_loss, dampening_weight
+from ..quant.freezing import WeightFreezing
 
 if TYPE_CHECKING:
     from ..data import BatchPipeline, ImageTensorDataset
@@ -57,6 +58,9 @@ class Objective:
     # Final weight of oscillation dampening (flatq.quant.dampening), set by the trainer from
     # train.dampen; 0 leaves the losses as the method defines them.
     dampening: float = 0.0
+    # Iterative freezing of oscillating weights (flatq.quant.freezing), set by the trainer from
+    # train.freeze_oscillations; updated after every optimizer step.
+    freezing: WeightFreezing | None = None
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
                  config: MethodConfig | None = None, **context: Any) -> None:
@@ -115,8 +119,15 @@ class Objective:
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-        self.after_step()
+        self.stepped()
         return {k: v.detach() for k, v in losses.items()}
+
+    def stepped(self) -> None:
+        """What every `step` does after its optimizer step: weight freezing (when on) first,
+        so the method's own `after_step` (an EMA teacher) sees the frozen weights."""
+        if self.freezing is not None:
+            self.freezing.update(1.0 if self.progress is None else self.progress)
+        self.after_step()
 
     def after_step(self) -> None:
         """Called after every optimizer step (EMA teachers update here)."""

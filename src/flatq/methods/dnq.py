@@ -180,7 +180,7 @@ class DNQ(Objective):
         finally:
             self.restore_weights(saved)
         optimizer.step()
-        self.after_step()
+        self.stepped()
         return {k: v.detach() for k, v in losses.items()}
 
     # -- state ------------------------------------------------------------------------------

@@ -59,5 +59,5 @@ class SAM(Objective):
             for p, e in zip(params, shifts):
                 p.sub_(e)
         optimizer.step()
-        self.after_step()
+        self.stepped()
         return {k: v.detach() for k, v in losses.items()}

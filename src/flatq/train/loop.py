@@ -33,6 +33,7 @@ from ..data import (BatchPipeline, ImageFolderSet, ImageTensorDataset, Resumable
 from ..errors import CheckpointError, NonFiniteLossError
 from ..methods.base import Objective
 from ..quant.dampening import check_dampening
+from ..quant.freezing import WeightFreezing
 from ..quant.health import count_dead, dead_channels, describe_dead
 from .batchnorm import freeze_batchnorm, reestimate_batchnorm
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
@@ -161,6 +162,9 @@ class Trainer:
         if train.dampen:
             check_dampening(self.model)
             self.objective.dampening = train.dampen
+        if train.freeze_oscillations:
+            self.objective.freezing = WeightFreezing(self._bare_model(), train.freeze_oscillations,
+                                                     train.freeze_momentum)
         self.train_set = self.objective.training_set(self.train_set)
         self.world, self.rank = world_size(), rank()
         check_global_batch(train.batch_size)
@@ -223,6 +227,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "objective": self.objective.state_dict(),
+            "freezing": self.objective.freezing.state_dict() if self.objective.freezing else {},
             "rng": all_gather(self._rng_state()),
         }
 
@@ -282,6 +287,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_schedule(state.get("config", {}).get("train", {}).get("lr"))
         self.objective.load_state_dict(state.get("objective", {}))
+        if self.objective.freezing is not None:
+            self.objective.freezing.load_state_dict(state["freezing"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.epoch_step = state.get("epoch_step", 0)
         self.epoch_sums = dict(state.get("epoch_sums", {}))
@@ -390,6 +397,13 @@ class Trainer:
         self.dead = count
         return {"dead_channels": count, "dead_channel_layers": dead}
 
+    def _frozen_weights(self) -> dict[str, Any]:
+        """The epoch record's count of weights frozen by --freeze-oscillations (when on)."""
+        if self.objective.freezing is None:
+            return {}
+        frozen, tracked = self.objective.freezing.frozen_count()
+        return {"frozen_weights": frozen, "frozen_share": frozen / tracked}
+
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to the last epoch; returns the final evaluation."""
         if resume:
@@ -410,7 +424,8 @@ class Trainer:
                             train.test_batch_size, distributed=True)
             result = {"epoch": self.epoch, "step": self.step, **record, "test_acc": test["acc"],
                       "test_loss": test["loss"], "lr": self.optimizer.param_groups[0]["lr"],
-                      **self._dead_channels(), "seconds": time.perf_counter() - start}
+                      **self._dead_channels(), **self._frozen_weights(),
+                      "seconds": time.perf_counter() - start}
             self.result = result
             if is_main_process():
                 self.metrics.write(result)
