@@ -32,20 +32,32 @@ from machine import machine_info, save_report
 ESTIMATES = ((12800, 0), (12800, 1), (12800, 2), (25600, 3))   # (images, subset seed)
 
 
-def sensitivity(run_dir: Path) -> dict:
+def load_run(run_dir: Path):
+    """The run's model as its checkpoint holds it (before the run's own re-estimation), and
+    its data."""
     model, state = load_model(run_dir)
     model.load_state_dict(load_checkpoint(run_dir, CHECKPOINT_NAME)["model"])
-    _, data = run_data(state)
+    return model, run_data(state)[1]
 
-    def accuracy(m: torch.nn.Module) -> float:
-        return evaluate(m, data.test, data.eval_pipeline, torch.device("cpu"))["acc"]
 
-    result = {"as trained": accuracy(model)}
+def accuracy(model: torch.nn.Module, data) -> float:
+    return evaluate(model, data.test, data.eval_pipeline, torch.device("cpu"))["acc"]
+
+
+def reestimated_accuracy(model: torch.nn.Module, data, images: int, seed: int) -> float:
+    """Test accuracy with the statistics re-estimated from `images` clean training images
+    drawn with `seed` (the model itself is left as it is)."""
+    reestimated = copy.deepcopy(model)
+    reestimate_batchnorm(reestimated, calibration_batches(data.train, data.eval_pipeline,
+                                                          images, seed, 128))
+    return accuracy(reestimated, data)
+
+
+def sensitivity(run_dir: Path) -> dict:
+    model, data = load_run(run_dir)
+    result = {"as trained": accuracy(model, data)}
     for images, seed in ESTIMATES:
-        reestimated = copy.deepcopy(model)
-        reestimate_batchnorm(reestimated, calibration_batches(data.train, data.eval_pipeline,
-                                                              images, seed, 128))
-        result[f"{images} images, seed {seed}"] = accuracy(reestimated)
+        result[f"{images} images, seed {seed}"] = reestimated_accuracy(model, data, images, seed)
     return result
 
 

@@ -430,8 +430,10 @@ class Trainer:
             if is_main_process():
                 self.metrics.write(result)
                 terms = "  ".join(f"{k[6:]} {v:.4f}" for k, v in record.items())
-                print(f"epoch {self.epoch}/{train.epochs}  {terms}  test acc {test['acc']:.2f}%  "
-                      f"({result['seconds']:.1f}s)", flush=True)
+                frozen = (f"  frozen {100 * result['frozen_share']:.1f}%"
+                          if "frozen_share" in result else "")
+                print(f"epoch {self.epoch}/{train.epochs}  {terms}  test acc {test['acc']:.2f}%"
+                      f"{frozen}  ({result['seconds']:.1f}s)", flush=True)
             self.save_checkpoint()
         if not result:   # a checkpoint from before results were saved in it
             test = evaluate(self._bare_model(), self.test_set, self.eval_pipeline, self.device,
