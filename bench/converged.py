@@ -37,13 +37,19 @@ FPQ on seed 0 (90.89 vs 88.55), FPQ on LSQ+'s quantizer ("FPQ on LSQ+"). DNQ is 
 FP model with noise and then quantizes after training (PTQ), so it has no QAT run here.
 
 The long schedule (added when LSQ had not plateaued at 600 steps: its W2A2 runs gained 1.5-1.8
-points from twice the steps, FPQ 0.7): the W2A2 LSQ / KD / FPQ cells at LONG_EPOCHS x QAT_STEPS
+points from twice the steps, FPQ 0.7): the W2A2 LSQ / KD / FPQ cells at 20 x QAT_STEPS
 = 1200 steps, everything else as above, in runs/converged/long and results/converged/long.
 The three probes that had already run that schedule (LSQ seeds 0 and 1, FPQ seed 0) are its
 first records:
 
     for k in 0 1; do python bench/converged.py qat --long --worker $k/2 & done; wait
     python bench/converged.py report --long
+
+The longer schedule (added when LSQ had still gained 1.6 points from 600 to 1200 steps, FPQ
+0.5, so that twice the steps again says whether FPQ's lead at W2A2 is speed of convergence):
+the W2A2 LSQ and FPQ cells at 40 x QAT_STEPS = 2400 steps, everything else as above, in
+runs/converged/longer and results/converged/longer (`qat --longer`, `report --longer`). KD is
+left out to fit one session's CPU time (six runs of 20-45 CPU-minutes on two cores).
 
 `probe` trains one run outside the grid with changed options (a BatchNorm policy, a longer
 schedule, a method option, oscillation dampening or freezing) and keeps its record in results/converged/probes/NAME.json, e.g.
@@ -72,7 +78,9 @@ FP_EPOCHS = 15
 QAT_EPOCHS, QAT_STEPS = 10, 60
 BATCH = 128
 SEEDS = (0, 1, 2)
-LONG_EPOCHS, LONG_CELLS, LONG_BITS = 20, ("LSQ", "KD", "FPQ"), "w2a2"
+LONG_BITS = "w2a2"
+# schedule -> (evaluations of QAT_STEPS steps, cells at LONG_BITS)
+SCHEDULES = {"long": (20, ("LSQ", "KD", "FPQ")), "longer": (40, ("LSQ", "FPQ"))}
 BN_IMAGES = 12800   # re-estimated after training: the summary keeps the accuracy before too
 # cell -> (bits, method, method options, quantization options)
 CELLS = {
@@ -150,20 +158,22 @@ def run_folder(out: Path, cell: str, bits: str, seed: int) -> Path:
 
 
 def train_qat(out: Path, results: Path, worker: int, workers: int,
-              cells: list[str] | None = None, long: bool = False) -> None:
+              cells: list[str] | None = None, schedule: str | None = None) -> None:
     """Train this worker's share of the runs not yet recorded (of `cells` only, if given; the
-    long schedule's cells if `long`)."""
+    cells of `schedule`, "long" or "longer", if given)."""
     teacher, state = load_teacher(fp_folder(out, results))
     runs = [run for run in qat_runs() if cells is None or run[0] in cells]
-    if long:
-        runs = [run for run in runs if run[0] in LONG_CELLS and run[1] == LONG_BITS]
-        out, results = out / "long", results / "long"
+    epochs = QAT_EPOCHS
+    if schedule:
+        epochs, long_cells = SCHEDULES[schedule]
+        runs = [run for run in runs if run[0] in long_cells and run[1] == LONG_BITS]
+        out, results = out / schedule, results / schedule
     for index, (cell, bits, seed) in enumerate(runs):
         run_dir = run_folder(out, cell, bits, seed)
         record = results / "runs" / run_dir.relative_to(out).with_suffix(".json")
         if index % workers != worker or record.is_file():   # finished here or in a session
             continue                                         # whose results were committed
-        config = qat_config(cell, bits, seed, epochs=LONG_EPOCHS if long else QAT_EPOCHS)
+        config = qat_config(cell, bits, seed, epochs=epochs)
         train_run(config, teacher, state, run_dir, record, cell, bits, seed)
 
 
@@ -203,11 +213,11 @@ def run_record(run_dir: Path, cell: str, bits: str, seed: int, seconds: float) -
             "machine": machine_info()}
 
 
-def report(out: Path, results: Path, long: bool = False) -> None:
-    """results/converged/converged.{json,md} (with `long`: results/converged/long/)."""
+def report(out: Path, results: Path, schedule: str | None = None) -> None:
+    """results/converged/converged.{json,md} (with a `schedule`: results/converged/SCHEDULE/)."""
     fp_dir = fp_folder(out, results)
-    if long:
-        results = results / "long"
+    if schedule:
+        results = results / schedule
     records = [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
     fp = epoch_accuracies(fp_dir) if (fp_dir / "metrics.jsonl").is_file() else []
     rows = []
@@ -229,7 +239,7 @@ def report(out: Path, results: Path, long: bool = False) -> None:
     fp_row = {"test_acc": fp[-1], "plateau_change": plateau_change(fp)} if fp else None
     save_report({"fp": fp_row, "cells": rows, "machine": machine_info(),
                  "schedule": {"fp_epochs": FP_EPOCHS,
-                              "qat_epochs": LONG_EPOCHS if long else QAT_EPOCHS,
+                              "qat_epochs": SCHEDULES[schedule][0] if schedule else QAT_EPOCHS,
                               "qat_steps_per_epoch": QAT_STEPS, "batch_size": BATCH}},
                 results / "converged.json")
     text = markdown(fp_row, rows) + probes_markdown(results / "probes")
@@ -292,8 +302,10 @@ def main() -> None:
     parser.add_argument("stage", choices=("fp", "qat", "report", "probe"))
     parser.add_argument("--worker", default="0/1", help="k/n: train every n-th run from the k-th")
     parser.add_argument("--cells", help="qat: only these cells, comma separated")
-    parser.add_argument("--long", action="store_true", help=f"qat, report: the long schedule "
-                        f"({LONG_EPOCHS} x {QAT_STEPS} steps, {LONG_BITS} {'/'.join(LONG_CELLS)})")
+    for name, (epochs, long_cells) in SCHEDULES.items():
+        parser.add_argument(f"--{name}", dest="schedule", action="store_const", const=name,
+                            help=f"qat, report: the {name} schedule ({epochs} x {QAT_STEPS} "
+                                 f"steps, {LONG_BITS} {'/'.join(long_cells)})")
     probing = parser.add_argument_group("probe: one run of a cell with changed options")
     probing.add_argument("--name", help="the probe's record: results/converged/probes/NAME.json")
     probing.add_argument("--cell", choices=list(CELLS), default="LSQ")
@@ -324,13 +336,13 @@ def main() -> None:
         cells = args.cells.split(",") if args.cells else None
         if cells and set(cells) - set(CELLS):
             parser.error(f"unknown cells {sorted(set(cells) - set(CELLS))}; one of {list(CELLS)}")
-        train_qat(out, results, worker, workers, cells, args.long)
+        train_qat(out, results, worker, workers, cells, args.schedule)
     elif args.stage == "probe":
         if not args.name:
             parser.error("probe needs --name")
         probe(out, results, args)
     else:
-        report(out, results, args.long)
+        report(out, results, args.schedule)
 
 
 if __name__ == "__main__":
