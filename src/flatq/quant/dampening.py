@@ -59,9 +59,7 @@ def dampening_loss(model: nn.Module) -> Tensor:
     for _, layer in quant_layers(model):
         weight, quantizer = layer.weight, layer.weight_quantizer
         target = quantizer(weight).detach()
-        scale, zero_point, lo, hi = quantizer.integer_grid()
-        shape = (-1,) + (1,) * (weight.dim() - 1) if quantizer.per_channel else ()
-        scale, zero_point = scale.detach().reshape(shape), zero_point.detach().reshape(shape)
+        scale, zero_point, lo, hi = layer.weight_grid()
         clipped = torch.clamp(weight, (lo - zero_point) * scale, (hi - zero_point) * scale)
         term = (target - clipped).square().sum(0).mean()
         total = term if total is None else total + term

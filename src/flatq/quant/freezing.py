@@ -49,16 +49,9 @@ def freezing_threshold(final: float, progress: float) -> float:
     return final + (START_THRESHOLD - final) * 0.5 * (1.0 + math.cos(math.pi * r))
 
 
-def _grid(layer: nn.Module) -> tuple[Tensor, Tensor, int, int]:
-    """The weight quantizer's (scale, zero point, lo, hi), shaped to broadcast over the weight."""
-    scale, zero_point, lo, hi = layer.weight_quantizer.integer_grid()
-    shape = (-1,) + (1,) * (layer.weight.dim() - 1) if layer.weight_quantizer.per_channel else ()
-    return scale.detach().reshape(shape), zero_point.detach().reshape(shape), lo, hi
-
-
 def weight_integers(layer: nn.Module) -> Tensor:
     """The layer's weight as integers of its quantizer's grid, clamp(round(w / s) + z)."""
-    scale, zero_point, lo, hi = _grid(layer)
+    scale, zero_point, lo, hi = layer.weight_grid()
     return grid_integers(layer.weight.detach(), scale, zero_point).clamp_(lo, hi)
 
 
@@ -134,7 +127,7 @@ class WeightFreezing:
     @staticmethod
     def _pin(layer: nn.Module, tracker: OscillationTracker) -> None:
         """Latent weights of frozen elements to the centre of their bin, (k - z) s."""
-        scale, zero_point, _, _ = _grid(layer)
+        scale, zero_point, _, _ = layer.weight_grid()
         centres = (tracker.frozen_integers - zero_point) * scale
         layer.weight.copy_(torch.where(tracker.frozen, centres.to(layer.weight.dtype),
                                        layer.weight))

@@ -103,6 +103,13 @@ class _QuantLayer:
     def quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self.weight)
 
+    def weight_grid(self) -> tuple[Tensor, Tensor, int, int]:
+        """The weight quantizer's integer grid (scale, zero point, lo, hi), scale and zero point
+        detached and shaped to broadcast over the weight (per output channel or one value)."""
+        scale, zero_point, lo, hi = self.weight_quantizer.integer_grid()
+        shape = (-1,) + (1,) * (self.weight.dim() - 1) if self.weight_quantizer.per_channel else ()
+        return scale.detach().reshape(shape), zero_point.detach().reshape(shape), lo, hi
+
     # The onnxruntime target (flatq.quant.target) sets this on layers whose own bias the
     # runtime adds as int32 in steps of input step x weight step.
     quantize_bias = False
