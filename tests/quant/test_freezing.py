@@ -115,14 +115,6 @@ def test_freezing_refuses_models_without_narrow_learned_weights():
         WeightFreezing(nn.Linear(3, 3), 0.02, 0.01)
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("freezing") / "fp"
-    pretrain(RunConfig(model="resnet8", data=DataConfig(name="synthetic"),
-                       method=method_config("ce"), train=train_config(epochs=1)), out)
-    return out
-
-
 def train_config(**changes) -> TrainConfig:
     values = dict(epochs=2, batch_size=64, lr=0.05, device="cpu", progress=False,
                   max_steps_per_epoch=3, track_every=1)
@@ -136,15 +128,15 @@ def qat_config(method: str = "lsq", **train) -> RunConfig:
                      train=train_config(freeze_oscillations=1e-9, freeze_momentum=0.5, **train))
 
 
-def test_qat_counts_frozen_weights_and_resumes_them_exactly_mid_run(teacher, tmp_path):
+def test_qat_counts_frozen_weights_and_resumes_them_exactly_mid_run(fp_run, tmp_path):
     config = qat_config(checkpoint_every_steps=2, lr=0.5)
-    qat(config, *load_teacher(teacher), tmp_path / "whole")
+    qat(config, *load_teacher(fp_run), tmp_path / "whole")
     with pytest.raises(Interrupted):
-        qat(config, *load_teacher(teacher), tmp_path / "cut", callbacks=[interrupt_at(5)])
+        qat(config, *load_teacher(fp_run), tmp_path / "cut", callbacks=[interrupt_at(5)])
     state = load_checkpoint(tmp_path / "cut", CHECKPOINT_NAME)
     assert state["step"] == 4
     assert any(tracker["frozen"].any() for tracker in state["freezing"].values())
-    qat(config, *load_teacher(teacher), tmp_path / "cut", resume=True)
+    qat(config, *load_teacher(fp_run), tmp_path / "cut", resume=True)
     whole, cut = load_model(tmp_path / "whole")[0], load_model(tmp_path / "cut")[0]
     for (key, a), b in zip(whole.state_dict().items(), cut.state_dict().values()):
         assert torch.equal(a, b) if torch.is_tensor(a) else a == b, key
@@ -154,8 +146,8 @@ def test_qat_counts_frozen_weights_and_resumes_them_exactly_mid_run(teacher, tmp
     assert cut["frozen_weights"] == whole["frozen_weights"]
 
 
-def test_freezing_works_under_sam_and_refuses_float_training(teacher, tmp_path):
-    qat(qat_config("sam"), *load_teacher(teacher), tmp_path / "sam")
+def test_freezing_works_under_sam_and_refuses_float_training(fp_run, tmp_path):
+    qat(qat_config("sam"), *load_teacher(fp_run), tmp_path / "sam")
     summary = json.loads((tmp_path / "sam" / "summary.json").read_text())
     assert summary["frozen_weights"] > 0
     with pytest.raises(ConfigError, match="at most 4 bits on a learned grid"):
