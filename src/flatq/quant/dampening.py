@@ -18,16 +18,13 @@ of training, then a cosine from 0 to the final weight at the end.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .annealing import cosine_anneal
 from .layers import quant_layers
 from .quantizers import DoReFaWeightQuantizer
-
-ANNEAL_START = 0.25   # the paper's start of the weight's annealing, as a fraction of training
 
 
 def check_dampening(model: nn.Module) -> None:
@@ -45,12 +42,7 @@ def check_dampening(model: nn.Module) -> None:
 
 def dampening_weight(final: float, progress: float | None) -> float:
     """The term's weight at `progress` (step / total steps; None outside a trainer: final)."""
-    if progress is None:
-        return final
-    if progress < ANNEAL_START:
-        return 0.0
-    r = min((progress - ANNEAL_START) / (1.0 - ANNEAL_START), 1.0)
-    return final * 0.5 * (1.0 - math.cos(math.pi * r))
+    return final if progress is None else cosine_anneal(0.0, final, progress)
 
 
 def dampening_loss(model: nn.Module) -> Tensor:

@@ -25,28 +25,24 @@ edges) follow the weights' own range and cannot be pinned.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
+from .annealing import cosine_anneal
 from .functional import grid_integers
 from .layers import quant_layers
 from .quantizers import DoReFaWeightQuantizer, MinMaxQuantizer
 
 MAX_BITS = 4             # widest weights tracked (the paper's code's default)
-ANNEAL_START = 0.25      # the threshold's cosine starts here, as a fraction of training
-START_THRESHOLD = 0.1    # the threshold before that (the paper's code's ImageNet setting)
+START_THRESHOLD = 0.1    # the threshold before the cosine (the paper's code's ImageNet setting)
 
 
 def freezing_threshold(final: float, progress: float) -> float:
     """The frequency above which a weight freezes at `progress` (step / total steps)."""
-    if progress < ANNEAL_START:
-        return START_THRESHOLD
-    r = min((progress - ANNEAL_START) / (1.0 - ANNEAL_START), 1.0)
-    return final + (START_THRESHOLD - final) * 0.5 * (1.0 + math.cos(math.pi * r))
+    return cosine_anneal(START_THRESHOLD, final, progress)
 
 
 def weight_integers(layer: nn.Module) -> Tensor:
