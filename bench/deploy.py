@@ -20,6 +20,7 @@ Writes results/bench_deploy.json (README quotes it).
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def flatq_export(model: torch.nn.Module, bits: str, images: torch.Tensor,
     return qmodel
 
 
-def bench_model(key: str, name: str, size: int, folder: Path, seconds: float) -> dict:
+def bench_model(key: str, name: str, size: int, folder: Path, seconds: float,
+                rounds: int) -> dict:
     model = make_model(name)
     gen = torch.Generator().manual_seed(1)
     calib = torch.randn(CALIBRATION_IMAGES, 3, size, size, generator=gen)
@@ -98,33 +100,54 @@ def bench_model(key: str, name: str, size: int, folder: Path, seconds: float) ->
             torch_preds[f"flatq_{bits}"] = qmodel(held_out).argmax(1).numpy()
     sessions = {k: OnnxModel(p, threads=1) for k, p in files.items()}
     preds = {k: sess(held_out).argmax(1) for k, sess in sessions.items()}
-    result: dict = {"input": size, "variants": {}}
+    result: dict = {"input": size, "rounds": rounds, "variants": {}}
     for variant, path in files.items():
-        row = {"bytes": path.stat().st_size,
+        row = {"bytes": path.stat().st_size, "size_ratio": path.stat().st_size
+               / files["fp32"].stat().st_size,
                "agree_with_fp32": float((preds[variant] == preds["fp32"]).mean())}
         if variant in torch_preds:
             row["agree_with_pytorch"] = float((preds[variant] == torch_preds[variant]).mean())
-        for batch in (1, 32):
-            images = torch.randn(batch, 3, size, size, generator=gen)
-            row[f"ms_batch{batch}"] = sessions[variant].latency_ms(images, seconds)
         result["variants"][variant] = row
-    fp32 = result["variants"]["fp32"]
-    for row in result["variants"].values():
-        for batch in (1, 32):
-            row[f"ratio_batch{batch}"] = row[f"ms_batch{batch}"] / fp32[f"ms_batch{batch}"]
-        row["size_ratio"] = row["bytes"] / fp32["bytes"]
+    for batch in (1, 32):
+        images = torch.randn(batch, 3, size, size, generator=gen)
+        per_round = interleaved_latencies(sessions, images, seconds, rounds)
+        for variant, row in result["variants"].items():
+            row[f"ms_batch{batch}"] = statistics.median(per_round[variant])
+            row[f"ratio_batch{batch}"] = paired_ratio(per_round[variant], per_round["fp32"])
+            if variant.startswith("flatq"):
+                row[f"vs_ort_batch{batch}"] = paired_ratio(per_round[variant],
+                                                           per_round["ort_qdq"])
     return result
+
+
+def interleaved_latencies(sessions: dict[str, OnnxModel], images: torch.Tensor,
+                          seconds: float, rounds: int) -> dict[str, list[float]]:
+    """Each variant's latency in `rounds` rounds, the variants taking turns within a round
+    (in a rotating order), so that load on a shared machine falls on all of them alike."""
+    names = list(sessions)
+    per_round: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            per_round[name].append(sessions[name].latency_ms(images, seconds / rounds))
+    return per_round
+
+
+def paired_ratio(latencies: list[float], reference: list[float]) -> float:
+    """Median over rounds of the latency ratio measured within the same round."""
+    return statistics.median(a / b for a, b in zip(latencies, reference))
 
 
 def print_table(key: str, result: dict) -> None:
     print(f"\n{key} ({result['input']}x{result['input']}), onnxruntime, 1 thread")
-    print(f"{'variant':<12}{'b1 ms':>9}{'x fp32':>8}{'b32 ms':>10}{'x fp32':>8}"
-          f"{'bytes':>12}{'x fp32':>8}{'agree fp32':>11}{'agree torch':>12}")
+    print(f"{'variant':<12}{'b1 ms':>9}{'x fp32':>8}{'x ort':>7}{'b32 ms':>10}{'x fp32':>8}"
+          f"{'x ort':>7}{'bytes':>12}{'x fp32':>8}{'agree fp32':>11}{'agree torch':>12}")
     for variant, row in result["variants"].items():
         torch_agree = row.get("agree_with_pytorch")
-        print(f"{variant:<12}{row['ms_batch1']:>9.2f}{row['ratio_batch1']:>8.2f}"
-              f"{row['ms_batch32']:>10.1f}{row['ratio_batch32']:>8.2f}{row['bytes']:>12,}"
-              f"{row['size_ratio']:>8.3f}{row['agree_with_fp32']:>11.2f}"
+        vs_ort = [f"{row[f'vs_ort_batch{b}']:.2f}" if f"vs_ort_batch{b}" in row else ""
+                  for b in (1, 32)]
+        print(f"{variant:<12}{row['ms_batch1']:>9.2f}{row['ratio_batch1']:>8.2f}{vs_ort[0]:>7}"
+              f"{row['ms_batch32']:>10.1f}{row['ratio_batch32']:>8.2f}{vs_ort[1]:>7}"
+              f"{row['bytes']:>12,}{row['size_ratio']:>8.3f}{row['agree_with_fp32']:>11.2f}"
               f"{'' if torch_agree is None else f'{torch_agree:.2f}':>12}")
 
 
@@ -132,17 +155,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma separated")
     parser.add_argument("--seconds", type=float, default=2.0,
-                        help="time per latency measurement (median of runs)")
+                        help="time per latency measurement (median of runs), split over rounds")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds; ratios are medians of per-round ratios")
     parser.add_argument("--out", default="results/bench_deploy.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     info = machine_info()
-    print(f"CPU: {info['cpu']}; onnxruntime {ort.__version__}, one thread")
+    print(f"CPU: {info['cpu']} (int8 dot product: {', '.join(info['int8_dot_product']) or 'none'});"
+          f" onnxruntime {ort.__version__}, one thread")
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         for key in args.models.split(","):
             name, size = MODELS[key]
-            results[key] = bench_model(key, name, size, Path(folder), args.seconds)
+            results[key] = bench_model(key, name, size, Path(folder), args.seconds,
+                                       args.rounds)
             print_table(key, results[key])
     save_report({"machine": info, "onnxruntime": ort.__version__,
                  "calibration_images": CALIBRATION_IMAGES, "results": results}, args.out)
