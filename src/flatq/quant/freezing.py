@@ -45,9 +45,11 @@ def freezing_threshold(final: float, progress: float) -> float:
     return cosine_anneal(START_THRESHOLD, final, progress)
 
 
-def weight_integers(layer: nn.Module) -> Tensor:
-    """The layer's weight as integers of its quantizer's grid, clamp(round(w / s) + z)."""
-    scale, zero_point, lo, hi = layer.weight_grid()
+def weight_integers(layer: nn.Module,
+                    grid: tuple[Tensor, Tensor, int, int] | None = None) -> Tensor:
+    """The layer's weight as integers of its quantizer's grid, clamp(round(w / s) + z)
+    (`grid`: the layer's weight_grid() when the caller has already read it)."""
+    scale, zero_point, lo, hi = layer.weight_grid() if grid is None else grid
     return grid_integers(layer.weight.detach(), scale, zero_point).clamp_(lo, hi)
 
 
@@ -112,21 +114,18 @@ class WeightFreezing:
 
     @torch.no_grad()
     def update(self, progress: float) -> None:
-        """Track the integers after this step, freeze new oscillators, pin every frozen one."""
+        """Track the integers after this step, freeze new oscillators, pin every frozen one.
+
+        Pinning runs on every layer, frozen weights or not (a no-op where none is), so that no
+        step waits on the device to ask whether any weight is frozen."""
         threshold = freezing_threshold(self.final_threshold, progress)
         for name, layer in self.layers.items():
             tracker = self.trackers[name]
-            tracker.update(weight_integers(layer), self.momentum, threshold)
-            if tracker.frozen.any():
-                self._pin(layer, tracker)
-
-    @staticmethod
-    def _pin(layer: nn.Module, tracker: OscillationTracker) -> None:
-        """Latent weights of frozen elements to the centre of their bin, (k - z) s."""
-        scale, zero_point, _, _ = layer.weight_grid()
-        centres = (tracker.frozen_integers - zero_point) * scale
-        layer.weight.copy_(torch.where(tracker.frozen, centres.to(layer.weight.dtype),
-                                       layer.weight))
+            grid = layer.weight_grid()
+            tracker.update(weight_integers(layer, grid), self.momentum, threshold)
+            scale, zero_point = grid[0], grid[1]
+            centres = ((tracker.frozen_integers - zero_point) * scale).to(layer.weight.dtype)
+            layer.weight.copy_(torch.where(tracker.frozen, centres, layer.weight))
 
     def frozen_count(self) -> tuple[int, int]:
         """(frozen weights, tracked weights)."""
@@ -139,6 +138,6 @@ class WeightFreezing:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != set(self.trackers):
             raise CheckpointError(f"the checkpoint's oscillation statistics cover the layers "
-                              f"{sorted(state)}, this model's {sorted(self.trackers)}")
+                                  f"{sorted(state)}, this model's {sorted(self.trackers)}")
         for name, tracker in self.trackers.items():
             tracker.load_state_dict(state[name])
