@@ -308,6 +308,10 @@ class QuantConfig(Section):
                             "training images (no augmentation, no SFP noise) after QAT, and "
                             "where --bn-freeze freezes them; 0 keeps the running averages of "
                             "training", low=0)
+    bn_check: int = option(0, "with --bn-images: keep the re-estimated statistics after QAT "
+                           "only if the accuracy on this many further training images (not "
+                           "those estimated from) does not fall; 0 keeps them unconditionally",
+                           low=0)
     range_method: str = option("minmax", "how calibration sets ranges: minmax, percentile "
                                "(inputs clipped to the [100-p, p] percentiles; weights min-max) "
                                "or mse (the clipping range with least quantization MSE, weights "
@@ -329,6 +333,9 @@ class QuantConfig(Section):
             raise ConfigError("quant.symmetric_inputs does not go with quant.target "
                               "onnxruntime: its integer convolutions take uint8 activations "
                               "with a zero point")
+        if self.bn_check and not self.bn_images:
+            raise ConfigError("quant.bn_check (--bn-check) checks a re-estimation: set "
+                              "quant.bn_images (--bn-images) too")
         for rule in self.overrides:
             if not isinstance(rule, dict) or "pattern" not in rule:
                 raise ConfigError(f"quant.overrides: each rule needs a 'pattern', got {rule!r}")

@@ -133,10 +133,50 @@ def test_qat_with_bn_images_records_both_accuracies_and_saves_the_new_statistics
     assert state["summary"]["test_acc"] == summary["test_acc"]
 
 
+def test_qat_with_bn_check_keeps_the_new_statistics_only_where_held_out_images_say_so(runs):
+    """The summary's check accuracies are the model's own on the held-out images: the
+    checkpoint's model (before re-estimation) gives `bn_check_acc_before`, and the saved
+    model gives `bn_check_acc_after` if it kept the new statistics, else the one before."""
+    config = qat_config()
+    quant = dataclasses.replace(config.quant, bn_images=64, bn_check=96)
+    summary = qat(dataclasses.replace(config, quant=quant), runs["teacher"], runs["state"],
+                  runs["root"] / "bn-check")
+    assert summary["bn_check"] == 96
+    assert summary["bn_kept"] == (summary["bn_check_acc_after"] >= summary["bn_check_acc_before"])
+    model, _ = load_model(runs["root"] / "bn-check")
+    trained = load_checkpoint(runs["root"] / "bn-check" / "checkpoint.pt")["model"]
+    as_trained, _ = load_model(runs["root"] / "bn-check")
+    as_trained.load_state_dict(trained)
+    data = runs["data"]
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))
+    images, labels = data.train.take(order[64:64 + 96])
+    images = data.eval_pipeline(images, train=False)
+
+    def accuracy(net):
+        with torch.no_grad():
+            return 100.0 * float((net.eval()(images).argmax(1) == labels).float().mean())
+
+    assert accuracy(as_trained) == pytest.approx(summary["bn_check_acc_before"])
+    saved_stats_changed = not torch.equal(model.state_dict()["stem.1.running_mean"],
+                                          trained["stem.1.running_mean"])
+    assert saved_stats_changed == summary["bn_kept"]
+    expected = summary["bn_check_acc_after" if summary["bn_kept"] else "bn_check_acc_before"]
+    assert accuracy(model) == pytest.approx(expected)
+
+
+def test_bn_check_without_bn_images_is_refused():
+    with pytest.raises(ConfigError, match="set quant.bn_images"):
+        QuantConfig(bn_check=100).validate()
+
+
 def test_bn_images_beyond_the_training_set_is_refused_before_the_run_folder(runs, tmp_path):
     config = qat_config()
     config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, bn_images=10**7))
     with pytest.raises(ConfigError, match="--bn-images 10000000 exceeds"):
+        qat(config, runs["teacher"], runs["state"], tmp_path / "never")
+    config = dataclasses.replace(config, quant=dataclasses.replace(
+        config.quant, bn_images=64, bn_check=len(runs["data"].train)))
+    with pytest.raises(ConfigError, match="--bn-images 64 \\+ --bn-check .* exceeds"):
         qat(config, runs["teacher"], runs["state"], tmp_path / "never")
     assert not (tmp_path / "never").exists()
 

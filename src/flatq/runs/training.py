@@ -189,17 +189,26 @@ def _restore_calibration(student: nn.Module, run_dir: str | Path) -> None:
 def _reestimate_batchnorm(trainer: Trainer, data: DataBundle, config: RunConfig,
                           result: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Re-estimate the trained student's BatchNorm statistics (every rank on the same images,
-    so they agree) and evaluate again; the summary keeps the accuracy before."""
-    trainer.reestimate_batchnorm(data.train)
+    so they agree), with --bn-check kept only if held-out training images say so, and evaluate
+    again; the summary keeps the accuracy before."""
+    checked = trainer.reestimate_batchnorm(data.train, check=config.quant.bn_check)
     model = trainer._bare_model()
     after = evaluate(model, data.test, data.eval_pipeline, device,
                      config.train.test_batch_size, distributed=True)
+    record = {"test_acc_before_bn": result["test_acc"],
+              "test_loss_before_bn": result["test_loss"], "test_acc": after["acc"],
+              "test_loss": after["loss"], "bn_images": config.quant.bn_images}
+    message = f"BatchNorm statistics re-estimated from {config.quant.bn_images} training images"
+    if checked is not None:
+        record.update(bn_check=config.quant.bn_check, bn_check_acc_before=checked.before,
+                      bn_check_acc_after=checked.after, bn_kept=checked.kept)
+        message += (f"; on {config.quant.bn_check} further training images {checked.before:.2f}%"
+                    f" -> {checked.after:.2f}%: "
+                    + ("kept" if checked.kept else "discarded, the statistics as trained stay"))
     if is_main_process():
-        print(f"BatchNorm statistics re-estimated from {config.quant.bn_images} training "
-              f"images: test acc {result['test_acc']:.2f}% -> {after['acc']:.2f}%", flush=True)
-    return {**result, "test_acc_before_bn": result["test_acc"],
-            "test_loss_before_bn": result["test_loss"], "test_acc": after["acc"],
-            "test_loss": after["loss"], "bn_images": config.quant.bn_images}
+        print(f"{message}: test acc {result['test_acc']:.2f}% -> {after['acc']:.2f}%",
+              flush=True)
+    return {**result, **record}
 
 
 def pretrained_teacher(config: RunConfig, data: DataBundle) -> tuple[nn.Module, dict[str, Any]]:
@@ -259,9 +268,12 @@ def qat(config: RunConfig, teacher: nn.Module | None, teacher_state: dict[str, A
             f"data {config.data.name} gives {data.channels} channels / {data.num_classes} classes, "
             f"but {source} was trained with {state['meta']['in_channels']} / "
             f"{state['meta']['num_classes']}")
-    if config.quant.bn_images > len(data.train):
-        raise ConfigError(f"--bn-images {config.quant.bn_images} exceeds the "
-                          f"{len(data.train)} training images of {config.data.name}")
+    if config.quant.bn_images + config.quant.bn_check > len(data.train):
+        raise ConfigError(f"--bn-images {config.quant.bn_images}"
+                          + (f" + --bn-check {config.quant.bn_check}" if config.quant.bn_check
+                             else "")
+                          + f" exceeds the {len(data.train)} training images of "
+                          f"{config.data.name}")
     teacher = teacher.to(device)
     check_model_fits(teacher, data, state["meta"]["model"], device)
     student = quantize_model(teacher, config.quant)

@@ -29,13 +29,14 @@ from tqdm import tqdm
 
 from ..config import RunConfig, canonical_method
 from ..data import (BatchPipeline, ImageFolderSet, ImageTensorDataset, ResumableSampler,
-                    calibration_batches, make_loader)
+                    make_loader, subset_batches)
 from ..errors import CheckpointError, NonFiniteLossError
 from ..methods.base import Objective
 from ..quant.dampening import check_dampening
 from ..quant.freezing import WeightFreezing
 from ..quant.health import count_dead, dead_channels, describe_dead
-from .batchnorm import freeze_batchnorm, reestimate_batchnorm
+from .batchnorm import (CheckedEstimate, freeze_batchnorm, reestimate_batchnorm,
+                        reestimate_batchnorm_checked)
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from .distributed import (all_gather, all_reduce_sum, broadcast_buffers, check_global_batch,
                           is_main_process, rank, resolve_device, world_size)
@@ -322,13 +323,23 @@ class Trainer:
             self.train_set.set_epoch(self.epoch, self.config.train.seed)
         return itertools.islice(self.loader, self.steps_per_epoch - self.epoch_step)
 
-    def reestimate_batchnorm(self, dataset: ImageTensorDataset | ImageFolderSet) -> None:
+    def reestimate_batchnorm(self, dataset: ImageTensorDataset | ImageFolderSet,
+                             check: int = 0) -> CheckedEstimate | None:
         """Replace the student's BatchNorm statistics by their average over `quant.bn_images`
-        clean images of `dataset` (the same images on every rank, so the ranks agree)."""
+        clean images of `dataset` (the same images on every rank, so the ranks agree). With
+        `check` > 0, keep them only if the accuracy on the `check` images that follow those in
+        the same seeded order does not fall (batchnorm.reestimate_batchnorm_checked)."""
         quant = self.config.quant
-        batches = calibration_batches(dataset, self.eval_pipeline, quant.bn_images,
-                                      quant.calib_seed, self.config.train.batch_size)
-        reestimate_batchnorm(self._bare_model(), (images.to(self.device) for images in batches))
+        batches = subset_batches(dataset, self.eval_pipeline, quant.bn_images, quant.calib_seed,
+                                 batch_size=self.config.train.batch_size)
+        on_device = (images.to(self.device) for images, _ in batches)
+        if not check:
+            reestimate_batchnorm(self._bare_model(), on_device)
+            return None
+        return reestimate_batchnorm_checked(
+            self._bare_model(), on_device, lambda: subset_batches(
+                dataset, self.eval_pipeline, check, quant.calib_seed, skip=quant.bn_images,
+                batch_size=self.config.train.test_batch_size), self.device)
 
     def _freeze_batchnorm(self) -> None:
         """BatchNorm in eval mode from `bn_freeze_step` on. With `quant.bn_images` set, the
