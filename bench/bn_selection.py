@@ -96,10 +96,24 @@ def main() -> None:
               f"{row['check re-estimated']:.2f}  policy {row['test policy']:.2f}", flush=True)
         save_report({"machine": machine_info(), "estimate_images": ESTIMATE_IMAGES,
                      "check_images": CHECK_IMAGES, "runs": runs}, args.out)
-    losses = {name: r["test policy"] - max(r["test as trained"], r["test re-estimated"])
-              for name, r in runs.items()}
-    worst = min(losses, key=losses.get)
-    print(f"largest loss of the policy against the better choice: {losses[worst]:.2f} ({worst})")
+    print(markdown(runs))
+
+
+def markdown(runs: dict[str, dict]) -> str:
+    """The record as a table, and the policy's largest losses against each fixed choice."""
+    lines = ["| run | test: as trained / re-estimated | check: as trained / re-estimated "
+             "| policy keeps | policy's test |", "|---|---|---|---|---|"]
+    for name, r in runs.items():
+        lines.append(f"| {name} | {r['test as trained']:.2f} / {r['test re-estimated']:.2f} | "
+                     f"{r['check as trained']:.2f} / {r['check re-estimated']:.2f} | "
+                     f"{'re-estimated' if r['policy keeps re-estimated'] else 'as trained'} | "
+                     f"{r['test policy']:.2f} |")
+    for choice in ("test as trained", "test re-estimated"):
+        gaps = {name: r["test policy"] - r[choice] for name, r in runs.items()}
+        worst, best = min(gaps, key=gaps.get), max(gaps, key=gaps.get)
+        lines.append(f"\npolicy minus {choice[5:]}: from {gaps[worst]:+.2f} ({worst}) to "
+                     f"{gaps[best]:+.2f} ({best}), mean {sum(gaps.values()) / len(gaps):+.2f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
