@@ -81,7 +81,9 @@ SEEDS = (0, 1, 2)
 LONG_BITS = "w2a2"
 # schedule -> (evaluations of QAT_STEPS steps, cells at LONG_BITS)
 SCHEDULES = {"long": (20, ("LSQ", "KD", "FPQ")), "longer": (40, ("LSQ", "FPQ"))}
-BN_IMAGES = 12800   # re-estimated after training: the summary keeps the accuracy before too
+# re-estimated after training, unconditionally (bn_check 0, as before --bn-check existed):
+# the record keeps the accuracy before too, so bench/bn_selection.py can judge any policy
+BN_IMAGES = 12800
 # cell -> (bits, method, method options, quantization options)
 CELLS = {
     "LSQ": (("w2a2", "w2a4"), "lsq", {}, {}),
@@ -146,7 +148,7 @@ def qat_config(cell: str, bits: str, seed: int, method_options: dict | None = No
     return RunConfig(model="resnet8", data=DATA,
                      method=method_config(method, {**options, **(method_options or {})}),
                      quant=QuantConfig(w_bits=int(bits[1]), a_bits=int(bits[3]),
-                                       bn_images=BN_IMAGES, **quant),
+                                       bn_images=BN_IMAGES, bn_check=0, **quant),
                      train=TrainConfig(epochs=epochs, batch_size=BATCH, lr=0.01, seed=seed,
                                        device="cpu", progress=False,
                                        max_steps_per_epoch=QAT_STEPS, **train_options))
