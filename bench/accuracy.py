@@ -47,8 +47,8 @@ PSWEEP = {f"p={p}": ("fpq", "lsq", {"sfp": False} if p == 0 else {} if p == 0.1 
 EDGE = {"LSQ edge-minmax": ("lsq", "lsq", {}, {"edge_weights": "minmax"}),
         "FPQ edge-minmax": ("fpq", "lsq", {}, {"edge_weights": "minmax"})}
 # BatchNorm statistics re-estimated from 12,800 clean training images after QAT (quant.bn_images)
-BN = {"LSQ bn-reestimated": ("lsq", "lsq", {}, {"bn_images": 12800}),
-      "FPQ bn-reestimated": ("fpq", "lsq", {}, {"bn_images": 12800})}
+BN = {"LSQ bn-reestimated": ("lsq", "lsq", {}, {"bn_images": 12800, "bn_check": 0}),
+      "FPQ bn-reestimated": ("fpq", "lsq", {}, {"bn_images": 12800, "bn_check": 0})}
 GRIDS = {"table4": TABLE4, "ablation": ABLATION, "psweep": PSWEEP, "edge": EDGE, "bn": BN,
          "sam": {"LSQ+SAM": ("sam", "lsq", {}), "FPQ": ("fpq", "lsq", {})}}
 
@@ -95,7 +95,9 @@ def run_grid(args: argparse.Namespace, grid: str) -> list[dict]:
                         continue
                     config = RunConfig(model=args.model, data=data,
                                        method=method_config(method, options),
-                                       quant=QuantConfig(w_bits=w, a_bits=a, quantizer=quantizer, **quant),
+                                       # the pilot ran before re-estimation was a default
+                                       quant=QuantConfig(w_bits=w, a_bits=a, quantizer=quantizer,
+                                                         **{"bn_images": 0, **quant}),
                                        train=train_config(args, args.qat_epochs, args.qat_lr, seed,
                                                           cell in args.track_cells))
                     started = time.perf_counter()

@@ -140,7 +140,8 @@ def run_real(root: Path, fp: Path, variants: list[str], method: str, bits: str,
     for variant in variants:
         quant, train_options = VARIANTS[variant]
         row = probe(fp, root / "real", FASHION, method, bits, 0,
-                    {**quant, "bn_images": bn_images}, {**train, **train_options},
+                    {**quant, "bn_images": bn_images, "bn_check": 0},
+                    {**train, **train_options},
                     method_options)
         rows[variant] = row
         print(f"{variant:40s} acc {row['test_acc']:.2f} dead {row['dead_channels']} largest "

@@ -304,14 +304,14 @@ class QuantConfig(Section):
                                    "a_bits: 8} or {pattern: ..., skip: true}]", cli=False)
     calib_images: int = option(100, "training images used to calibrate ranges", low=1)
     calib_seed: int = option(0, "seed of the calibration subset", low=0)
-    bn_images: int = option(0, "re-estimate BatchNorm running statistics from this many "
-                            "training images (no augmentation, no SFP noise) after QAT, and "
-                            "where --bn-freeze freezes them; 0 keeps the running averages of "
-                            "training", low=0)
-    bn_check: int = option(0, "with --bn-images: keep the re-estimated statistics after QAT "
-                           "only if the accuracy on this many further training images (not "
-                           "those estimated from) does not fall; 0 keeps them unconditionally",
-                           low=0)
+    bn_images: int = option(12800, "re-estimate BatchNorm running statistics from this many "
+                            "clean training images (no augmentation, no SFP noise; at most half "
+                            "the training set) after QAT, and where --bn-freeze freezes them; "
+                            "0 keeps the running averages of training", low=0)
+    bn_check: int = option(10000, "keep the statistics re-estimated after QAT only if the "
+                           "accuracy on this many further training images (not those estimated "
+                           "from; at most the rest of the training set) does not fall; 0 keeps "
+                           "them unconditionally", low=0)
     range_method: str = option("minmax", "how calibration sets ranges: minmax, percentile "
                                "(inputs clipped to the [100-p, p] percentiles; weights min-max) "
                                "or mse (the clipping range with least quantization MSE, weights "
@@ -333,9 +333,6 @@ class QuantConfig(Section):
             raise ConfigError("quant.symmetric_inputs does not go with quant.target "
                               "onnxruntime: its integer convolutions take uint8 activations "
                               "with a zero point")
-        if self.bn_check and not self.bn_images:
-            raise ConfigError("quant.bn_check (--bn-check) checks a re-estimation: set "
-                              "quant.bn_images (--bn-images) too")
         for rule in self.overrides:
             if not isinstance(rule, dict) or "pattern" not in rule:
                 raise ConfigError(f"quant.overrides: each rule needs a 'pattern', got {rule!r}")

@@ -121,7 +121,8 @@ def test_qat_leaves_the_teacher_object_as_it_was_and_a_second_run_trains_its_wei
 
 def test_qat_with_bn_images_records_both_accuracies_and_saves_the_new_statistics(runs):
     config = qat_config()
-    config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, bn_images=64))
+    config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, bn_images=64,
+                                                                   bn_check=0))
     summary = qat(config, runs["teacher"], runs["state"], runs["root"] / "bn")
     assert summary["bn_images"] == 64 and "test_acc_before_bn" in summary
     model, state = load_model(runs["root"] / "bn")
@@ -164,21 +165,33 @@ def test_qat_with_bn_check_keeps_the_new_statistics_only_where_held_out_images_s
     assert accuracy(model) == pytest.approx(expected)
 
 
-def test_bn_check_without_bn_images_is_refused():
-    with pytest.raises(ConfigError, match="set quant.bn_images"):
-        QuantConfig(bn_check=100).validate()
-
-
-def test_bn_images_beyond_the_training_set_is_refused_before_the_run_folder(runs, tmp_path):
+def test_bn_images_0_keeps_the_running_averages_of_training(runs, tmp_path):
+    """model.pt holds the checkpoint's statistics and the summary has no re-estimation in it
+    (the fixture's run, at the defaults, re-estimates with a check)."""
+    assert "bn_kept" in runs["q"]
     config = qat_config()
-    config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, bn_images=10**7))
-    with pytest.raises(ConfigError, match="--bn-images 10000000 exceeds"):
-        qat(config, runs["teacher"], runs["state"], tmp_path / "never")
+    config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, bn_images=0))
+    summary = qat(config, runs["teacher"], runs["state"], tmp_path / "kept")
+    assert "test_acc_before_bn" not in summary and "bn_kept" not in summary
+    model, _ = load_model(tmp_path / "kept")
+    trained = load_checkpoint(tmp_path / "kept" / "checkpoint.pt")["model"]
+    assert torch.equal(model.state_dict()["stem.1.running_mean"], trained["stem.1.running_mean"])
+
+
+def test_bn_subsets_beyond_the_training_set_are_cut_with_a_note(runs, tmp_path, capsys):
+    """The defaults (12,800 + 10,000 images) run on small data sets too: half the training set
+    is re-estimated from and the rest checks it, and the run's config records what ran."""
+    config = qat_config()
     config = dataclasses.replace(config, quant=dataclasses.replace(
-        config.quant, bn_images=64, bn_check=len(runs["data"].train)))
-    with pytest.raises(ConfigError, match="--bn-images 64 \\+ --bn-check .* exceeds"):
-        qat(config, runs["teacher"], runs["state"], tmp_path / "never")
-    assert not (tmp_path / "never").exists()
+        config.quant, bn_images=10**7, bn_check=10**7))
+    summary = qat(config, runs["teacher"], runs["state"], tmp_path / "cut")
+    train_size = len(runs["data"].train)
+    assert (summary["bn_images"], summary["bn_check"]) == (train_size // 2,
+                                                           train_size - train_size // 2)
+    assert (f"has {train_size} training images, so --bn-images 10000000 -> {train_size // 2}, "
+            f"--bn-check 10000000 -> {train_size - train_size // 2}") in capsys.readouterr().out
+    saved = load_yaml(tmp_path / "cut" / "config.yaml")
+    assert saved["quant"]["bn_images"] == train_size // 2
 
 
 def test_qat_refuses_quantized_source(runs):

@@ -6,6 +6,8 @@ folder (see `flatq.train.run_io` for its files and `load_model`, which reads the
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -211,6 +213,23 @@ def _reestimate_batchnorm(trainer: Trainer, data: DataBundle, config: RunConfig,
     return {**result, **record}
 
 
+def _fit_batchnorm_subsets(config: RunConfig, train_size: int) -> RunConfig:
+    """The config with quant.bn_images cut to half the training set and quant.bn_check to
+    the rest, saying so where it cuts (small data sets run with the defaults too)."""
+    quant = config.quant
+    images = min(quant.bn_images, train_size // 2)
+    check = min(quant.bn_check, train_size - images) if images else quant.bn_check
+    if (images, check) == (quant.bn_images, quant.bn_check):
+        return config
+    if is_main_process():
+        print(f"BatchNorm re-estimation after QAT: {config.data.name} has {train_size} training "
+              f"images, so --bn-images {quant.bn_images} -> {images}"
+              + (f", --bn-check {quant.bn_check} -> {check}" if check != quant.bn_check else ""),
+              flush=True)
+    return dataclasses.replace(config, quant=dataclasses.replace(quant, bn_images=images,
+                                                                 bn_check=check))
+
+
 def pretrained_teacher(config: RunConfig, data: DataBundle) -> tuple[nn.Module, dict[str, Any]]:
     """Model `config.model` with the weights of the file `config.pretrained`, and the state
     `load_teacher` would return for it."""
@@ -268,12 +287,7 @@ def qat(config: RunConfig, teacher: nn.Module | None, teacher_state: dict[str, A
             f"data {config.data.name} gives {data.channels} channels / {data.num_classes} classes, "
             f"but {source} was trained with {state['meta']['in_channels']} / "
             f"{state['meta']['num_classes']}")
-    if config.quant.bn_images + config.quant.bn_check > len(data.train):
-        raise ConfigError(f"--bn-images {config.quant.bn_images}"
-                          + (f" + --bn-check {config.quant.bn_check}" if config.quant.bn_check
-                             else "")
-                          + f" exceeds the {len(data.train)} training images of "
-                          f"{config.data.name}")
+    config = _fit_batchnorm_subsets(config, len(data.train))
     teacher = teacher.to(device)
     check_model_fits(teacher, data, state["meta"]["model"], device)
     student = quantize_model(teacher, config.quant)
