@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from bn_sensitivity import accuracy
-from flatq.data import calibration_batches
+from flatq.data import calibration_batches, subset_batches
 from flatq.runs import load_model
-from flatq.train.batchnorm import reestimate_batchnorm
+from flatq.train.batchnorm import accuracy_on, reestimate_batchnorm
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flatq.train.run_io import run_data
 from machine import machine_info, save_report
@@ -37,18 +37,11 @@ from machine import machine_info, save_report
 ESTIMATE_IMAGES, CHECK_IMAGES, SEED = 12800, 10000, 0
 
 
-@torch.no_grad()
 def check_accuracy(model: torch.nn.Module, data) -> float:
     """Accuracy (%) on the CHECK_IMAGES training images after the re-estimation subset in the
-    same seeded order (so the two never overlap), transformed as for evaluation."""
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(SEED))
-    chosen = order[ESTIMATE_IMAGES:ESTIMATE_IMAGES + CHECK_IMAGES]
-    model.eval()
-    correct = 0
-    for i in range(0, len(chosen), 500):
-        images, labels = data.train.take(chosen[i:i + 500])
-        correct += (model(data.eval_pipeline(images, train=False)).argmax(1) == labels).sum()
-    return 100.0 * int(correct) / len(chosen)
+    same seeded order (so the two never overlap): what `flatq qat --bn-check` compares."""
+    return accuracy_on(model, subset_batches(data.train, data.eval_pipeline, CHECK_IMAGES, SEED,
+                                             skip=ESTIMATE_IMAGES, batch_size=500))
 
 
 def selection(model: torch.nn.Module, data) -> dict:
