@@ -194,9 +194,11 @@ def _reestimate_batchnorm(trainer: Trainer, data: DataBundle, config: RunConfig,
     so they agree), with --bn-check kept only if held-out training images say so, and evaluate
     again; the summary keeps the accuracy before."""
     checked = trainer.reestimate_batchnorm(data.train, check=config.quant.bn_check)
-    model = trainer._bare_model()
-    after = evaluate(model, data.test, data.eval_pipeline, device,
-                     config.train.test_batch_size, distributed=True)
+    if checked is not None and not checked.kept:   # statistics restored: the model evaluated
+        after = {"acc": result["test_acc"], "loss": result["test_loss"]}
+    else:
+        after = evaluate(trainer._bare_model(), data.test, data.eval_pipeline, device,
+                         config.train.test_batch_size, distributed=True)
     record = {"test_acc_before_bn": result["test_acc"],
               "test_loss_before_bn": result["test_loss"], "test_acc": after["acc"],
               "test_loss": after["loss"], "bn_images": config.quant.bn_images}
