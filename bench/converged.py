@@ -51,6 +51,17 @@ the W2A2 LSQ and FPQ cells at 40 x QAT_STEPS = 2400 steps, everything else as ab
 runs/converged/longer and results/converged/longer (`qat --longer`, `report --longer`). KD is
 left out to fit one session's CPU time (six runs of 20-45 CPU-minutes on two cores).
 
+The sound schedule (added when the freezing probes had LSQ meet the plateau rule at 2400
+steps, last fifth +0.06 / +0.19, and nothing shorter did): 40 x QAT_STEPS = 2400 steps with
+iterative weight freezing (`--freeze-oscillations 0.005 --freeze-momentum 0.01`), W2A2 LSQ / KD /
+FPQ and W2A4 LSQ / KD / FPQ / +SFP / +CSD, 3 seeds, everything else as above, in
+runs/converged/sound and results/converged/sound (`qat --sound`, `report --sound`). W2A2 runs
+first, then W2A4, seed-major within each width. The cell with SFP before the quantizer is left
+out: the two sites did not differ at 600 steps (91.62 +- 0.10 after, 91.68 +- 0.08 before,
+3 seeds; with freezing 91.79 both). The four probes that had already run this schedule (LSQ and
+FPQ, W2A2, seeds 0 and 1) are its first records. It does not fit one session's CPU time
+(about 20 runs of 20-45 CPU-minutes); it is staged across sessions like the grid above.
+
 `probe` trains one run outside the grid with changed options (a BatchNorm policy, a longer
 schedule, a method option, oscillation dampening or freezing) and keeps its record in results/converged/probes/NAME.json, e.g.
 
@@ -65,6 +76,7 @@ import json
 import shutil
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -78,9 +90,28 @@ FP_EPOCHS = 15
 QAT_EPOCHS, QAT_STEPS = 10, 60
 BATCH = 128
 SEEDS = (0, 1, 2)
-LONG_BITS = "w2a2"
-# schedule -> (evaluations of QAT_STEPS steps, cells at LONG_BITS)
-SCHEDULES = {"long": (20, ("LSQ", "KD", "FPQ")), "longer": (40, ("LSQ", "FPQ"))}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A longer QAT schedule over some of the cells: its own runs/ and results/ subfolder."""
+    epochs: int                   # evaluations of QAT_STEPS steps
+    cells: tuple[str, ...]
+    widths: tuple[str, ...] = ("w2a2",)
+    train: dict = field(default_factory=dict)   # TrainConfig options beyond the grid's
+
+    def describe(self) -> str:
+        extra = "".join(f", {k} {v}" for k, v in self.train.items())
+        return (f"{self.epochs} x {QAT_STEPS} steps, {'/'.join(self.widths)}, "
+                f"{'/'.join(self.cells)}{extra}")
+
+
+SCHEDULES = {
+    "long": Schedule(20, ("LSQ", "KD", "FPQ")),
+    "longer": Schedule(40, ("LSQ", "FPQ")),
+    "sound": Schedule(40, ("LSQ", "KD", "FPQ", "+SFP", "+CSD"), ("w2a2", "w2a4"),
+                      {"freeze_oscillations": 0.005, "freeze_momentum": 0.01}),
+}
 # re-estimated after training, unconditionally (bn_check 0, as before --bn-check existed):
 # the record keeps the accuracy before too, so bench/bn_selection.py can judge any policy
 BN_IMAGES = 12800
@@ -162,20 +193,22 @@ def run_folder(out: Path, cell: str, bits: str, seed: int) -> Path:
 def train_qat(out: Path, results: Path, worker: int, workers: int,
               cells: list[str] | None = None, schedule: str | None = None) -> None:
     """Train this worker's share of the runs not yet recorded (of `cells` only, if given; the
-    cells of `schedule`, "long" or "longer", if given)."""
+    cells of `schedule`, a key of SCHEDULES, if given)."""
     teacher, state = load_teacher(fp_folder(out, results))
     runs = [run for run in qat_runs() if cells is None or run[0] in cells]
-    epochs = QAT_EPOCHS
+    epochs, train_options = QAT_EPOCHS, {}
     if schedule:
-        epochs, long_cells = SCHEDULES[schedule]
-        runs = [run for run in runs if run[0] in long_cells and run[1] == LONG_BITS]
+        plan = SCHEDULES[schedule]
+        epochs, train_options = plan.epochs, plan.train
+        runs = sorted((run for run in runs if run[0] in plan.cells and run[1] in plan.widths),
+                      key=lambda run: plan.widths.index(run[1]))   # stable: seed-major within
         out, results = out / schedule, results / schedule
     for index, (cell, bits, seed) in enumerate(runs):
         run_dir = run_folder(out, cell, bits, seed)
         record = results / "runs" / run_dir.relative_to(out).with_suffix(".json")
         if index % workers != worker or record.is_file():   # finished here or in a session
             continue                                         # whose results were committed
-        config = qat_config(cell, bits, seed, epochs=epochs)
+        config = qat_config(cell, bits, seed, epochs=epochs, **train_options)
         train_run(config, teacher, state, run_dir, record, cell, bits, seed)
 
 
@@ -241,7 +274,7 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
     fp_row = {"test_acc": fp[-1], "plateau_change": plateau_change(fp)} if fp else None
     save_report({"fp": fp_row, "cells": rows, "machine": machine_info(),
                  "schedule": {"fp_epochs": FP_EPOCHS,
-                              "qat_epochs": SCHEDULES[schedule][0] if schedule else QAT_EPOCHS,
+                              "qat_epochs": SCHEDULES[schedule].epochs if schedule else QAT_EPOCHS,
                               "qat_steps_per_epoch": QAT_STEPS, "batch_size": BATCH}},
                 results / "converged.json")
     text = markdown(fp_row, rows) + probes_markdown(results / "probes")
@@ -304,10 +337,9 @@ def main() -> None:
     parser.add_argument("stage", choices=("fp", "qat", "report", "probe"))
     parser.add_argument("--worker", default="0/1", help="k/n: train every n-th run from the k-th")
     parser.add_argument("--cells", help="qat: only these cells, comma separated")
-    for name, (epochs, long_cells) in SCHEDULES.items():
+    for name, plan in SCHEDULES.items():
         parser.add_argument(f"--{name}", dest="schedule", action="store_const", const=name,
-                            help=f"qat, report: the {name} schedule ({epochs} x {QAT_STEPS} "
-                                 f"steps, {LONG_BITS} {'/'.join(long_cells)})")
+                            help=f"qat, report: the {name} schedule ({plan.describe()})")
     probing = parser.add_argument_group("probe: one run of a cell with changed options")
     probing.add_argument("--name", help="the probe's record: results/converged/probes/NAME.json")
     probing.add_argument("--cell", choices=list(CELLS), default="LSQ")
