@@ -75,9 +75,9 @@ def main() -> None:
     for run_dir in args.runs:
         if run_name(run_dir) in runs:
             continue                     # measured by an earlier call: the file is the record
-        if not (run_dir / CHECKPOINT_NAME).is_file():
-            print(f"{run_dir}: no checkpoint, skipped")
-            continue
+        if not (run_dir / "summary.json").is_file() or not (run_dir / CHECKPOINT_NAME).is_file():
+            print(f"{run_dir}: not finished (no summary or checkpoint), skipped")
+            continue                     # a running run's checkpoint is an earlier epoch
         model, state = load_model(run_dir)    # the model before the run's own re-estimation:
         model.load_state_dict(load_checkpoint(run_dir, CHECKPOINT_NAME)["model"])
         key = repr(sorted(state["meta"]["data"].items()))

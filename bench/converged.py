@@ -254,6 +254,7 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
     if schedule:
         results = results / schedule
     records = [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
+    checked = checked_policy(results.parent if schedule else results, schedule)
     fp = epoch_accuracies(fp_dir) if (fp_dir / "metrics.jsonl").is_file() else []
     rows = []
     for cell, (widths, *_) in CELLS.items():
@@ -264,10 +265,13 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
                 continue
             values = [r["test_acc"] for r in runs]
             rows.append({"bits": bits, "cell": cell, "n": len(runs),
+                         "seeds": [r["seed"] for r in runs],
                          "mean": statistics.fmean(values),
                          "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                          "values": values,
                          "before_bn": [r["test_acc_before_bn"] for r in runs],
+                         "checked": [checked.get(run_folder(Path(), cell, bits, r["seed"]))
+                                     for r in runs],
                          "dead_channels": [r["dead_channels"] for r in runs],
                          "plateau_change": [r["plateau_change"] for r in runs]})
     rows.sort(key=lambda r: r["bits"])
@@ -277,9 +281,52 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
                               "qat_epochs": SCHEDULES[schedule].epochs if schedule else QAT_EPOCHS,
                               "qat_steps_per_epoch": QAT_STEPS, "batch_size": BATCH}},
                 results / "converged.json")
-    text = markdown(fp_row, rows) + probes_markdown(results / "probes")
+    text = markdown(fp_row, rows) + acceptance(rows) + probes_markdown(results / "probes")
     (results / "converged.md").write_text(text)
     print(text)
+
+
+def checked_policy(results: Path, schedule: str | None) -> dict[Path, float]:
+    """Test accuracy under flatq's default BatchNorm policy (re-estimate, keep only if held-out
+    training images do not get worse) per run folder relative to its schedule, as
+    bench/bn_selection.py measured it on the run's checkpoint; runs it has not measured are
+    absent. The grid itself re-estimates unconditionally and records both accuracies."""
+    path = results / "bn_selection.json"
+    if not path.is_file():
+        return {}
+    prefix = Path(schedule or "")
+    return {Path(name).relative_to(prefix): run["test policy"]
+            for name, run in json.loads(path.read_text())["runs"].items()
+            if Path(name).is_relative_to(prefix) and not name.startswith("probes/")}
+
+
+def acceptance(rows: list[dict]) -> str:
+    """The issue's acceptance items, counted over the runs in the table."""
+    if not rows:
+        return ""
+    dead = sum(n or 0 for r in rows for n in r["dead_channels"])
+    moves = [after - before for r in rows for after, before in zip(r["values"], r["before_bn"])]
+    low = []
+    for r in rows:
+        for key, label in (("before_bn", "as trained"), ("values", "re-estimated"),
+                           ("checked", "checked")):
+            values = r[key]
+            if None in values or len(values) < 3:
+                continue
+            median = statistics.median(values)
+            low += [f"{r['bits']} {r['cell']} seed {seed} {label} ({median - v:.2f} below)"
+                    for seed, v in zip(r["seeds"], values) if median - v > 3]
+    lsq = [abs(c) for r in rows if r["cell"] == "LSQ" for c in r["plateau_change"]]
+    lines = ["", f"- dead channels, all runs: {dead}",
+             f"- runs more than 3 points below their cell's median: "
+             f"{'; '.join(low) if low else 'none'}",
+             f"- unconditional BatchNorm re-estimation moved runs by {min(moves):+.2f} to "
+             f"{max(moves):+.2f} points ({sum(abs(m) > 0.5 for m in moves)} of {len(moves)} by "
+             f"more than 0.5)"]
+    if lsq:
+        lines.append(f"- LSQ's last fifth: largest change {max(lsq):.2f} points "
+                     f"({sum(c < 0.2 for c in lsq)} of {len(lsq)} runs under 0.2)")
+    return "\n".join(lines) + "\n"
 
 
 def probes_markdown(folder: Path) -> str:
@@ -320,14 +367,18 @@ def markdown(fp: dict | None, rows: list[dict]) -> str:
     if fp:
         lines += [f"FP model: {fp['test_acc']:.2f}% (last fifth changed it by "
                   f"{fp['plateau_change']:+.2f} points)", ""]
+    with_checked = any(v is not None for r in rows for v in r["checked"])
     lines += ["| W/A | method | accuracy (BN re-estimated) | per seed | before re-estimation | "
-              "dead channels | last fifth of QAT |", "|---|---|---|---|---|---|---|"]
+              + ("checked re-estimation (flatq's default) | " if with_checked else "")
+              + "dead channels | last fifth of QAT |",
+              "|---|---|---|---|---|" + ("---|" if with_checked else "") + "---|---|"]
     def spread(r: dict) -> str:
         return f"± {r['std']:.2f}" if r["n"] > 1 else "(1 seed)"
 
     lines += [f"| {r['bits']} | {r['cell']} | {r['mean']:.2f} {spread(r)} | "
               f"{seeds(r['values'])} | {seeds(r['before_bn'])} | "
-              f"{seeds(r['dead_channels'], 'd')} | {seeds(r['plateau_change'], '+.2f')} |"
+              + (f"{seeds(r['checked'])} | " if with_checked else "")
+              + f"{seeds(r['dead_channels'], 'd')} | {seeds(r['plateau_change'], '+.2f')} |"
               for r in rows]
     return "\n".join(lines) + "\n"
 
