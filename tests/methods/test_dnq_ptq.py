@@ -314,6 +314,34 @@ def test_cli_ptq_writes_a_loadable_run(trained_fp_run, tmp_path, capsys):
     assert "range_method" in capsys.readouterr().err
 
 
+def test_cli_ptq_of_pretrained_weights_matches_ptq_of_the_run(trained_fp_run, tmp_path, capsys):
+    """A user's state_dict (--model, --pretrained, the data flags) quantizes exactly as the run
+    it came from."""
+    model, _ = load_model(trained_fp_run)
+    weights = tmp_path / "weights.pth"
+    torch.save(model.state_dict(), weights)
+    flags = ["--bits", "w4a4", "--device", "cpu"]
+    assert main(["ptq", str(trained_fp_run), *flags, "--out", str(tmp_path / "run")]) == 0
+    assert main(["ptq", "--model", "resnet8", "--pretrained", str(weights), "--data", "synthetic",
+                 *flags, "--out", str(tmp_path / "weights")]) == 0
+    from_run = json.loads((tmp_path / "run" / "summary.json").read_text())
+    from_weights = json.loads((tmp_path / "weights" / "summary.json").read_text())
+    for key in ("test_acc", "fp_test_acc", "test_loss"):
+        assert from_weights[key] == from_run[key], key
+    assert from_weights["source"] == str(weights)
+    assert load_model(tmp_path / "weights")[1]["meta"]["model"] == "resnet8"
+    capsys.readouterr()
+    assert main(["ptq", str(trained_fp_run), "--model", "resnet8", "--pretrained", str(weights),
+                 *flags, "--out", str(tmp_path / "both")]) == 2
+    assert "either RUN or --model" in capsys.readouterr().err
+    assert main(["ptq", *flags, "--out", str(tmp_path / "neither")]) == 2
+    assert "ptq needs RUN" in capsys.readouterr().err
+    assert main(["ptq", "--model", "resnet8", "--pretrained", str(tmp_path / "missing.pth"),
+                 "--data", "synthetic", *flags, "--out", str(tmp_path / "missing")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("both", "neither", "missing"))
+
+
 def test_cli_pretrain_dnq(tmp_path):
     out = tmp_path / "dnq"
     assert main(["pretrain", "--method", "dnq", "--target-bits", "w4a4", "--model", "resnet8",

@@ -19,13 +19,17 @@ from ..quant.ptq import post_training_quantize, ptq_config
 from ..train.loop import evaluate, resolve_device
 from ..train.run_folder import check_run_folder, claimed_run_folder
 from ..train.run_io import write_config, write_result
-from .training import check_model_fits
+from ..models import check_model_name
+from ..models.external import check_weights_file
+from .training import check_model_fits, pretrained_teacher
 
 
-def ptq(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
+def ptq(config: RunConfig, teacher: nn.Module | None, teacher_state: dict[str, Any] | None,
         run_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Calibrate a quantized copy of `teacher` (from `load_teacher`) on `config.data`'s
     training images (`config.quant.calib_images`, seed `calib_seed`) and evaluate both.
+    Without a teacher it is `config.model` with the weights of the file `config.pretrained`
+    (e.g. torchvision's ImageNet weights), as for `qat`.
 
     Returns:
         The summary (also in summary.json): test accuracy and loss of the quantized and the
@@ -37,10 +41,18 @@ def ptq(config: RunConfig, teacher: nn.Module, teacher_state: dict[str, Any],
     """
     if config.quant is None:
         raise ConfigError("ptq needs a quantization config (e.g. --bits w4a4)")
+    if teacher is None and not config.pretrained:
+        raise ConfigError("ptq needs a model: RUN, or --model and --pretrained FILE")
     check_run_folder(run_dir, resume=False, overwrite=overwrite)
     config = dataclasses.replace(config, quant=ptq_config(config.quant))
+    if teacher is None:
+        check_model_name(config.model)
+        check_weights_file(config.pretrained)
+    data = prepare_data(config.data, config.model if teacher is None
+                        else teacher_state["meta"]["model"])
+    if teacher is None:
+        teacher, teacher_state = pretrained_teacher(config, data)
     meta_in = teacher_state["meta"]
-    data = prepare_data(config.data, meta_in["model"])
     if data.channels != meta_in["in_channels"] or data.num_classes != meta_in["num_classes"]:
         raise ConfigError(
             f"data {config.data.name} gives {data.channels} channels / {data.num_classes} classes, "
