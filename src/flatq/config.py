@@ -227,6 +227,13 @@ class TrainConfig(Section):
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     amp: bool = option(False, "mixed precision (bfloat16 autocast) on CUDA")
     test_batch_size: int = option(512, "batch size for evaluation", low=1)
+    eval_every: int = option(1, "evaluate on the test set every N epochs (always after the "
+                             "last); evaluation does not change training, only what is logged",
+                             low=1)
+    channels_last: bool = option(False, "keep the models' 4-D weights and activations in "
+                                 "channels-last (NHWC) memory layout: faster convolutions on "
+                                 "CPU (oneDNN) and on CUDA tensor cores; results differ from the "
+                                 "default layout by float rounding only")
     max_steps_per_epoch: int | None = option(None, "cut every epoch after this many steps "
                                              "(quick experiments)", low=1)
     track: list[str] = option([], "trajectories to log during training: hessian, gradnorm",

@@ -240,3 +240,61 @@ def test_resume_without_checkpoint_refused(tmp_path):
                        train=train_config(epochs=1, lr=0.1))
     with pytest.raises(CheckpointError, match="no checkpoint.pt"):
         pretrain(config, tmp_path / "nothing", resume=True)
+
+
+def test_eval_every_skips_test_evaluations_and_leaves_training_as_it_was(runs, tmp_path):
+    """--eval-every 2 over 3 epochs evaluates after epochs 2 and 3 only; the weights end
+    exactly where the every-epoch run's do (evaluation puts BatchNorm in eval mode and draws
+    no random numbers)."""
+    config = qat_config()
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=3))
+    sparse = dataclasses.replace(config, train=dataclasses.replace(config.train, eval_every=2))
+    teacher, state = load_teacher(runs["root"] / "fp")
+    qat(config, teacher, state, tmp_path / "every")
+    teacher, state = load_teacher(runs["root"] / "fp")
+    summary = qat(sparse, teacher, state, tmp_path / "sparse")
+    records = [json.loads(line) for line in (tmp_path / "sparse" / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert ["test_acc" in r for r in records] == [False, True, True]
+    dense = [json.loads(line) for line in (tmp_path / "every" / "metrics.jsonl").open()]
+    assert [r["test_acc"] for r in dense[1:]] == [r["test_acc"] for r in records[1:]]
+    assert summary["test_acc"] == dense[-1]["test_acc"]
+    ours, theirs = (load_model(tmp_path / name)[0].state_dict() for name in ("sparse", "every"))
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value) if isinstance(value, torch.Tensor) \
+            else ours[key] == value, key
+
+
+def test_channels_last_trains_the_channels_last_model_like_the_default_layout(runs, tmp_path):
+    """FPQ (hooks on both models, SFP noise, CSD) and oscillation freezing with
+    --channels-last: the student and the teacher copy run in NHWC layout, and the losses and
+    the trained weights match the default layout's up to float rounding."""
+    config = dataclasses.replace(qat_config(), method=method_config("fpq"))
+    config = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, freeze_oscillations=0.05))
+    nhwc = dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                 channels_last=True))
+    layouts = []
+
+    def layout(step, objective, images, labels):
+        for model in (objective.student, objective.teacher):
+            convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+            layouts.append(all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+                           and not all(w.is_contiguous() for w in convs))   # 1x1: both
+
+    teacher, state = load_teacher(runs["root"] / "fp")
+    default = qat(config, teacher, state, tmp_path / "nchw")
+    teacher, state = load_teacher(runs["root"] / "fp")
+    summary = qat(nhwc, teacher, state, tmp_path / "nhwc", callbacks=[layout])
+    assert layouts and all(layouts)
+    for key in ("train_ce", "train_csd", "test_loss"):
+        assert summary[key] == pytest.approx(default[key], rel=1e-3), key
+    # 4-bit rounding turns float rounding into whole-step flips of a few activations: the
+    # weights stay within 0.5% (relative norm), the BatchNorm statistics within a few percent;
+    # a layout bug (channels mixed up) would be off by order one
+    ours, theirs = (load_model(tmp_path / name)[0] for name in ("nhwc", "nchw"))
+    buffers = dict(theirs.named_buffers())
+    for key, value in theirs.state_dict().items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            change = (ours.state_dict()[key] - value).norm() / value.norm().clamp_min(1e-12)
+            assert change < (0.03 if key in buffers else 0.005), key

@@ -51,6 +51,14 @@ def check_model_fits(model: nn.Module, data: DataBundle, name: str, device: torc
         model.train(was_training)
 
 
+def to_device(model: nn.Module, device: torch.device, config: RunConfig) -> nn.Module:
+    """`model` on `device`, in channels-last layout when train.channels_last asks (copies made
+    from it later, the quantized student and a method's teacher, keep the layout)."""
+    if config.train.channels_last:
+        return model.to(device, memory_format=torch.channels_last)
+    return model.to(device)
+
+
 def check_sizes(config: RunConfig, data: DataBundle) -> None:
     """Sizes that would run without a word but not as asked."""
     train = config.train
@@ -150,7 +158,7 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False,
     model = build_model(config.model, num_classes=data.num_classes, in_channels=data.channels)
     if config.pretrained and not resume:   # a resumed run's weights come from its checkpoint
         load_weights(model, config.pretrained, config.model)
-    model = model.to(device)
+    model = to_device(model, device, config)
     check_model_fits(model, data, config.model, device)
     meta = {"model": config.model, "num_classes": data.num_classes,
             "in_channels": data.channels, "data": config.data.to_dict(), "quant": None}
@@ -290,7 +298,7 @@ def qat(config: RunConfig, teacher: nn.Module | None, teacher_state: dict[str, A
             f"but {source} was trained with {state['meta']['in_channels']} / "
             f"{state['meta']['num_classes']}")
     config = _fit_batchnorm_subsets(config, len(data.train))
-    teacher = teacher.to(device)
+    teacher = to_device(teacher, device, config)
     check_model_fits(teacher, data, state["meta"]["model"], device)
     student = quantize_model(teacher, config.quant)
     if is_main_process():

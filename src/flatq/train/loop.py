@@ -86,7 +86,7 @@ def meta_mismatch(saved: Any, meta: dict[str, Any]) -> str | None:
 # Anything else would silently not apply (the optimizer state comes from the checkpoint) or
 # would train another run under this one's name.
 RESUMABLE_OPTIONS = ("train.epochs", "train.lr", "train.device", "train.progress",
-                     "train.test_batch_size", "train.checkpoint_every_steps", "data.root",
+                     "train.test_batch_size", "train.eval_every", "train.checkpoint_every_steps", "data.root",
                      "data.workers")
 
 
@@ -415,6 +415,16 @@ class Trainer:
         frozen, tracked = self.objective.freezing.frozen_count()
         return {"frozen_weights": frozen, "frozen_share": frozen / tracked}
 
+    def _test_record(self) -> dict[str, float]:
+        """The epoch's test accuracy and loss, on the epochs train.eval_every asks for and
+        after the last; empty on the others."""
+        train = self.config.train
+        if self.epoch % train.eval_every and self.epoch < train.epochs:
+            return {}
+        test = evaluate(self._bare_model(), self.test_set, self.eval_pipeline, self.device,
+                        train.test_batch_size, distributed=True)
+        return {"test_acc": test["acc"], "test_loss": test["loss"]}
+
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to the last epoch; returns the final evaluation."""
         if resume:
@@ -431,22 +441,22 @@ class Trainer:
             # The ranks' BatchNorm statistics drifted apart in the last steps; all evaluate and
             # save rank 0's, so the reported accuracy is the saved model's.
             broadcast_buffers(self._bare_model())
-            test = evaluate(self._bare_model(), self.test_set, self.eval_pipeline, self.device,
-                            train.test_batch_size, distributed=True)
-            result = {"epoch": self.epoch, "step": self.step, **record, "test_acc": test["acc"],
-                      "test_loss": test["loss"], "lr": self.optimizer.param_groups[0]["lr"],
+            result = {"epoch": self.epoch, "step": self.step, **record, **self._test_record(),
+                      "lr": self.optimizer.param_groups[0]["lr"],
                       **self._dead_channels(), **self._frozen_weights(),
                       "seconds": time.perf_counter() - start}
             self.result = result
             if is_main_process():
                 self.metrics.write(result)
                 terms = "  ".join(f"{k[6:]} {v:.4f}" for k, v in record.items())
+                test = f"  test acc {result['test_acc']:.2f}%" if "test_acc" in result else ""
                 frozen = (f"  frozen {100 * result['frozen_share']:.1f}%"
                           if "frozen_share" in result else "")
-                print(f"epoch {self.epoch}/{train.epochs}  {terms}  test acc {test['acc']:.2f}%"
-                      f"{frozen}  ({result['seconds']:.1f}s)", flush=True)
+                print(f"epoch {self.epoch}/{train.epochs}  {terms}{test}{frozen}  "
+                      f"({result['seconds']:.1f}s)", flush=True)
             self.save_checkpoint()
-        if not result:   # a checkpoint from before results were saved in it
+        if "test_acc" not in result:   # a checkpoint from before results were saved in it,
+            # or one saved at an epoch train.eval_every skipped (resumed with --epochs there)
             test = evaluate(self._bare_model(), self.test_set, self.eval_pipeline, self.device,
                             train.test_batch_size, distributed=True)
             result = {"epoch": self.epoch, "step": self.step, "test_acc": test["acc"],
