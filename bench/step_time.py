@@ -18,6 +18,9 @@ command, the bench first has glibc keep freed memory for reuse (flatq.allocator)
 `--breakdown` adds two settings to the rotation that build FPQ up part by part: LSQ plus a
 teacher forward whose output goes unused ("lsq+teacher") and FPQ without SFP ("fpq-sfp"), so
 the differences of their ratios are the teacher's, CSD's and SFP's shares of the FPQ step.
+`--channels-last` adds each method in channels-last layout (train.channels_last: the model
+converted before quantization, as a run does) to the rotation, "lsq@nhwc" etc., and prints
+their step times as ratios to the default layout's.
 Writes results/bench_step_time.json (machine, settings, times, ratios, memory).
 """
 
@@ -64,9 +67,12 @@ class TeacherForward(TaskObjective):
 
 def build_objective(method: str, model_name: str, images: torch.Tensor,
                     device: torch.device) -> tuple[Objective, torch.optim.Optimizer]:
-    """The objective and optimizer of one setting, ready for `objective.step`."""
+    """The objective and optimizer of one setting, ready for `objective.step`; a setting
+    "METHOD@nhwc" is METHOD in channels-last layout."""
+    method, _, layout = method.partition("@")
     torch.manual_seed(0)
-    fp = build_model(model_name, num_classes=NUM_CLASSES, in_channels=3).to(device)
+    fp = build_model(model_name, num_classes=NUM_CLASSES, in_channels=3).to(
+        device, memory_format=torch.channels_last if layout == "nhwc" else torch.preserve_format)
     # An untrained model gets the BatchNorm statistics of `images`, as a trained teacher has:
     # otherwise calibration (eval mode) sees the activations of BN's initial running stats,
     # far smaller than the training-mode ones, and the CSD gradient of the badly clipped
@@ -177,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "as the flatq command does (flatq.allocator)")
     parser.add_argument("--breakdown", action="store_true",
                         help=f"also time {' and '.join(PARTS)}: FPQ's parts one by one")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also time each method in channels-last layout")
     parser.add_argument("--out", default="results/bench_step_time.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -195,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
               "targets": TARGETS, "models": {}}
     for name in args.models.split(","):
         timed = METHODS + PARTS if args.breakdown else METHODS
+        if args.channels_last:
+            timed += tuple(f"{m}@nhwc" for m in METHODS)
         result = time_model(name, size, args.steps, args.warmup, device, timed)
         if device.type == "cpu" and not args.no_memory:
             for method in METHODS:
@@ -223,6 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
                 "sfp": steps["fpq"] - steps["fpq-sfp"]}
             print("  FPQ's parts, by CPU time, in FP steps: " + ", ".join(
                 f"{part} {share:+.2f}" for part, share in result["breakdown_cpu_time"].items()))
+        if args.channels_last:
+            result["channels_last_ratios"] = {
+                m: result[f"{m}@nhwc"]["cpu_median_ms"] / result[m]["cpu_median_ms"]
+                for m in METHODS}
+            print("  channels-last / default layout, by CPU time: " + ", ".join(
+                f"{m} {r:.2f}x" for m, r in result["channels_last_ratios"].items()))
         print("  per step, kernel time (mostly page faults) and minor page faults: " + "; ".join(
             f"{m} {result[m]['kernel_median_ms']:.0f} ms, {result[m]['page_faults_median']:.0f}"
             for m in timed))

@@ -318,6 +318,20 @@ def test_csd_gradient_matches_batch_norm_mse_and_finite_differences(shape):
                                     (student.clone().requires_grad_(),))
 
 
+def test_csd_of_channels_last_maps_matches_the_contiguous_ones():
+    """train.channels_last: the maps are copied into CSD's row order, so loss and gradient are
+    those of the same maps in the default layout."""
+    gen = torch.Generator().manual_seed(2)
+    student, teacher = torch.randn(6, 4, 5, 3, generator=gen), torch.randn(6, 4, 5, 3, generator=gen)
+    loss, grad = _value_and_grad(lambda z: csd_loss([z], [teacher]), student)
+    nhwc = [t.contiguous(memory_format=torch.channels_last) for t in (student, teacher)]
+    assert not nhwc[0].is_contiguous()
+    loss_cl, grad_cl = _value_and_grad(lambda z: csd_loss([z], [nhwc[1]]), nhwc[0])
+    torch.testing.assert_close(loss_cl, loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad_cl, grad, rtol=0, atol=0)
+    assert grad.abs().max() > 1e-3
+
+
 def plain_csd(student, teacher, eps=1e-5, channel_dim=1):
     """CSD written plainly in float64: per channel (z - mean) / sqrt(var + eps), var biased
     (torch.var), over every axis but `channel_dim`; squared difference averaged per layer."""

@@ -203,6 +203,26 @@ def test_lsq_per_channel_matches_torch(shape, bits, signed):
     assert "zero_point" not in dict(q.named_parameters())
 
 
+@pytest.mark.parametrize("per_channel", [False, True], ids=["activations", "weights"])
+def test_lsq_on_a_channels_last_tensor_matches_the_contiguous_one(per_channel):
+    """train.channels_last: the step-size gradient reads a channels-last tensor in its memory
+    order (no copy); output and input gradient are the same numbers, the step-size gradient the
+    same sum in another order."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 8, 5, 5, generator=g)
+    q = calibrated(LSQQuantizer(4, signed=True, per_channel=per_channel,
+                                num_channels=6 if per_channel else None), x)
+    upstream = torch.randn(x.shape, generator=g)
+    nhwc = [t.contiguous(memory_format=torch.channels_last) for t in (x, upstream)]
+    assert not nhwc[0].is_contiguous()
+    out, (dx, ds) = grads_of(q, x, q.scale, upstream=upstream)
+    out_cl, (dx_cl, ds_cl) = grads_of(q, nhwc[0], q.scale, upstream=nhwc[1])
+    torch.testing.assert_close(out_cl, out, rtol=0, atol=0)
+    torch.testing.assert_close(dx_cl, dx, rtol=0, atol=0)
+    torch.testing.assert_close(ds_cl, ds, rtol=1e-5, atol=1e-7)
+    assert ds.abs().min() > 0
+
+
 def test_grad_factor_is_lsq_gradient_scale():
     x = torch.randn(2, 3, 4, 4)
     assert LSQQuantizer(4).grad_factor(x) == pytest.approx(1 / math.sqrt(x.numel() * 15))

@@ -288,7 +288,7 @@ def test_channels_last_trains_the_channels_last_model_like_the_default_layout(ru
     summary = qat(nhwc, teacher, state, tmp_path / "nhwc", callbacks=[layout])
     assert layouts and all(layouts)
     for key in ("train_ce", "train_csd", "test_loss"):
-        assert summary[key] == pytest.approx(default[key], rel=1e-3), key
+        assert summary[key] == pytest.approx(default[key], rel=5e-3), key
     # 4-bit rounding turns float rounding into whole-step flips of a few activations: the
     # weights stay within 0.5% (relative norm), the BatchNorm statistics within a few percent;
     # a layout bug (channels mixed up) would be off by order one

@@ -23,7 +23,13 @@ def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _sum_of_products(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
-    """sum(a * b) per tensor or per channel (dim 0), as a dot product: no product tensor."""
+    """sum(a * b) per tensor or per channel (dim 0), as a dot product: no product tensor.
+
+    A channels-last `a` (train.channels_last) is read in its memory order, dim 0 first, so
+    flattening it is a view rather than a copy; `b` is read in the same order."""
+    if a.dim() == 4 and not a.is_contiguous() and a.is_contiguous(
+            memory_format=torch.channels_last):
+        a, b = a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)
     if shape.numel() == 1:
         return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(shape)
     channels = a.shape[0]
