@@ -301,7 +301,8 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
                               "qat_epochs": SCHEDULES[schedule].epochs if schedule else QAT_EPOCHS,
                               "qat_steps_per_epoch": QAT_STEPS, "batch_size": BATCH}},
                 results / "converged.json")
-    text = markdown(fp_row, rows) + acceptance(rows) + probes_markdown(results / "probes")
+    text = (markdown(fp_row, rows) + acceptance(rows) + cost(records)
+            + probes_markdown(results / "probes"))
     (results / "converged.md").write_text(text)
     print(text)
 
@@ -347,6 +348,21 @@ def acceptance(rows: list[dict]) -> str:
         lines.append(f"- LSQ's last fifth: largest change {max(lsq):.2f} points "
                      f"({sum(c < 0.2 for c in lsq)} of {len(lsq)} runs under 0.2)")
     return "\n".join(lines) + "\n"
+
+
+def cost(records: list[dict]) -> str:
+    """The runs' CPU time (records from before `cpu_seconds` was kept are left out), per
+    method and in all, against the ~6 CPU-hours of one session on two cores."""
+    timed = [r for r in records if r.get("cpu_seconds")]
+    if not timed:
+        return ""
+    per_cell: dict[str, list[float]] = {}
+    for r in timed:
+        per_cell.setdefault(r["cell"], []).append(r["cpu_seconds"] / 60)
+    cells = ", ".join(f"{cell} {statistics.fmean(m):.1f}" for cell, m in per_cell.items())
+    total = sum(r["cpu_seconds"] for r in timed) / 3600
+    return (f"- CPU time: {total:.2f} CPU-hours for {len(timed)} of {len(records)} runs "
+            f"(mean CPU-minutes per run: {cells})\n")
 
 
 def probes_markdown(folder: Path) -> str:
