@@ -86,8 +86,8 @@ def meta_mismatch(saved: Any, meta: dict[str, Any]) -> str | None:
 # Anything else would silently not apply (the optimizer state comes from the checkpoint) or
 # would train another run under this one's name.
 RESUMABLE_OPTIONS = ("train.epochs", "train.lr", "train.device", "train.progress",
-                     "train.test_batch_size", "train.eval_every", "train.checkpoint_every_steps", "data.root",
-                     "data.workers")
+                     "train.test_batch_size", "train.eval_every", "train.checkpoint_every_steps",
+                     "data.root", "data.workers")
 
 
 def _flat(config: dict[str, Any]) -> dict[str, Any]:
@@ -457,8 +457,5 @@ class Trainer:
             self.save_checkpoint()
         if "test_acc" not in result:   # a checkpoint from before results were saved in it,
             # or one saved at an epoch train.eval_every skipped (resumed with --epochs there)
-            test = evaluate(self._bare_model(), self.test_set, self.eval_pipeline, self.device,
-                            train.test_batch_size, distributed=True)
-            result = {"epoch": self.epoch, "step": self.step, "test_acc": test["acc"],
-                      "test_loss": test["loss"]}
+            result = {"epoch": self.epoch, "step": self.step, **self._test_record()}
         return result
