@@ -64,12 +64,14 @@ FPQ, W2A2, seeds 0 and 1) are its first records. It does not fit one session's C
 
 The one-session schedule (added because the sound grid took about 12 CPU-hours over three
 sessions, the issue asks for one session's, about 6 CPU-hours on 2 cores): the sound schedule's
-runs, cells and seeds, trained with `--channels-last` (oneDNN's NHWC convolutions: a training
-step about 35% faster on this CPU, numbers equal up to float rounding) and evaluated on the test
+runs, cells and seeds, trained with `--channels-last` (oneDNN's NHWC convolutions: a step's
+CPU time 0.76x for LSQ and 0.91x for FPQ on this CPU, measured by bench/step_time.py
+--channels-last; numbers equal up to float rounding) and evaluated on the test
 set every 8th of the 40 evaluation points (`--eval-every 8`; the sound grid spent about 40% of
 an LSQ run evaluating; the plateau rule compares evaluations 4 and 5, i.e. steps 1920 and
-2400, as before). Evaluation does not change training. Expected cost: about 5.5 CPU-hours
-(LSQ about 11 CPU-minutes a run, FPQ about 16).
+2400, as before). Evaluation does not change training. Expected cost, written before the
+runs: about 5.5 CPU-hours (LSQ about 11 CPU-minutes a run, FPQ about 16); the report's
+measured figure replaces it.
 Each record keeps its CPU seconds besides its wall seconds, so the total does not depend on
 what else ran on the machine. In runs/converged/session and results/converged/session
 (`qat --session`, `report --session`); its float rounding differs from the sound grid's, so
@@ -264,7 +266,8 @@ def run_record(run_dir: Path, cell: str, bits: str, seed: int, seconds: float,
             "dead_channel_layers": summary.get("dead_channel_layers"),
             "frozen_share": summary.get("frozen_share"),
             "epoch_test_acc": accuracies, "plateau_change": plateau_change(accuracies),
-            "seconds": seconds, "cpu_seconds": cpu_seconds, "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+            "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
             "machine": machine_info()}
 
 
