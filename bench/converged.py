@@ -77,6 +77,18 @@ what else ran on the machine. In runs/converged/session and results/converged/se
 (`qat --session`, `report --session`); its float rounding differs from the sound grid's, so
 its runs are a second draw of the same grid, not a copy.
 
+The FP model's plateau, by doubling (added when the FP rule above was found to have failed
+unremarked, +1.51 points, and a 30-epoch FP model reached 93.41% against 92.60% at 15): under
+cosine decay from scratch the last fifth always gains (the final decay), so the last-fifth rule
+cannot pass for an FP model however long it trains. Rule, written before its 60-epoch run
+finished: an FP model trained E epochs has plateaued if training 2E epochs, everything else
+equal, changes the final test accuracy by less than 0.3 points (the 30-epoch run's last five
+epochs spread 0.23 points, so a tighter bound would test noise). 15 -> 30 epochs: +0.81, fails.
+30 -> 60: the run `flatq pretrain --model resnet8 --data fashion_mnist --image-size 32
+--channels 3 --epochs 60 --batch-size 128 --lr 0.1 --seed 0 --device cpu --channels-last --out
+runs/converged/fp-probes/fp60`, records in results/converged/fp-probes/fp60/. If 30 epochs
+passes, the next grid starts from the 30-epoch model.
+
 `probe` trains one run outside the grid with changed options (a BatchNorm policy, a longer
 schedule, a method option, oscillation dampening or freezing) and keeps its record in results/converged/probes/NAME.json, e.g.
 
