@@ -282,10 +282,10 @@ def train_run(config: RunConfig, teacher, state, run_dir: Path, record: Path, ce
               bits: str, seed: int) -> None:
     """Train one run (resuming a stopped one) and write its record."""
     started, cpu = time.perf_counter(), time.process_time()
-    qat(config, teacher, state, run_dir, resume=(run_dir / "checkpoint.pt").is_file(),
-        overwrite=not (run_dir / "checkpoint.pt").is_file())
+    resumed = (run_dir / "checkpoint.pt").is_file()
+    qat(config, teacher, state, run_dir, resume=resumed, overwrite=not resumed)
     save_report(run_record(run_dir, cell, bits, seed, time.perf_counter() - started,
-                           time.process_time() - cpu), record)
+                           time.process_time() - cpu, resumed), record)
 
 
 def probe(out: Path, results: Path, args: argparse.Namespace) -> None:
@@ -303,9 +303,9 @@ def probe(out: Path, results: Path, args: argparse.Namespace) -> None:
 
 
 def run_record(run_dir: Path, cell: str, bits: str, seed: int, seconds: float,
-               cpu_seconds: float) -> dict:
+               cpu_seconds: float, resumed: bool) -> dict:
     """One finished run's record; `cpu_seconds` is this process's CPU time for it (a resumed
-    run's counts only the part trained in this process)."""
+    run's counts only the part trained in this process, so `cost` prices it otherwise)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     accuracies = epoch_accuracies(run_dir)
     return {"cell": cell, "bits": bits, "seed": seed, "test_acc": summary["test_acc"],
@@ -314,7 +314,7 @@ def run_record(run_dir: Path, cell: str, bits: str, seed: int, seconds: float,
             "dead_channel_layers": summary.get("dead_channel_layers"),
             "frozen_share": summary.get("frozen_share"),
             "epoch_test_acc": accuracies, "plateau_change": plateau_change(accuracies),
-            "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "resumed": resumed,
             "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
             "machine": machine_info()}
 
@@ -410,18 +410,25 @@ def acceptance(rows: list[dict]) -> str:
 
 
 def cost(records: list[dict]) -> str:
-    """The runs' CPU time (records from before `cpu_seconds` was kept are left out), per
-    method and in all, against the ~6 CPU-hours of one session on two cores."""
+    """The runs' CPU time, per method and in all, against the ~6 CPU-hours of one session on
+    two cores. Records from before `cpu_seconds` was kept are left out; a run resumed in a
+    new process (its `cpu_seconds` covers only the rest) is priced at its cell's mean over the
+    runs trained in one go."""
     timed = [r for r in records if r.get("cpu_seconds")]
-    if not timed:
-        return ""
     per_cell: dict[str, list[float]] = {}
     for r in timed:
-        per_cell.setdefault(r["cell"], []).append(r["cpu_seconds"] / 60)
+        if not r.get("resumed"):
+            per_cell.setdefault(r["cell"], []).append(r["cpu_seconds"] / 60)
+    priced = [r for r in timed if r["cell"] in per_cell]
+    if not priced:
+        return ""
+    minutes = [statistics.fmean(per_cell[r["cell"]]) if r.get("resumed")
+               else r["cpu_seconds"] / 60 for r in priced]
     cells = ", ".join(f"{cell} {statistics.fmean(m):.1f}" for cell, m in per_cell.items())
-    total = sum(r["cpu_seconds"] for r in timed) / 3600
-    return (f"- CPU time: {total:.2f} CPU-hours for {len(timed)} of {len(records)} runs "
-            f"(mean CPU-minutes per run: {cells})\n")
+    resumed = sum(bool(r.get("resumed")) for r in priced)
+    note = f"; {resumed} resumed runs priced at their cell's mean" if resumed else ""
+    return (f"- CPU time: {sum(minutes) / 60:.2f} CPU-hours for {len(priced)} of "
+            f"{len(records)} runs (mean CPU-minutes per run: {cells}{note})\n")
 
 
 def probes_markdown(folder: Path) -> str:
