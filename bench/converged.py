@@ -87,7 +87,8 @@ epochs spread 0.23 points, so a tighter bound would test noise). 15 -> 30 epochs
 30 -> 60: the run `flatq pretrain --model resnet8 --data fashion_mnist --image-size 32
 --channels 3 --epochs 60 --batch-size 128 --lr 0.1 --seed 0 --device cpu --channels-last --out
 runs/converged/fp-probes/fp60`, records in results/converged/fp-probes/fp60/. If 30 epochs
-passes, the next grid starts from the 30-epoch model.
+passes, the next grid starts from the 30-epoch model. (Result, added after the run: 93.68%,
++0.27 over 30 epochs; the rule holds, narrowly.)
 
 The fp30-grid schedule (added with the doubling rule, before the 60-epoch FP run finished): the
 session schedule unchanged (cells, seeds, 2400 steps, freezing, --channels-last,
