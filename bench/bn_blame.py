@@ -77,7 +77,8 @@ def blame(run_dir: Path, draw: int) -> dict:
 def blank_positions(model: nn.Module, data) -> dict[str, dict]:
     """Per quantized layer with an input quantizer: a blank (all-zero) image's input at the
     centre pixel, per channel in steps, and the channels within NEAR of a rounding threshold
-    among those inside the grid (above 0 and below the top level)."""
+    among those inside the grid (above 0 and below the top level). Positions are x / s, so
+    they are grid positions for quantizers with zero point 0 (LSQ's, the grids' quantizer)."""
     captured: dict[str, torch.Tensor] = {}
     handles = [layer.input_quantizer.register_forward_pre_hook(
         lambda module, inputs, name=name: captured.__setitem__(name, inputs[0].detach()))
