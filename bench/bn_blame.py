@@ -57,8 +57,7 @@ def scale_changes(old: nn.Module, new: nn.Module) -> list[dict]:
             for c in order]
 
 
-def blame(run_dir: Path, draw: int) -> dict:
-    model, data = load_run(run_dir)
+def blame(model: nn.Module, data, draw: int) -> dict:
     refreshed = refreshed_statistics(model, data, draw)
     result = {"as trained": accuracy(model, data), "refreshed": accuracy(refreshed, data),
               "layers": {}}
@@ -111,10 +110,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/converged/bn_blame"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = blame(args.run, args.draw)
+    model, data = load_run(args.run)
+    result = blame(model, data, args.draw)
     print(f"as trained {result['as trained']:.2f}, all statistics refreshed "
           f"{result['refreshed']:.2f}")
-    model, data = load_run(args.run)
     result["blank image"] = blank_positions(model, data)
     for name, row in result["blank image"].items():
         print(f"blank image, input of {name:<30} channels within {NEAR} step of a threshold: "
