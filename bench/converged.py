@@ -22,9 +22,11 @@ Cells (3 seeds each, seeds 0, 1, 2):
   quantizer (the paper does not say which side of it; `after` is the default)
 Runs are ordered seed-major within each stage so a stopped grid has whole seeds; finished runs
 are skipped, so rerunning continues where it stopped. Several processes can share the work:
+each claims the next run no live process holds (an fcntl lock on a file in
+runs/converged/claims), so side-by-side workers stay busy until the last run:
 
     python bench/converged.py fp                       # the FP model (once)
-    for k in 0 1; do python bench/converged.py qat --worker $k/2 & done; wait
+    for k in 0 1; do python bench/converged.py qat & done; wait
     python bench/converged.py report                   # results/converged/*.{json,md}
 
 The FP model's run files are kept in results/converged/fp/, so a fresh clone continues the
@@ -42,7 +44,7 @@ points from twice the steps, FPQ 0.7): the W2A2 LSQ / KD / FPQ cells at 20 x QAT
 The three probes that had already run that schedule (LSQ seeds 0 and 1, FPQ seed 0) are its
 first records:
 
-    for k in 0 1; do python bench/converged.py qat --long --worker $k/2 & done; wait
+    for k in 0 1; do python bench/converged.py qat --long & done; wait
     python bench/converged.py report --long
 
 The longer schedule (added when LSQ had still gained 1.6 points from 600 to 1200 steps, FPQ
@@ -111,12 +113,14 @@ schedule, a method option, oscillation dampening or freezing) and keeps its reco
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
 import yaml
@@ -257,10 +261,23 @@ def run_folder(out: Path, cell: str, bits: str, seed: int) -> Path:
     return out / bits / slug / f"seed{seed}"
 
 
-def train_qat(out: Path, results: Path, worker: int, workers: int,
-              cells: list[str] | None = None, schedule: str | None = None) -> None:
-    """Train this worker's share of the runs not yet recorded (of `cells` only, if given; the
-    cells of `schedule`, a key of SCHEDULES, if given)."""
+def claim(lock_file: Path) -> IO | None:
+    """An open, locked `lock_file` if no other live process holds it, else None. The kernel
+    drops the lock when its process ends, however it ends, so a stopped worker's run is free."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_file, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return handle
+    except BlockingIOError:
+        handle.close()
+        return None
+
+
+def train_qat(out: Path, results: Path, cells: list[str] | None = None,
+              schedule: str | None = None) -> None:
+    """Train the runs not yet recorded and not held by another live worker (of `cells` only,
+    if given; the cells of `schedule`, a key of SCHEDULES, if given)."""
     plan = SCHEDULES.get(schedule)
     teacher, state = load_teacher(fp_folder(out, results, plan.fp_epochs if plan else FP_EPOCHS))
     runs = [run for run in qat_runs() if cells is None or run[0] in cells]
@@ -270,13 +287,17 @@ def train_qat(out: Path, results: Path, worker: int, workers: int,
         runs = sorted((run for run in runs if run[0] in plan.cells and run[1] in plan.widths),
                       key=lambda run: plan.widths.index(run[1]))   # stable: seed-major within
         out, results = out / schedule, results / schedule
-    for index, (cell, bits, seed) in enumerate(runs):
+    for cell, bits, seed in runs:
         run_dir = run_folder(out, cell, bits, seed)
         record = results / "runs" / run_dir.relative_to(out).with_suffix(".json")
-        if index % workers != worker or record.is_file():   # finished here or in a session
-            continue                                         # whose results were committed
-        config = qat_config(cell, bits, seed, epochs=epochs, **train_options)
-        train_run(config, teacher, state, run_dir, record, cell, bits, seed)
+        lock_file = out / "claims" / "-".join(run_dir.relative_to(out).parts)
+        held = None if record.is_file() else claim(lock_file)
+        if held is None:    # finished (here or in a session whose results were committed) or
+            continue        # another worker's
+        with held:
+            if not record.is_file():     # finished by another worker since the check above
+                config = qat_config(cell, bits, seed, epochs=epochs, **train_options)
+                train_run(config, teacher, state, run_dir, record, cell, bits, seed)
 
 
 def train_run(config: RunConfig, teacher, state, run_dir: Path, record: Path, cell: str,
@@ -494,7 +515,6 @@ def markdown(fp: dict | None, rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("fp", "qat", "report", "probe"))
-    parser.add_argument("--worker", default="0/1", help="k/n: train every n-th run from the k-th")
     parser.add_argument("--cells", help="qat: only these cells, comma separated")
     for name, plan in SCHEDULES.items():
         parser.add_argument(f"--{name}", dest="schedule", action="store_const", const=name,
@@ -520,7 +540,6 @@ def main() -> None:
     parser.add_argument("--out", default="runs/converged")
     parser.add_argument("--results", default="results/converged")
     args = parser.parse_args()
-    worker, workers = map(int, args.worker.split("/"))
     torch.set_num_threads(1)
     out, results = Path(args.out), Path(args.results)
     if args.stage == "fp":
@@ -530,7 +549,7 @@ def main() -> None:
         cells = args.cells.split(",") if args.cells else None
         if cells and set(cells) - set(CELLS):
             parser.error(f"unknown cells {sorted(set(cells) - set(CELLS))}; one of {list(CELLS)}")
-        train_qat(out, results, worker, workers, cells, args.schedule)
+        train_qat(out, results, cells, args.schedule)
     elif args.stage == "probe":
         if not args.name:
             parser.error("probe needs --name")

@@ -1,0 +1,32 @@
+"""bench/converged.py's workers share a grid by claiming runs with a lock file: a run held by a
+live worker is skipped by the others, and a stopped worker's run is free again."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+OTHER_WORKER = ("import sys; sys.path.insert(0, sys.argv[1]); from converged import claim; "
+                "from pathlib import Path; print(claim(Path(sys.argv[2])) is not None)")
+
+
+def other_worker_claims(lock_file: Path) -> bool:
+    done = subprocess.run([sys.executable, "-c", OTHER_WORKER, str(BENCH), str(lock_file)],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip() == "True"
+
+
+def test_a_held_run_is_skipped_and_a_released_one_taken(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from converged import claim
+    finally:
+        sys.path.remove(str(BENCH))
+    lock_file = tmp_path / "claims" / "w2a2-lsq-seed0"
+    held = claim(lock_file)
+    assert held is not None
+    assert not other_worker_claims(lock_file)
+    held.close()                      # as the kernel does when a worker ends
+    assert other_worker_claims(lock_file)
