@@ -126,6 +126,7 @@ def test_integer_file_round_trips_exactly(tmp_path, bits, min_ratio):
     for name, layer in layers:
         stored = loaded.layers[name]
         assert torch.equal(stored.weight.dequantize(), layer.weight_quantizer(layer.weight)), name
+        assert (stored.weight.lo, stored.weight.hi) == layer.weight_quantizer.integer_grid()[2:]
         assert stored.input == input_grid(layer)
     packed = sum(-(-l.weight.numel() * l.bits[0] // 8) for _, l in layers)
     assert written.data_bytes < packed + written.fp32_bytes // 10  # weights really are packed
@@ -213,11 +214,20 @@ def test_model_rebuilt_from_the_integer_file_computes_the_fake_quant_model(tmp_p
 
 
 def test_a_version_1_integer_file_still_loads(tmp_path):
-    """Version 1 wrote what version 2 writes for a model without active output points."""
+    """Version 1 wrote what version 2 writes for a model without active output points, and
+    no weight range (which is read as the whole grid of the layer's bit width)."""
     model, path = resnet8_integer_file(tmp_path)
-    rewrite_manifest(path, lambda manifest: manifest.update(version=1))
+
+    def as_version_1(manifest):
+        manifest.update(version=1)
+        for layer in manifest["layers"]:
+            del layer["weight_range"]
+    rewrite_manifest(path, as_version_1)
     loaded = load_integer(path)
     assert loaded.version == 1 and not loaded.output_points
+    assert all((layer.weight.lo, layer.weight.hi) == integer_range(layer.weight.bits,
+                                                                   layer.weight.signed)
+               for layer in loaded.layers.values())
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.quantized_model()(x), model(x), rtol=1e-6, atol=1e-6)

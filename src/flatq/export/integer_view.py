@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..quant import Quantizer, fake_quantize, grid_integers, integer_range, quant_layers
+from ..quant import Quantizer, fake_quantize, grid_integers, quant_layers
 from ..quant.layers import OutputPoint
 from ..quant.observers import MinMaxObserver
 from ..quant.residual import blocks_with_output_points
@@ -26,13 +26,17 @@ from ..quant.target import QuantBatchNorm2d
 @dataclass(frozen=True)
 class IntegerWeight:
     """A weight as integers `q` (float32 tensor of whole numbers, the weight's shape) with
-    per-output-channel `scale` and integer `zero_point` (both shape (C,))."""
+    per-output-channel `scale` and integer `zero_point` (both shape (C,)), inside the integer
+    range [lo, hi] its quantizer clamps to (narrower than the `bits`-bit grid for symmetric
+    quantizers, which a runtime can use to pick narrow-range kernels)."""
 
     q: Tensor
     scale: Tensor
     zero_point: Tensor
     bits: int
     signed: bool
+    lo: int
+    hi: int
 
     def dequantize(self) -> Tensor:
         """(q - z) * s, the same float32 expression as the fake quantizer's output."""
@@ -84,7 +88,7 @@ def integer_weight(layer: nn.Module) -> IntegerWeight:
         q = grid_integers(layer.weight, scale.view(shape), zero_point.view(shape)).clamp_(lo, hi)
     weight = IntegerWeight(q, scale.expand(q.shape[0]).clone(),
                            zero_point.expand(q.shape[0]).clone(), quantizer.bits,
-                           quantizer.signed)
+                           quantizer.signed, int(lo), int(hi))
     if not torch.equal(weight.dequantize(), expected):
         raise ConfigError(f"the {type(quantizer).__name__} weight quantizer does not compute "
                           "(clamp(round(w/s) + z) - z) * s, so its integers cannot be exported")
@@ -181,11 +185,10 @@ class GridQuantizer(Quantizer):
 
     @classmethod
     def for_weight(cls, weight: IntegerWeight) -> "GridQuantizer":
-        """A per-channel quantizer on the grid of `weight`, over the full integer range of its
-        bit width (the stored integers lie inside it, so it maps (q - z) * s to itself)."""
-        lo, hi = integer_range(weight.bits, weight.signed)
-        return cls(weight.scale, weight.zero_point, weight.bits, weight.signed, lo, hi,
-                   per_channel=True)
+        """A per-channel quantizer on the grid of `weight`, clamping to its integer range (the
+        stored integers lie inside it, so it maps (q - z) * s to itself)."""
+        return cls(weight.scale, weight.zero_point, weight.bits, weight.signed, weight.lo,
+                   weight.hi, per_channel=True)
 
     @property
     def qmin(self) -> int:

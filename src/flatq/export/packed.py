@@ -2,7 +2,8 @@
 
 Layout (docs/export.md has the full description). One uncompressed numpy .npz holding
   `__manifest__`   UTF-8 JSON as uint8 bytes: format, version, model metadata, per quantized
-                   layer its name, kind, weight shape, bit width, signedness and input grid,
+                   layer its name, kind, weight shape, bit width, signedness, the weight
+                   integers' range [lo, hi] and input grid,
                    per active output point (version 2; onnxruntime target) its name, where it
                    sits, grid, `relu_first` and the layers sharing its grid, and a table of
                    named tensors: name -> dtype, offset and shape in a blob;
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
-from ..quant import Quantizer, quant_layers
+from ..quant import Quantizer, integer_range, quant_layers
 from ..quant.layers import OutputPoint
 from ..quant.shared_grid import GRID_KEY, tie
 from .integer_view import (GridQuantizer, InputGrid, IntegerWeight, OutputPointGrid,
@@ -267,7 +268,7 @@ def export_integer(model: nn.Module, path: str | Path,
         entries.append({
             "name": name, "kind": layer.kind,
             "shape": list(weight.q.shape), "bits": weight.bits, "signed": weight.signed,
-            "input": _grid_entry(grid)})
+            "weight_range": [weight.lo, weight.hi], "input": _grid_entry(grid)})
     points = output_point_grids(model)
     for point in points:
         blobs.add(f"{point.name}.scale", np.array(point.grid.scale, dtype=np.float32))
@@ -325,11 +326,14 @@ def load_integer(path: str | Path) -> IntegerModel:
 
 def _read_layer(entry: dict[str, Any], read) -> IntegerLayer:
     name, shape = entry["name"], tuple(entry["shape"])
-    q = unpack_bits(read(f"{name}.weight_q"), entry["bits"], int(np.prod(shape)), entry["signed"])
+    bits, signed = entry["bits"], entry["signed"]
+    q = unpack_bits(read(f"{name}.weight_q"), bits, int(np.prod(shape)), signed)
+    # files written before `weight_range` existed: the whole grid, which holds any integers
+    lo, hi = entry.get("weight_range", integer_range(bits, signed))
     weight = IntegerWeight(torch.from_numpy(q.reshape(shape)).float(),
                            torch.from_numpy(read(f"{name}.weight_scale").copy()),
                            torch.from_numpy(read(f"{name}.weight_zero_point")).float(),
-                           entry["bits"], entry["signed"])
+                           bits, signed, int(lo), int(hi))
     return IntegerLayer(name, entry["kind"], weight, _read_grid(entry["input"], read,
                                                               f"{name}.input_scale"))
 
