@@ -1,5 +1,5 @@
 """`--data imagefolder`: a folder of PNGs written by the test trains end to end through the
-CLI, resumes mid-epoch to the run it would have been (with another number of DataLoader
+CLI (CR too, on two crops per image), resumes mid-epoch to the run it would have been (with another number of DataLoader
 workers), trains under a 2-rank gloo torchrun what one process trains, and every malformed
 folder is refused in one line before anything is written."""
 
@@ -61,6 +61,22 @@ def test_folder_is_read_as_imagenet_transforms_of_uint8(folder):
     assert not torch.equal(train[5][0], a)                                  # a new crop
 
 
+def test_two_views_are_two_crops_of_one_image(folder):
+    """CR's views of an image folder: the first is the one-view crop, the second another one;
+    evaluation images have no randomness, so their views coincide."""
+    train, val = load_image_folder(folder, size=12, workers=0)
+    two = train.with_views(2)
+    train.set_epoch(2, seed=0), two.set_epoch(2, seed=0)
+    views, label = two[5]
+    assert views.dtype == torch.uint8 and views.shape == (2, 3, 12, 12) and label == train[5][1]
+    assert torch.equal(views[0], train[5][0]) and not torch.equal(views[0], views[1])
+    assert train.views == 1                                  # the original is left as it was
+    pair = val.with_views(2)[4][0]
+    assert torch.equal(pair[0], pair[1]) and torch.equal(pair[0], val[4][0])
+    batch, _ = next(iter(make_loader(two, 4, range(8))))
+    assert batch.shape == (4, 2, 3, 12, 12)
+
+
 def test_workers_do_not_change_the_batches(folder):
     """Crops are seeded per (seed, epoch, image): 0 and 2 worker processes give the same."""
     batches = []
@@ -86,10 +102,16 @@ def test_folder_trains_and_quantizes_end_to_end(folder, tmp_path, capsys):
     assert json.loads((q / "summary.json").read_text())["kind"] == "qat"
     code, out, err = cli(["eval", q], capsys)
     assert code == 0 and "imagefolder" in out, (out, err)
-    code, _, err = cli(["qat", "--from", fp, "--method", "cr", "--bits", "w4a4", "--batch-size",
-                        "8", "--calib-images", "8", "--device", "cpu", "--out", tmp_path / "cr"],
-                       capsys)
-    assert_one_line(code, err, "qat", ["CR draws its two augmented views"])
+    cr = ["qat", "--from", fp, "--method", "cr", "--bits", "w4a4", "--epochs", "1",
+          "--batch-size", "8", "--calib-images", "8", "--bn-images", "8", "--device", "cpu",
+          "--no-progress"]
+    code, _, err = cli([*cr, "--out", tmp_path / "cr"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "cr" / "summary.json").read_text())["kind"] == "qat"
+    assert _records(tmp_path / "cr")[-1]["train_cr"] > 0    # the consistency term is on
+    code, _, err = cli([*cr, "--unlabeled", "split:0.5", "--out", tmp_path / "cr-split"], capsys)
+    assert_one_line(code, err, "qat", ["CR on an image folder", "method.unlabeled"])
+    assert not (tmp_path / "cr-split").exists()
 
 
 def test_resume_mid_epoch_ends_like_an_uninterrupted_run(folder, tmp_path):

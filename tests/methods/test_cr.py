@@ -267,6 +267,17 @@ def test_prepare_gives_two_independent_views_and_unlabeled_views():
     assert set(extra) == {"teacher_images"}
 
 
+def test_prepare_takes_the_views_an_image_folder_cropped():
+    """(N, 2, C, H, W) from an image folder: view 0 to the student, view 1 to the teacher,
+    each only normalized (the folder's train pipeline has no augmentation of its own)."""
+    raw = torch.randint(0, 256, (4, 2, 3, 8, 8), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(0))
+    images, _, extra = CR(tiny_student()).prepare(raw, torch.zeros(4, dtype=torch.long),
+                                                  EVAL_PIPELINE)
+    assert torch.equal(images, EVAL_PIPELINE(raw[:, 0], train=True))
+    assert torch.equal(extra["teacher_images"], EVAL_PIPELINE(raw[:, 1], train=True))
+
+
 def test_unlabeled_folder_loads_another_copy_of_the_data_set(tmp_path):
     write_fashion_mnist(tmp_path, 64, 8)
     full = load_fashion_mnist(tmp_path)[0]

@@ -12,11 +12,13 @@ center crop) into a uint8 (3, size, size) tensor; normalization happens on the w
 A training image's random crop and flip are drawn from a generator seeded by (seed, epoch,
 index), set by `set_epoch` before each epoch's iterator starts its workers: the crops do not
 depend on the worker that decodes the image, the number of workers or ranks, or where a
-resumed run starts.
+resumed run starts. `with_views(2)` decodes each image once and crops it twice, independently
+(the first crop is the one-view crop), for methods that compare two augmented views (CR).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -67,6 +69,7 @@ class ImageFolderSet(torch.utils.data.Dataset):
         self.num_classes = len(classes)
         self.transform = image_transform(size, train)
         self.seed, self.epoch = 0, 0
+        self.views = 1
 
     def __len__(self) -> int:
         return len(self.files)
@@ -79,29 +82,43 @@ class ImageFolderSet(torch.utils.data.Dataset):
     def sample_shape(self) -> tuple[int, int, int]:
         return 3, self.size, self.size
 
+    def with_views(self, views: int) -> "ImageFolderSet":
+        """The same split, each item `views` transforms of one decoded image, stacked as a
+        uint8 (views, 3, size, size) tensor."""
+        if views < 1:
+            raise ValueError(f"views must be at least 1, got {views}")
+        other = copy.copy(self)
+        other.views = views
+        return other
+
     def set_epoch(self, epoch: int, seed: int) -> None:
         """Seed the augmentation of the coming epoch (before its iterator is created)."""
         self.seed, self.epoch = seed, epoch
 
-    def _decode(self, index: int, transform: Callable[..., Tensor]) -> Tensor:
+    def _decode(self, index: int, transform: Callable[..., Tensor], views: int = 1) -> Tensor:
+        """Image `index` through `transform`; with `views` > 1, that many transforms of it
+        stacked (decoded once)."""
         from PIL import Image, UnidentifiedImageError
 
         path = self.root / os.fsdecode(self.files[index])
         try:
             with Image.open(path) as image:
-                return transform(image.convert("RGB"))
+                rgb = image.convert("RGB")
         except (OSError, ValueError, UnidentifiedImageError) as exc:
             raise DataError(f"{path}: cannot decode the image ({exc})") from None
+        if views == 1:
+            return transform(rgb)
+        return torch.stack([transform(rgb) for _ in range(views)])
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         index = int(index)
         if not self.train:
-            return self._decode(index, self.transform), int(self.labels[index])
+            return self._decode(index, self.transform, self.views), int(self.labels[index])
         with torch.random.fork_rng(devices=[]):   # the caller's stream stays untouched
             # the CPU generator alone: torch.manual_seed would also queue a CUDA seeding
             # with a formatted stack trace, costing more than the crop
             torch.default_generator.manual_seed(_sample_seed(self.seed, self.epoch, index))
-            image = self._decode(index, self.transform)
+            image = self._decode(index, self.transform, self.views)
         return image, int(self.labels[index])
 
     def take(self, indices: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:

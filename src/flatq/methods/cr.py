@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MethodConfig, option, register_method_config
-from ..data import BatchPipeline, ImageTensorDataset
+from ..data import BatchPipeline, ImageFolderSet, ImageTensorDataset
 from ..errors import CheckpointError, ConfigError
 from .base import Objective
 from .ema import TEACHER_BATCHNORM, EMATeacher
@@ -124,13 +124,18 @@ class CR(Objective):
         cfg = self.config
         return consistency_weight(cfg.schedule, self.progress, cfg.ramp_fraction, cfg.lambda_max)
 
-    def training_set(self, dataset: ImageTensorDataset) -> ImageTensorDataset:
-        """The labeled part of `dataset`; the unlabeled images are kept for `prepare`."""
-        if not isinstance(dataset, ImageTensorDataset):
-            raise ConfigError("CR draws its two augmented views of every image from the "
-                              "in-memory batch; an image folder is augmented once per image as "
-                              "it is decoded, so CR runs on the in-memory data sets only")
+    def training_set(self, dataset: ImageTensorDataset | ImageFolderSet
+                     ) -> ImageTensorDataset | ImageFolderSet:
+        """The labeled part of `dataset`; the unlabeled images are kept for `prepare`. An image
+        folder is augmented as it is decoded, so it is asked for two crops of every image."""
         cfg = self.config
+        if isinstance(dataset, ImageFolderSet):
+            if self.source.kind != "none" or cfg.labeled_fraction < 1:
+                raise ConfigError("CR on an image folder uses all of its labeled training "
+                                  "images: method.unlabeled and method.labeled_fraction need "
+                                  "an in-memory data set (cifar10, cifar100, fashion_mnist, "
+                                  "digits)")
+            return dataset.with_views(2)
         fraction = self.source.fraction if self.source.kind == "split" else 0.0
         labeled, self.unlabeled_images = split_training_set(dataset, fraction,
                                                             cfg.labeled_fraction)
@@ -142,9 +147,14 @@ class CR(Objective):
                 generator: torch.Generator | None = None
                 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Two independent views of the labeled batch (student: x2, teacher: x1) and, at
-        `unlabeled_ratio`, two views of a batch of unlabeled images."""
-        student_view = pipeline(raw_images, train=True, generator=generator)
-        teacher_view = pipeline(raw_images, train=True, generator=generator)
+        `unlabeled_ratio`, two views of a batch of unlabeled images. A batch of an image
+        folder's two crops per image, (N, 2, C, H, W), supplies the views itself."""
+        if raw_images.dim() == 5:
+            student_raw, teacher_raw = raw_images[:, 0], raw_images[:, 1]
+        else:
+            student_raw = teacher_raw = raw_images
+        student_view = pipeline(student_raw, train=True, generator=generator)
+        teacher_view = pipeline(teacher_raw, train=True, generator=generator)
         count = round(self.config.unlabeled_ratio * len(raw_images))
         if self.source.kind == "none" or count == 0:
             return student_view, labels, {"teacher_images": teacher_view}
