@@ -24,7 +24,7 @@ import torch
 from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config, parse_bits
 from flatq.runs import load_teacher, pretrain, qat
 
-from machine import machine_info
+from machine import machine_info, run_main
 
 # cell name -> (method, quantizer, method options[, other quantization options])
 TABLE4 = {
@@ -176,4 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

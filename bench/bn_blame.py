@@ -32,7 +32,7 @@ from bn_selection import run_name
 from flatq.quant import quant_layers
 from bn_sensitivity import accuracy, load_run
 from eval_noise import refreshed_statistics
-from machine import machine_info, save_report
+from machine import machine_info, run_main, save_report
 
 SHOWN_CHANNELS = 5
 NEAR = 0.05   # steps from a rounding threshold that count as "at" it
@@ -124,4 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bn_sensitivity import accuracy, load_run, reestimated_accuracy
 from flatq.train.batchnorm import reestimate_batchnorm
-from machine import machine_info, save_report
+from machine import machine_info, run_main, save_report
 
 SIZES = (2560, 12800)
 SEEDS = (10, 11, 12, 13, 14)   # not the grid's own subset seeds 0-3
@@ -96,4 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

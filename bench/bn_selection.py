@@ -32,7 +32,7 @@ from flatq.runs import load_model
 from flatq.train.batchnorm import accuracy_on, reestimate_batchnorm
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flatq.train.run_io import run_data
-from machine import machine_info, save_report
+from machine import machine_info, run_main, save_report
 
 ESTIMATE_IMAGES, CHECK_IMAGES, SEED = 12800, 10000, 0
 
@@ -110,4 +110,4 @@ def markdown(runs: dict[str, dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

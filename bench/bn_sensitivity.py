@@ -27,7 +27,7 @@ from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flatq.train.loop import evaluate
 from flatq.train.run_io import run_data
-from machine import machine_info, save_report
+from machine import machine_info, run_main, save_report
 
 ESTIMATES = ((12800, 0), (12800, 1), (12800, 2), (25600, 3))   # (images, subset seed)
 
@@ -76,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

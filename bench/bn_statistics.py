@@ -24,6 +24,7 @@ from flatq.data import calibration_batches
 from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.train.loop import evaluate
 from flatq.runs import load_model
+from machine import machine_info, run_main, save_report
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -54,12 +55,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{run}: test acc {before:.2f}% -> {after:.2f}% with re-estimated BN statistics")
         results.append({"run": run, "test_acc": before, "test_acc_bn_reestimated": after})
     if args.out:
-        Path(args.out).write_text(json.dumps({"batches": args.batches,
-                                              "batch_size": args.batch_size,
-                                              "seed": args.seed, "runs": results}, indent=1))
-        print(f"-> {args.out}")
+        save_report({"machine": machine_info(), "batches": args.batches,
+                     "batch_size": args.batch_size, "seed": args.seed, "runs": results}, args.out)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -127,7 +127,7 @@ import yaml
 
 from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config
 from flatq.runs import load_teacher, pretrain, qat
-from machine import machine_info, save_report
+from machine import machine_info, run_main, save_report
 
 FP_EPOCHS = 15
 QAT_EPOCHS, QAT_STEPS = 10, 60
@@ -559,4 +559,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,7 +26,7 @@ from flatq.methods import FPQ, FPQConfig
 from flatq.quant import calibrate, quantize_model
 from flatq.runs import load_teacher, prepare_data
 
-from machine import machine_info
+from machine import machine_info, run_main
 
 
 def student_and_batch(run: str, bits: str, images: int, seed: int):
@@ -101,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -33,7 +33,7 @@ from torchvision import datasets, transforms as T
 
 from flatq.data import load_image_folder, make_loader, pipeline_for
 from flatq.data.folder import IMAGENET_MEAN, IMAGENET_STD
-from machine import machine_info, save_report
+from machine import machine_info, run_main, save_report
 
 SIZE = 224
 
@@ -116,4 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

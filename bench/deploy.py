@@ -36,7 +36,7 @@ from flatq import QuantConfig, calibrate, quantize_model
 from flatq.export import OnnxModel, export_float_onnx, export_onnx
 from flatq.models import build_model
 
-from machine import machine_info, save_report
+from machine import machine_info, run_main, save_report
 
 MODELS = {"resnet18_cifar": ("resnet18", 32), "mobilenet_v2_cifar": ("mobilenet_v2", 32),
           "resnet18_224": ("torchvision:resnet18", 224),
@@ -176,4 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

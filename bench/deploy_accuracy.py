@@ -29,7 +29,7 @@ from flatq.export import OnnxModel, compare, export_run
 from flatq.runs import load_model, load_teacher, qat
 from flatq.train.loop import evaluate
 from flatq.train.run_io import run_data
-from machine import machine_info, save_report
+from machine import machine_info, run_main, save_report
 
 # (bits, deployment target): the onnxruntime runs are exported; the paper run is the reference
 RUNS = (("w8a8", "onnxruntime"), ("w4a4", "onnxruntime"), ("w4a4", "paper"))
@@ -86,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,7 +24,7 @@ from flatq.config import (DataConfig, QuantConfig, RunConfig, TrainConfig, metho
 from flatq.runs import ptq
 from flatq.runs import load_teacher, pretrain
 
-from machine import machine_info, save_report
+from machine import machine_info, run_main, save_report
 
 
 def train(args: argparse.Namespace, method: str, options: dict, run_dir: Path) -> dict:
@@ -112,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,7 +30,7 @@ import torch
 
 from bn_selection import run_name
 from bn_sensitivity import accuracy, load_run
-from machine import machine_info, save_report
+from machine import machine_info, run_main, save_report
 
 REPEATS, STEPS, BATCH = 6, 60, 128
 
@@ -126,4 +126,4 @@ def markdown(runs: dict[str, dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -54,7 +54,7 @@ from flatq.models import available_models, build_model
 from flatq.quant import calibrate, quantize_model
 from flatq.runs import load_model, prepare_data
 
-from machine import machine_info, save_report, timed
+from machine import machine_info, run_main, save_report, timed
 
 try:
     from pyhessian import hessian as PyHessian
@@ -239,4 +239,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -22,7 +22,7 @@ import time
 import torch
 
 from flatq.allocator import retain_freed_host_memory
-from machine import machine_info, run_in_fresh_process, save_report, status_mib
+from machine import machine_info, run_in_fresh_process, run_main, save_report, status_mib
 from step_time import batch, build_objective
 
 MODES = ("glibc default", "retained")
@@ -87,4 +87,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,5 +1,5 @@
 """What bench scripts share: where a result ran, its process memory, how a call is timed, how
-a result is saved."""
+a result is saved, how a mistake is reported."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import platform
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from flatq.errors import FlatqError
 
 
 def cpu_model() -> str:
@@ -48,6 +51,17 @@ def machine_info() -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a bench script's `main`: a user mistake (FlatqError: a missing data set, model or
+    run) ends in one line on stderr and exit status 2, as in the flatq command; anything else
+    is a bug and keeps its traceback."""
+    try:
+        main()
+    except FlatqError as exc:
+        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def save_report(report: dict, path: str | Path) -> Path:

@@ -32,7 +32,7 @@ from flatq.methods import MEC, MECConfig, TaskObjective
 from flatq.models import available_models, build_model
 from flatq.quant import calibrate, quantize_model
 
-from machine import machine_info, save_report, timed
+from machine import machine_info, run_main, save_report, timed
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -123,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

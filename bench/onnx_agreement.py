@@ -26,7 +26,7 @@ from flatq.export import OnnxModel, export_onnx
 from flatq.models import build_model
 from flatq.models.vit import VisionTransformer
 
-from machine import machine_info, save_report
+from machine import machine_info, run_main, save_report
 
 CASES = (("resnet8", "w4a4"), ("resnet8", "w2a2"), ("mobilenet_v2", "w4a4"), ("vit", "w4a4"))
 AFFECTED = 1e-5
@@ -80,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -28,7 +28,7 @@ import torch
 from flatq.config import DataConfig, QuantConfig, RunConfig, TrainConfig, method_config
 from flatq.quant import quant_layers
 from flatq.runs import load_teacher, pretrain, qat
-from machine import machine_info, save_report
+from machine import machine_info, run_main, save_report
 
 # variant -> (quantization options, training options)
 VARIANTS = {
@@ -182,4 +182,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

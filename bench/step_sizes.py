@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flatq.analysis.step_sizes import weight_step_sizes
 from flatq.runs import load_model
-from machine import save_report
+from machine import run_main, save_report
 
 
 def layer_step_sizes(run: str) -> list[dict]:
@@ -40,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

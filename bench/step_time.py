@@ -42,8 +42,8 @@ from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.allocator import retain_freed_host_memory
 from flatq.train.optim import build_optimizer
 
-from machine import (machine_info, print_load, run_in_fresh_process, save_report, status_mib,
-                     timed)
+from machine import (machine_info, print_load, run_in_fresh_process, run_main, save_report,
+                     status_mib, timed)
 
 METHODS = ("fp", "lsq", "fpq")
 PARTS = ("lsq+teacher", "fpq-sfp")
@@ -254,4 +254,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -38,7 +38,7 @@ from flatq.quant import calibrate, quant_layers, quantize_model
 from flatq.train.batchnorm import reestimate_batchnorm
 from flatq.train.optim import build_optimizer
 
-from machine import machine_info, print_load, save_report
+from machine import machine_info, print_load, run_main, save_report
 from step_time import NUM_CLASSES, batch, summarize, timed_step
 
 SETTINGS = ("fp", "flatq", "brevitas")
@@ -193,4 +193,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

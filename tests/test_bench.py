@@ -1,5 +1,6 @@
-"""bench/converged.py's workers share a grid by claiming runs with a lock file: a run held by a
-live worker is skipped by the others, and a stopped worker's run is free again."""
+"""The bench scripts' shared behaviour: a user mistake is one line, not a traceback; and
+bench/converged.py's workers share a grid by claiming runs with a lock file (a run held by a
+live worker is skipped by the others, a stopped worker's run is free again)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,13 @@ def test_a_held_run_is_skipped_and_a_released_one_taken(tmp_path: Path) -> None:
     assert not other_worker_claims(lock_file)
     held.close()                      # as the kernel does when a worker ends
     assert other_worker_claims(lock_file)
+
+
+def test_a_missing_run_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(BENCH / "converged.py"), "qat", "--fp30-grid",
+                           "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"converged.py: error: checkpoint not found: {tmp_path / 'results' / 'fp30'}"]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
