@@ -448,7 +448,7 @@ def cost(records: list[dict]) -> str:
                else r["cpu_seconds"] / 60 for r in priced]
     cells = ", ".join(f"{cell} {statistics.fmean(m):.1f}" for cell, m in per_cell.items())
     resumed = sum(bool(r.get("resumed")) for r in priced)
-    note = f"; {resumed} resumed runs priced at their cell's mean" if resumed else ""
+    note = f"; resumed runs, priced at their cell's mean: {resumed}" if resumed else ""
     return (f"- CPU time: {sum(minutes) / 60:.2f} CPU-hours for {len(priced)} of "
             f"{len(records)} runs (mean CPU-minutes per run: {cells}{note})\n")
 
