@@ -27,8 +27,8 @@ from ..quant.target import QuantBatchNorm2d
 class IntegerWeight:
     """A weight as integers `q` (float32 tensor of whole numbers, the weight's shape) with
     per-output-channel `scale` and integer `zero_point` (both shape (C,)), inside the integer
-    range [lo, hi] its quantizer clamps to (narrower than the `bits`-bit grid for symmetric
-    quantizers, which a runtime can use to pick narrow-range kernels)."""
+    range [lo, hi] its quantizer clamps to (the whole `bits`-bit grid for every weight
+    quantizer flatq has; kept so that a narrow-range one would export without guessing)."""
 
     q: Tensor
     scale: Tensor
