@@ -103,6 +103,17 @@ less than 0.2 points) and, because a single pair of evaluations of a 2-bit model
 (the session grid: +0.32 / +0.12 / +0.24 at W2A2), also on the mean of each width's three
 seeds; the report gives both.
 
+The fp30-lsq-long schedule (added, before any of its runs, when the fp30-grid's three LSQ W2A2
+runs had gained +0.49 / +0.13 / +0.40 in their last fifth, mean +0.34: more than one
+evaluation's noise explains, sd about 0.16 on a 3-seed mean of differences, see
+bench/eval_noise.py): the fp30-grid's LSQ cells at twice the steps (80 x QAT_STEPS = 4800),
+everything else unchanged, W2A2 and W2A4, seeds 0, 1, 2 (about 2 CPU-hours). Rules, written
+before its runs: (a) the issue's last-fifth rule, per run and on each width's 3-seed mean; (b)
+doubling, as for the FP model: LSQ's 2400 steps had plateaued at a width if 4800 steps change
+its 3-seed mean final test accuracy (as trained) by less than 0.2 points. If (b) fails at
+W2A2, the fp30-grid's W2A2 comparison is at a length where LSQ still gains, and the README says
+so; whichever way it goes, both rules' outcomes are reported.
+
 `probe` trains one run outside the grid with changed options (a BatchNorm policy, a longer
 schedule, a method option, oscillation dampening or freezing) and keeps its record in results/converged/probes/NAME.json, e.g.
 
@@ -163,6 +174,10 @@ SCHEDULES = {
                      {"freeze_oscillations": 0.005, "freeze_momentum": 0.01,
                       "channels_last": True, "eval_every": 8}, fp_epochs=30,
                      fp_channels_last=True),
+    "fp30-lsq-long": Schedule(80, ("LSQ",), ("w2a2", "w2a4"),
+                              {"freeze_oscillations": 0.005, "freeze_momentum": 0.01,
+                               "channels_last": True, "eval_every": 8}, fp_epochs=30,
+                              fp_channels_last=True),
 }
 # re-estimated after training, unconditionally (bn_check 0, as before --bn-check existed):
 # the record keeps the accuracy before too, so bench/bn_selection.py can judge any policy
