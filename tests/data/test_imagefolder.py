@@ -1,7 +1,8 @@
 """`--data imagefolder`: a folder of PNGs written by the test trains end to end through the
 CLI (CR too, on two crops per image), resumes mid-epoch to the run it would have been (with another number of DataLoader
 workers), trains under a 2-rank gloo torchrun what one process trains, and every malformed
-folder is refused in one line before anything is written."""
+folder is refused in one line before anything is written. The CR run is watched: its loader must
+hand CR two different crops of every image, (N, 2, C, H, W)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from data_files import write_image_folder
 from flatq.cli import main
 from flatq.config import DataConfig, RunConfig, TrainConfig, method_config
 from flatq.data import load_image_folder, make_loader
+from flatq.methods.cr import CR
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flatq.runs import pretrain
 from run_helpers import Interrupted, interrupt_at
@@ -88,7 +90,7 @@ def test_workers_do_not_change_the_batches(folder):
     assert torch.equal(*batches)
 
 
-def test_folder_trains_and_quantizes_end_to_end(folder, tmp_path, capsys):
+def test_folder_trains_and_quantizes_end_to_end(folder, tmp_path, capsys, monkeypatch):
     fp, q = tmp_path / "fp", tmp_path / "q"
     code, out, err = cli(["pretrain", "--model", "resnet8", *FOLDER, "--data-root", folder,
                           "--epochs", "2", "--batch-size", "8", "--lr", "0.1", "--workers", "2",
@@ -105,8 +107,18 @@ def test_folder_trains_and_quantizes_end_to_end(folder, tmp_path, capsys):
     cr = ["qat", "--from", fp, "--method", "cr", "--bits", "w4a4", "--epochs", "1",
           "--batch-size", "8", "--calib-images", "8", "--bn-images", "8", "--device", "cpu",
           "--no-progress"]
+    batches = []                           # what the trainer's loader hands CR, per step
+    prepare = CR.prepare
+
+    def recording_prepare(self, raw_images, *args, **kwargs):
+        batches.append(raw_images.clone())
+        return prepare(self, raw_images, *args, **kwargs)
+
+    monkeypatch.setattr(CR, "prepare", recording_prepare)
     code, _, err = cli([*cr, "--out", tmp_path / "cr"], capsys)
     assert code == 0, err
+    assert batches and all(b.dim() == 5 and b.shape[1] == 2 for b in batches)
+    assert any(not torch.equal(b[:, 0], b[:, 1]) for b in batches)   # two crops, not one twice
     assert json.loads((tmp_path / "cr" / "summary.json").read_text())["kind"] == "qat"
     assert _records(tmp_path / "cr")[-1]["train_cr"] > 0    # the consistency term is on
     code, _, err = cli([*cr, "--unlabeled", "split:0.5", "--out", tmp_path / "cr-split"], capsys)
