@@ -28,11 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bn_selection import run_name
 from flatq.quant import quant_layers
 from bn_sensitivity import accuracy, load_run
 from eval_noise import refreshed_statistics
-from machine import machine_info, run_main, save_report
+from machine import machine_info, run_main, run_name, save_report
 
 SHOWN_CHANNELS = 5
 NEAR = 0.05   # steps from a rounding threshold that count as "at" it

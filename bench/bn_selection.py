@@ -19,9 +19,7 @@ a stopped call continues).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -32,7 +30,7 @@ from flatq.runs import load_model
 from flatq.train.batchnorm import accuracy_on, reestimate_batchnorm
 from flatq.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flatq.train.run_io import run_data
-from machine import machine_info, run_main, save_report
+from machine import machine_info, per_run_command, run_main, run_name, save_report
 
 ESTIMATE_IMAGES, CHECK_IMAGES, SEED = 12800, 10000, 0
 
@@ -58,19 +56,8 @@ def selection(model: torch.nn.Module, data) -> dict:
     return result
 
 
-def run_name(run_dir: Path) -> str:
-    """probes/NAME, or long/w2a2/lsq/seed0 for grid runs."""
-    parts = run_dir.parts
-    return "/".join(parts[parts.index("converged") + 1:]) if "converged" in parts else run_dir.name
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("results/converged/bn_selection.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    report = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
+    args, report = per_run_command(__doc__, "results/converged/bn_selection.json")
     runs, loaded = report["runs"], {}   # loaded: data set by its config, read once for all runs
     for run_dir in args.runs:
         if run_name(run_dir) in runs:

@@ -19,7 +19,6 @@ Adds to results/converged/eval_noise.json after each run (runs already there are
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -28,9 +27,8 @@ from pathlib import Path
 
 import torch
 
-from bn_selection import run_name
 from bn_sensitivity import accuracy, load_run
-from machine import machine_info, run_main, save_report
+from machine import machine_info, per_run_command, run_main, run_name, save_report
 
 REPEATS, STEPS, BATCH = 6, 60, 128
 
@@ -70,12 +68,7 @@ def recorded_noise(run_dir: Path, last: int = 6) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("results/converged/eval_noise.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    report = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
+    args, report = per_run_command(__doc__, "results/converged/eval_noise.json")
     for run_dir in args.runs:
         name = run_name(run_dir)
         if name in report["runs"]:

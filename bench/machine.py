@@ -1,8 +1,9 @@
 """What bench scripts share: where a result ran, its process memory, how a call is timed, how
-a result is saved, how a mistake is reported."""
+a result is saved, how a mistake is reported, the command line of a bench over run folders."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
 import platform
@@ -71,6 +72,27 @@ def save_report(report: dict, path: str | Path) -> Path:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"-> {out}")
     return out
+
+
+def per_run_command(doc: str, default_out: str) -> tuple[argparse.Namespace, dict]:
+    """Parse the command line of a bench that measures run folders one at a time (`runs`, and
+    `--out`, its JSON report) and return it with the report so far: the runs already in it
+    are skipped, so a stopped call continues where it stopped. Single-threaded, as the runs
+    it measures trained."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=Path(default_out))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    report = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
+    return args, report
+
+
+def run_name(run_dir: Path) -> str:
+    """A run folder's name in a per-run report: probes/NAME, or long/w2a2/lsq/seed0 for grid
+    runs."""
+    parts = run_dir.parts
+    return "/".join(parts[parts.index("converged") + 1:]) if "converged" in parts else run_dir.name
 
 
 def print_load(report: dict) -> None:
