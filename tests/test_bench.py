@@ -1,12 +1,17 @@
 """The bench scripts' shared behaviour: a user mistake is one line, not a traceback; and
 bench/converged.py's workers share a grid by claiming runs with a lock file (a run held by a
-live worker is skipped by the others, a stopped worker's run is free again)."""
+live worker is skipped by the others, a stopped worker's run is free again); a schedule that
+borrows another's runs takes only those of its own widths, from a lender that trains alike."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 OTHER_WORKER = ("import sys; sys.path.insert(0, sys.argv[1]); from converged import claim; "
@@ -41,3 +46,21 @@ def test_a_missing_run_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [
         f"converged.py: error: checkpoint not found: {tmp_path / 'results' / 'fp30'}"]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_a_borrowing_schedule_shows_its_lenders_runs_of_its_widths_only(tmp_path: Path) -> None:
+    """fp30-w2a2-long's report includes fp30-lsq-long's W2A2 LSQ runs (not its W2A4 ones);
+    a lender that trained otherwise is refused."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import converged
+    finally:
+        sys.path.remove(str(BENCH))
+    for bits in ("w2a2", "w2a4"):
+        record = tmp_path / "runs" / bits / "lsq" / "seed0.json"
+        record.parent.mkdir(parents=True)
+        record.write_text(json.dumps({"cell": "LSQ", "bits": bits, "seed": 0}))
+    plan = converged.SCHEDULES["fp30-w2a2-long"]
+    assert [r["bits"] for r in converged.borrowed_records(plan, tmp_path)] == ["w2a2"]
+    with pytest.raises(ValueError, match="trains otherwise"):
+        converged.borrowed_records(dataclasses.replace(plan, epochs=40), tmp_path)
