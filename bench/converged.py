@@ -468,6 +468,13 @@ def acceptance(rows: list[dict]) -> str:
              f"- unconditional BatchNorm re-estimation moved runs by {min(moves):+.2f} to "
              f"{max(moves):+.2f} points ({sum(abs(m) > 0.5 for m in moves)} of {len(moves)} by "
              f"more than 0.5)"]
+    checked = [c - before for r in rows for c, before in zip(r["checked"], r["before_bn"])
+               if c is not None]
+    if checked:
+        lines.append(f"- flatq's default, the checked re-estimation (bench/bn_selection.py, "
+                     f"{len(checked)} of {len(moves)} runs measured), moved them by "
+                     f"{min(checked):+.2f} to {max(checked):+.2f} points "
+                     f"({sum(abs(m) > 0.5 for m in checked)} by more than 0.5)")
     if lsq:
         lines.append(f"- LSQ's last fifth: largest change {max(lsq):.2f} points "
                      f"({sum(c < 0.2 for c in lsq)} of {len(lsq)} runs under 0.2)")
