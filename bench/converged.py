@@ -125,6 +125,8 @@ in a later session. Rules, written before its runs: FPQ beats LSQ at W2A2 by mor
 seeds' spread if its lowest seed is above LSQ's highest, as trained and (reported beside it)
 re-estimated; the fp30-grid's statement at 2400 steps stands at 4800 only if this holds; LSQ's
 last fifth is judged per run and on the seed mean, as in fp30-lsq-long.
+Both reports state rule (b) per cell against the fp30-grid (`doubling` lines; for FPQ and KD
+too, as information: the rules above judge LSQ).
 
 `probe` trains one run outside the grid with changed options (a BatchNorm policy, a longer
 schedule, a method option, oscillation dampening or freezing) and keeps its record in results/converged/probes/NAME.json, e.g.
@@ -168,6 +170,7 @@ class Schedule:
     fp_epochs: int = FP_EPOCHS                  # the FP model QAT starts from
     fp_channels_last: bool = False              # how that FP model was trained
     borrows: str | None = None   # a schedule whose runs of this one's widths its report shows
+    doubles: str | None = None   # the schedule this one trains twice as long (doubling rule)
 
     def describe(self) -> str:
         extra = "".join(f", {k} {v}" for k, v in self.train.items())
@@ -190,11 +193,12 @@ SCHEDULES = {
     "fp30-lsq-long": Schedule(80, ("LSQ",), ("w2a2", "w2a4"),
                               {"freeze_oscillations": 0.005, "freeze_momentum": 0.01,
                                "channels_last": True, "eval_every": 8}, fp_epochs=30,
-                              fp_channels_last=True),
+                              fp_channels_last=True, doubles="fp30-grid"),
     "fp30-w2a2-long": Schedule(80, ("KD", "FPQ"), ("w2a2",),
                                {"freeze_oscillations": 0.005, "freeze_momentum": 0.01,
                                 "channels_last": True, "eval_every": 8}, fp_epochs=30,
-                               fp_channels_last=True, borrows="fp30-lsq-long"),
+                               fp_channels_last=True, borrows="fp30-lsq-long",
+                               doubles="fp30-grid"),
 }
 # re-estimated after training, unconditionally (bn_check 0, as before --bn-check existed):
 # the record keeps the accuracy before too, so bench/bn_selection.py can judge any policy
@@ -377,7 +381,7 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
     """results/converged/converged.{json,md} (with a `schedule`: results/converged/SCHEDULE/)."""
     fp_epochs = SCHEDULES[schedule].fp_epochs if schedule else FP_EPOCHS
     fp_dir, doubled = fp_folder(out, results, fp_epochs), fp_doubled(results, fp_epochs)
-    records = []
+    records, doubling_text = [], ""
     if schedule:
         plan = SCHEDULES[schedule]
         if plan.borrows:
@@ -405,6 +409,8 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
                          "dead_channels": [r["dead_channels"] for r in runs],
                          "plateau_change": [r["plateau_change"] for r in runs]})
     rows.sort(key=lambda r: r["bits"])
+    if schedule and SCHEDULES[schedule].doubles:
+        doubling_text = doubling(rows, results.parent / SCHEDULES[schedule].doubles)
     fp_row = {"epochs": fp_epochs, "test_acc": fp[-1], "plateau_change": plateau_change(fp),
               "doubled_test_acc": epoch_accuracies(doubled)[-1] if doubled else None} \
         if fp else None
@@ -413,7 +419,7 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
                               "qat_epochs": SCHEDULES[schedule].epochs if schedule else QAT_EPOCHS,
                               "qat_steps_per_epoch": QAT_STEPS, "batch_size": BATCH}},
                 results / "converged.json")
-    text = (markdown(fp_row, rows) + acceptance(rows) + cost(records)
+    text = (markdown(fp_row, rows) + acceptance(rows) + doubling_text + cost(records)
             + probes_markdown(results / "probes"))
     (results / "converged.md").write_text(text)
     print(text)
@@ -429,6 +435,25 @@ def borrowed_records(plan: Schedule, folder: Path) -> list[dict]:
     return [record for record in map(json.loads, map(Path.read_text,
                                                      sorted((folder / "runs").rglob("*.json"))))
             if record["bits"] in plan.widths]
+
+
+def doubling(rows: list[dict], shorter: Path) -> str:
+    """The doubling rule per cell with all seeds in both schedules: the 3-seed mean as trained
+    here against the same cell in `shorter` (half the steps); under 0.2 points of change the
+    shorter schedule had plateaued."""
+    records = [json.loads(p.read_text()) for p in sorted((shorter / "runs").rglob("*.json"))]
+    lines = []
+    for r in rows:
+        before = [x["test_acc_before_bn"] for x in records
+                  if x["cell"] == r["cell"] and x["bits"] == r["bits"]]
+        if r["n"] != len(SEEDS) or len(before) != len(SEEDS):
+            continue
+        was, now = statistics.fmean(before), statistics.fmean(r["before_bn"])
+        verdict = "had plateaued" if abs(now - was) < 0.2 else "had not plateaued"
+        lines.append(f"- doubling, {r['bits']} {r['cell']} (mean of the seeds as trained): "
+                     f"{shorter.name} {was:.2f} -> {now:.2f} ({now - was:+.2f}): "
+                     f"{shorter.name}'s length {verdict} (rule: under 0.2 in size)")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def checked_policy(results: Path, schedule: str | None) -> dict[Path, float]:

@@ -1,7 +1,8 @@
 """The bench scripts' shared behaviour: a user mistake is one line, not a traceback; and
 bench/converged.py's workers share a grid by claiming runs with a lock file (a run held by a
 live worker is skipped by the others, a stopped worker's run is free again); a schedule that
-borrows another's runs takes only those of its own widths, from a lender that trains alike."""
+borrows another's runs takes only those of its own widths, from a lender that trains alike;
+the doubling rule compares three-seed means as trained."""
 
 from __future__ import annotations
 
@@ -64,3 +65,23 @@ def test_a_borrowing_schedule_shows_its_lenders_runs_of_its_widths_only(tmp_path
     assert [r["bits"] for r in converged.borrowed_records(plan, tmp_path)] == ["w2a2"]
     with pytest.raises(ValueError, match="trains otherwise"):
         converged.borrowed_records(dataclasses.replace(plan, epochs=40), tmp_path)
+
+
+def test_the_doubling_rule_compares_three_seed_means_as_trained(tmp_path: Path) -> None:
+    """89.55 -> 90.35 fails the rule (+0.80), 89.55 -> 89.65 passes it (+0.10); a cell with
+    fewer than three seeds in either schedule is not judged."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from converged import doubling
+    finally:
+        sys.path.remove(str(BENCH))
+    for seed, acc in enumerate((89.61, 89.25, 89.79)):
+        record = tmp_path / "fp30-grid" / "runs" / "w2a2" / "lsq" / f"seed{seed}.json"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"cell": "LSQ", "bits": "w2a2",
+                                      "test_acc_before_bn": acc}))
+    row = {"cell": "LSQ", "bits": "w2a2", "n": 3, "before_bn": [90.45, 90.46, 90.14]}
+    assert "+0.80): fp30-grid's length had not plateaued" in doubling([row], tmp_path / "fp30-grid")
+    row["before_bn"] = [89.70, 89.50, 89.75]
+    assert "+0.10): fp30-grid's length had plateaued" in doubling([row], tmp_path / "fp30-grid")
+    assert doubling([{**row, "n": 2}], tmp_path / "fp30-grid") == ""
