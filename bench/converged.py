@@ -128,6 +128,16 @@ last fifth is judged per run and on the seed mean, as in fp30-lsq-long.
 Both reports state rule (b) per cell against the fp30-grid (`doubling` lines; for FPQ and KD
 too, as information: the rules above judge LSQ).
 
+The fp30-lsq-longer schedule (added after fp30-lsq-long and FPQ's fp30-w2a2-long runs had
+finished, KD's still training): LSQ's W2A2 runs had gained 0.80 points from 2400 to 4800 steps
+and passed the last-fifth rule at 4800 only on the seed mean (+0.35 / -0.07 / +0.22, mean
++0.17), so whether 4800 steps is LSQ's plateau at W2A2 is judged the same way once more: the
+W2A2 LSQ cell at 9600 steps (160 x QAT_STEPS), everything else unchanged, seeds 0, 1, 2, about
+2 CPU-hours (`qat --fp30-lsq-longer`, `report --fp30-lsq-longer`). Rule, written before its
+runs: 4800 steps had plateaued if 9600 change LSQ's 3-seed mean as trained by less than 0.2
+points; then fp30-w2a2-long is the W2A2 comparison at a converged length. If not, LSQ's gain is
+reported, and FPQ and KD would need the same length before W2A2 is judged.
+
 `probe` trains one run outside the grid with changed options (a BatchNorm policy, a longer
 schedule, a method option, oscillation dampening or freezing) and keeps its record in results/converged/probes/NAME.json, e.g.
 
@@ -199,6 +209,10 @@ SCHEDULES = {
                                 "channels_last": True, "eval_every": 8}, fp_epochs=30,
                                fp_channels_last=True, borrows="fp30-lsq-long",
                                doubles="fp30-grid"),
+    "fp30-lsq-longer": Schedule(160, ("LSQ",), ("w2a2",),
+                                {"freeze_oscillations": 0.005, "freeze_momentum": 0.01,
+                                 "channels_last": True, "eval_every": 8}, fp_epochs=30,
+                                fp_channels_last=True, doubles="fp30-lsq-long"),
 }
 # re-estimated after training, unconditionally (bn_check 0, as before --bn-check existed):
 # the record keeps the accuracy before too, so bench/bn_selection.py can judge any policy
