@@ -188,31 +188,31 @@ class Schedule:
                 f"{'/'.join(self.cells)}{extra}, from the {self.fp_epochs}-epoch FP model")
 
 
+# the session grid's training: oscillating weights frozen, NHWC convolutions, every 8th evaluation
+SESSION_TRAIN = {"freeze_oscillations": 0.005, "freeze_momentum": 0.01, "channels_last": True,
+                 "eval_every": 8}
+
+
+def fp30_schedule(epochs: int, cells: tuple[str, ...], widths: tuple[str, ...],
+                  **links: str) -> Schedule:
+    """A schedule of the session grid's training from the plateaued 30-epoch FP model;
+    `links`: borrows, doubles."""
+    return Schedule(epochs, cells, widths, SESSION_TRAIN, fp_epochs=30, fp_channels_last=True,
+                    **links)
+
+
 SCHEDULES = {
     "long": Schedule(20, ("LSQ", "KD", "FPQ")),
     "longer": Schedule(40, ("LSQ", "FPQ")),
     "sound": Schedule(40, ("LSQ", "KD", "FPQ", "+SFP", "+CSD"), ("w2a2", "w2a4"),
                       {"freeze_oscillations": 0.005, "freeze_momentum": 0.01}),
     "session": Schedule(40, ("LSQ", "KD", "FPQ", "+SFP", "+CSD"), ("w2a2", "w2a4"),
-                        {"freeze_oscillations": 0.005, "freeze_momentum": 0.01,
-                         "channels_last": True, "eval_every": 8}),
-    "fp30-grid": Schedule(40, ("LSQ", "KD", "FPQ", "+SFP", "+CSD"), ("w2a2", "w2a4"),
-                     {"freeze_oscillations": 0.005, "freeze_momentum": 0.01,
-                      "channels_last": True, "eval_every": 8}, fp_epochs=30,
-                     fp_channels_last=True),
-    "fp30-lsq-long": Schedule(80, ("LSQ",), ("w2a2", "w2a4"),
-                              {"freeze_oscillations": 0.005, "freeze_momentum": 0.01,
-                               "channels_last": True, "eval_every": 8}, fp_epochs=30,
-                              fp_channels_last=True, doubles="fp30-grid"),
-    "fp30-w2a2-long": Schedule(80, ("KD", "FPQ"), ("w2a2",),
-                               {"freeze_oscillations": 0.005, "freeze_momentum": 0.01,
-                                "channels_last": True, "eval_every": 8}, fp_epochs=30,
-                               fp_channels_last=True, borrows="fp30-lsq-long",
-                               doubles="fp30-grid"),
-    "fp30-lsq-longer": Schedule(160, ("LSQ",), ("w2a2",),
-                                {"freeze_oscillations": 0.005, "freeze_momentum": 0.01,
-                                 "channels_last": True, "eval_every": 8}, fp_epochs=30,
-                                fp_channels_last=True, doubles="fp30-lsq-long"),
+                        SESSION_TRAIN),
+    "fp30-grid": fp30_schedule(40, ("LSQ", "KD", "FPQ", "+SFP", "+CSD"), ("w2a2", "w2a4")),
+    "fp30-lsq-long": fp30_schedule(80, ("LSQ",), ("w2a2", "w2a4"), doubles="fp30-grid"),
+    "fp30-w2a2-long": fp30_schedule(80, ("KD", "FPQ"), ("w2a2",), borrows="fp30-lsq-long",
+                                    doubles="fp30-grid"),
+    "fp30-lsq-longer": fp30_schedule(160, ("LSQ",), ("w2a2",), doubles="fp30-lsq-long"),
 }
 # re-estimated after training, unconditionally (bn_check 0, as before --bn-check existed):
 # the record keeps the accuracy before too, so bench/bn_selection.py can judge any policy
@@ -401,7 +401,7 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
         if plan.borrows:
             records = borrowed_records(plan, results / plan.borrows)
         results = results / schedule
-    records += [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
+    records += read_records(results)
     checked = checked_policy(results.parent if schedule else results, schedule)
     fp = epoch_accuracies(fp_dir) if (fp_dir / "metrics.jsonl").is_file() else []
     rows = []
@@ -439,6 +439,11 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
     print(text)
 
 
+def read_records(results: Path) -> list[dict]:
+    """Every finished run's record under a grid's or schedule's results folder."""
+    return [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
+
+
 def borrowed_records(plan: Schedule, folder: Path) -> list[dict]:
     """The records of `plan.borrows` at `plan`'s widths: runs `plan` would otherwise train
     again, so both schedules must train alike (checked here, not assumed)."""
@@ -446,16 +451,14 @@ def borrowed_records(plan: Schedule, folder: Path) -> list[dict]:
     same = ("epochs", "train", "fp_epochs", "fp_channels_last")
     if any(getattr(lender, key) != getattr(plan, key) for key in same):
         raise ValueError(f"schedule {plan.borrows} trains otherwise than the one borrowing it")
-    return [record for record in map(json.loads, map(Path.read_text,
-                                                     sorted((folder / "runs").rglob("*.json"))))
-            if record["bits"] in plan.widths]
+    return [record for record in read_records(folder) if record["bits"] in plan.widths]
 
 
 def doubling(rows: list[dict], shorter: Path) -> str:
     """The doubling rule per cell with all seeds in both schedules: the 3-seed mean as trained
     here against the same cell in `shorter` (half the steps); under 0.2 points of change the
     shorter schedule had plateaued."""
-    records = [json.loads(p.read_text()) for p in sorted((shorter / "runs").rglob("*.json"))]
+    records = read_records(shorter)
     lines = []
     for r in rows:
         before = [x["test_acc_before_bn"] for x in records

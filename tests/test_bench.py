@@ -7,16 +7,27 @@ the doubling rule compares three-seed means as trained."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 OTHER_WORKER = ("import sys; sys.path.insert(0, sys.argv[1]); from converged import claim; "
                 "from pathlib import Path; print(claim(Path(sys.argv[2])) is not None)")
+
+
+def converged_module() -> ModuleType:
+    """bench/converged.py, imported as its workers import it (bench/ is not a package)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("converged")
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def other_worker_claims(lock_file: Path) -> bool:
@@ -26,11 +37,7 @@ def other_worker_claims(lock_file: Path) -> bool:
 
 
 def test_a_held_run_is_skipped_and_a_released_one_taken(tmp_path: Path) -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        from converged import claim
-    finally:
-        sys.path.remove(str(BENCH))
+    claim = converged_module().claim
     lock_file = tmp_path / "claims" / "w2a2-lsq-seed0"
     held = claim(lock_file)
     assert held is not None
@@ -52,11 +59,7 @@ def test_a_missing_run_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
 def test_a_borrowing_schedule_shows_its_lenders_runs_of_its_widths_only(tmp_path: Path) -> None:
     """fp30-w2a2-long's report includes fp30-lsq-long's W2A2 LSQ runs (not its W2A4 ones);
     a lender that trained otherwise is refused."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import converged
-    finally:
-        sys.path.remove(str(BENCH))
+    converged = converged_module()
     for bits in ("w2a2", "w2a4"):
         record = tmp_path / "runs" / bits / "lsq" / "seed0.json"
         record.parent.mkdir(parents=True)
@@ -70,11 +73,7 @@ def test_a_borrowing_schedule_shows_its_lenders_runs_of_its_widths_only(tmp_path
 def test_the_doubling_rule_compares_three_seed_means_as_trained(tmp_path: Path) -> None:
     """89.55 -> 90.35 fails the rule (+0.80), 89.55 -> 89.65 passes it (+0.10); a cell with
     fewer than three seeds in either schedule is not judged."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from converged import doubling
-    finally:
-        sys.path.remove(str(BENCH))
+    doubling = converged_module().doubling
     for seed, acc in enumerate((89.61, 89.25, 89.79)):
         record = tmp_path / "fp30-grid" / "runs" / "w2a2" / "lsq" / f"seed{seed}.json"
         record.parent.mkdir(parents=True, exist_ok=True)
