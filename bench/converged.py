@@ -393,13 +393,11 @@ def run_record(run_dir: Path, cell: str, bits: str, seed: int, seconds: float,
 
 def report(out: Path, results: Path, schedule: str | None = None) -> None:
     """results/converged/converged.{json,md} (with a `schedule`: results/converged/SCHEDULE/)."""
-    fp_epochs = SCHEDULES[schedule].fp_epochs if schedule else FP_EPOCHS
+    plan = SCHEDULES.get(schedule)
+    fp_epochs = plan.fp_epochs if plan else FP_EPOCHS
     fp_dir, doubled = fp_folder(out, results, fp_epochs), fp_doubled(results, fp_epochs)
-    records, doubling_text = [], ""
+    records = borrowed_records(plan, results / plan.borrows) if plan and plan.borrows else []
     if schedule:
-        plan = SCHEDULES[schedule]
-        if plan.borrows:
-            records = borrowed_records(plan, results / plan.borrows)
         results = results / schedule
     records += read_records(results)
     checked = checked_policy(results.parent if schedule else results, schedule)
@@ -423,17 +421,16 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
                          "dead_channels": [r["dead_channels"] for r in runs],
                          "plateau_change": [r["plateau_change"] for r in runs]})
     rows.sort(key=lambda r: r["bits"])
-    if schedule and SCHEDULES[schedule].doubles:
-        doubling_text = doubling(rows, results.parent / SCHEDULES[schedule].doubles)
     fp_row = {"epochs": fp_epochs, "test_acc": fp[-1], "plateau_change": plateau_change(fp),
               "doubled_test_acc": epoch_accuracies(doubled)[-1] if doubled else None} \
         if fp else None
     save_report({"fp": fp_row, "cells": rows, "machine": machine_info(),
                  "schedule": {"fp_epochs": fp_epochs,
-                              "qat_epochs": SCHEDULES[schedule].epochs if schedule else QAT_EPOCHS,
+                              "qat_epochs": plan.epochs if plan else QAT_EPOCHS,
                               "qat_steps_per_epoch": QAT_STEPS, "batch_size": BATCH}},
                 results / "converged.json")
-    text = (markdown(fp_row, rows) + acceptance(rows) + doubling_text + cost(records)
+    doubled_text = doubling(rows, results.parent / plan.doubles) if plan and plan.doubles else ""
+    text = (markdown(fp_row, rows) + acceptance(rows) + doubled_text + cost(records)
             + probes_markdown(results / "probes"))
     (results / "converged.md").write_text(text)
     print(text)
