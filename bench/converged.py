@@ -138,6 +138,15 @@ runs: 4800 steps had plateaued if 9600 change LSQ's 3-seed mean as trained by le
 points; then fp30-w2a2-long is the W2A2 comparison at a converged length. If not, LSQ's gain is
 reported, and FPQ and KD would need the same length before W2A2 is judged.
 
+The fp30-w2a2-longer schedule (added when two of fp30-lsq-longer's three runs had finished,
+seed 0 +0.23 and seed 1 +0.52 over 4800 steps as trained, so that LSQ's mean cannot pass rule
+(b) unless seed 2 falls by 0.15): the fp30-w2a2-long's KD and FPQ cells at 9600 steps, everything
+else unchanged, seeds 0, 1, 2; its report borrows fp30-lsq-longer's LSQ runs. About 67
+CPU-minutes an FPQ run and 52 a KD run (6 CPU-hours: more than one session; FPQ first, `qat
+--fp30-w2a2-longer --cells FPQ`, then KD). Rules, written before its runs: as fp30-w2a2-long's
+(FPQ beats LSQ, or KD, by more than the seeds' spread if its lowest seed is above the other's
+highest, as trained, re-estimated beside it), and rule (b) per cell against fp30-w2a2-long.
+
 `probe` trains one run outside the grid with changed options (a BatchNorm policy, a longer
 schedule, a method option, oscillation dampening or freezing) and keeps its record in results/converged/probes/NAME.json, e.g.
 
@@ -213,6 +222,8 @@ SCHEDULES = {
     "fp30-w2a2-long": fp30_schedule(80, ("KD", "FPQ"), ("w2a2",), borrows="fp30-lsq-long",
                                     doubles="fp30-grid"),
     "fp30-lsq-longer": fp30_schedule(160, ("LSQ",), ("w2a2",), doubles="fp30-lsq-long"),
+    "fp30-w2a2-longer": fp30_schedule(160, ("KD", "FPQ"), ("w2a2",), borrows="fp30-lsq-longer",
+                                      doubles="fp30-w2a2-long"),
 }
 # re-estimated after training, unconditionally (bn_check 0, as before --bn-check existed):
 # the record keeps the accuracy before too, so bench/bn_selection.py can judge any policy
