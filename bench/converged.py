@@ -407,10 +407,9 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
     plan = SCHEDULES.get(schedule)
     fp_epochs = plan.fp_epochs if plan else FP_EPOCHS
     fp_dir, doubled = fp_folder(out, results, fp_epochs), fp_doubled(results, fp_epochs)
-    records = borrowed_records(plan, results / plan.borrows) if plan and plan.borrows else []
+    records = schedule_records(results, schedule)
     if schedule:
         results = results / schedule
-    records += read_records(results)
     checked = checked_policy(results.parent if schedule else results, schedule)
     fp = epoch_accuracies(fp_dir) if (fp_dir / "metrics.jsonl").is_file() else []
     rows = []
@@ -440,7 +439,7 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
                               "qat_epochs": plan.epochs if plan else QAT_EPOCHS,
                               "qat_steps_per_epoch": QAT_STEPS, "batch_size": BATCH}},
                 results / "converged.json")
-    doubled_text = doubling(rows, results.parent / plan.doubles) if plan and plan.doubles else ""
+    doubled_text = doubling(rows, results.parent, plan.doubles) if plan and plan.doubles else ""
     text = (markdown(fp_row, rows) + acceptance(rows) + doubled_text + cost(records)
             + probes_markdown(results / "probes"))
     (results / "converged.md").write_text(text)
@@ -450,6 +449,14 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
 def read_records(results: Path) -> list[dict]:
     """Every finished run's record under a grid's or schedule's results folder."""
     return [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
+
+
+def schedule_records(results: Path, schedule: str | None) -> list[dict]:
+    """The records a schedule's report shows (the grid's without one): its own runs and the
+    runs it borrows; `results` is the folder holding every schedule's (results/converged)."""
+    plan = SCHEDULES.get(schedule)
+    borrowed = borrowed_records(plan, results / plan.borrows) if plan and plan.borrows else []
+    return borrowed + read_records(results / schedule if schedule else results)
 
 
 def borrowed_records(plan: Schedule, folder: Path) -> list[dict]:
@@ -462,11 +469,11 @@ def borrowed_records(plan: Schedule, folder: Path) -> list[dict]:
     return [record for record in read_records(folder) if record["bits"] in plan.widths]
 
 
-def doubling(rows: list[dict], shorter: Path) -> str:
+def doubling(rows: list[dict], results: Path, shorter: str) -> str:
     """The doubling rule per cell with all seeds in both schedules: the 3-seed mean as trained
-    here against the same cell in `shorter` (half the steps); under 0.2 points of change the
-    shorter schedule had plateaued."""
-    records = read_records(shorter)
+    here against the same cell in schedule `shorter` (half the steps; its borrowed runs
+    included) under `results`; under 0.2 points of change the shorter schedule had plateaued."""
+    records = schedule_records(results, shorter)
     lines = []
     for r in rows:
         before = [x["test_acc_before_bn"] for x in records
@@ -476,8 +483,8 @@ def doubling(rows: list[dict], shorter: Path) -> str:
         was, now = statistics.fmean(before), statistics.fmean(r["before_bn"])
         verdict = "had plateaued" if abs(now - was) < 0.2 else "had not plateaued"
         lines.append(f"- doubling, {r['bits']} {r['cell']} (mean of the seeds as trained): "
-                     f"{shorter.name} {was:.2f} -> {now:.2f} ({now - was:+.2f}): "
-                     f"{shorter.name}'s length {verdict} (rule: under 0.2 in size)")
+                     f"{shorter} {was:.2f} -> {now:.2f} ({now - was:+.2f}): "
+                     f"{shorter}'s length {verdict} (rule: under 0.2 in size)")
     return "\n".join(lines) + "\n" if lines else ""
 
 

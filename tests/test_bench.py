@@ -72,15 +72,19 @@ def test_a_borrowing_schedule_shows_its_lenders_runs_of_its_widths_only(tmp_path
 
 def test_the_doubling_rule_compares_three_seed_means_as_trained(tmp_path: Path) -> None:
     """89.55 -> 90.35 fails the rule (+0.80), 89.55 -> 89.65 passes it (+0.10); a cell with
-    fewer than three seeds in either schedule is not judged."""
+    fewer than three seeds in either schedule is not judged; a shorter schedule's borrowed
+    runs count as its own (fp30-w2a2-long shows fp30-lsq-long's LSQ)."""
     doubling = converged_module().doubling
-    for seed, acc in enumerate((89.61, 89.25, 89.79)):
-        record = tmp_path / "fp30-grid" / "runs" / "w2a2" / "lsq" / f"seed{seed}.json"
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"cell": "LSQ", "bits": "w2a2",
-                                      "test_acc_before_bn": acc}))
+    for schedule in ("fp30-grid", "fp30-lsq-long"):
+        for seed, acc in enumerate((89.61, 89.25, 89.79)):
+            record = tmp_path / schedule / "runs" / "w2a2" / "lsq" / f"seed{seed}.json"
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"cell": "LSQ", "bits": "w2a2", "seed": seed,
+                                          "test_acc_before_bn": acc}))
     row = {"cell": "LSQ", "bits": "w2a2", "n": 3, "before_bn": [90.45, 90.46, 90.14]}
-    assert "+0.80): fp30-grid's length had not plateaued" in doubling([row], tmp_path / "fp30-grid")
+    assert "+0.80): fp30-grid's length had not plateaued" in doubling([row], tmp_path, "fp30-grid")
     row["before_bn"] = [89.70, 89.50, 89.75]
-    assert "+0.10): fp30-grid's length had plateaued" in doubling([row], tmp_path / "fp30-grid")
-    assert doubling([{**row, "n": 2}], tmp_path / "fp30-grid") == ""
+    assert "+0.10): fp30-grid's length had plateaued" in doubling([row], tmp_path, "fp30-grid")
+    assert doubling([{**row, "n": 2}], tmp_path, "fp30-grid") == ""
+    assert "+0.10): fp30-w2a2-long's length had plateaued" in doubling([row], tmp_path,
+                                                                       "fp30-w2a2-long")
