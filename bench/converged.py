@@ -146,6 +146,13 @@ CPU-minutes an FPQ run and 52 a KD run (6 CPU-hours: more than one session; FPQ 
 --fp30-w2a2-longer --cells FPQ`, then KD). Rules, written before its runs: as fp30-w2a2-long's
 (FPQ beats LSQ, or KD, by more than the seeds' spread if its lowest seed is above the other's
 highest, as trained, re-estimated beside it), and rule (b) per cell against fp30-w2a2-long.
+What follows, written (after fp30-lsq-longer finished, before any FPQ or KD run at 9600 had)
+so the next step does not depend on the outcome: if FPQ's lowest seed is not above LSQ's
+highest at 9600 steps as trained, the README states that FPQ's W2A2 lead over LSQ does not
+survive as the schedule lengthens toward LSQ's plateau (1.0 points at 2400, 0.35 at 4800, the
+9600 value), and 19200 steps are not run (they could only ask whether LSQ passes FPQ); if it
+is above, W2A2 is not called converged until a 19200-step schedule, written down before its
+runs, shows LSQ's doubling rule passing or the lead holding there.
 
 `probe` trains one run outside the grid with changed options (a BatchNorm policy, a longer
 schedule, a method option, oscillation dampening or freezing) and keeps its record in results/converged/probes/NAME.json, e.g.
