@@ -415,9 +415,8 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
     fp_epochs = plan.fp_epochs if plan else FP_EPOCHS
     fp_dir, doubled = fp_folder(out, results, fp_epochs), fp_doubled(results, fp_epochs)
     records = schedule_records(results, schedule)
-    if schedule:
-        results = results / schedule
-    checked = checked_policy(results.parent if schedule else results, schedule)
+    folder = results / schedule if schedule else results     # where this report is written
+    checked = checked_policy(results, schedule)
     fp = epoch_accuracies(fp_dir) if (fp_dir / "metrics.jsonl").is_file() else []
     rows = []
     for cell, (widths, *_) in CELLS.items():
@@ -445,11 +444,11 @@ def report(out: Path, results: Path, schedule: str | None = None) -> None:
                  "schedule": {"fp_epochs": fp_epochs,
                               "qat_epochs": plan.epochs if plan else QAT_EPOCHS,
                               "qat_steps_per_epoch": QAT_STEPS, "batch_size": BATCH}},
-                results / "converged.json")
-    doubled_text = doubling(rows, results.parent, plan.doubles) if plan and plan.doubles else ""
+                folder / "converged.json")
+    doubled_text = doubling(rows, results, plan.doubles) if plan and plan.doubles else ""
     text = (markdown(fp_row, rows) + acceptance(rows) + doubled_text + cost(records)
-            + probes_markdown(results / "probes"))
-    (results / "converged.md").write_text(text)
+            + probes_markdown(folder / "probes"))
+    (folder / "converged.md").write_text(text)
     print(text)
 
 
